@@ -1,0 +1,17 @@
+"""The one error type the action raises for anything a user should read."""
+
+
+class PublishError(Exception):
+    """A failure with a message written for the person running the workflow.
+
+    `input_name` names the action input at fault (if any) so the message can point at the fix.
+    """
+
+    def __init__(self, message: str, *, input_name: str | None = None, title: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.input_name = input_name
+        self.title = title or (f"Invalid input '{input_name}'" if input_name else "ollama-publish failed")
+
+    def __str__(self) -> str:
+        return self.message

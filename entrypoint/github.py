@@ -1,0 +1,91 @@
+"""GitHub Actions I/O: workflow commands on stdout, step outputs and the job summary.
+
+Everything the action prints goes through `log` and friends, which remove registered secret values
+first, so a secret cannot reach the log even if it shows up in a subprocess's output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import sys
+from collections.abc import Iterator
+
+_secrets: list[str] = []
+
+
+def register_secret(value: str) -> None:
+    """Ask GitHub to mask `value` (each line separately) and scrub it from everything we print."""
+    for line in value.splitlines():
+        line = line.strip()
+        if len(line) >= 4 and line not in _secrets:
+            _secrets.append(line)
+            # The mask command itself must carry the value; GitHub hides the line.
+            sys.stdout.write(f"::add-mask::{line}\n")
+    sys.stdout.flush()
+
+
+def redact(text: str) -> str:
+    for value in _secrets:
+        text = text.replace(value, "***")
+    return text
+
+
+def _escape_data(text: str) -> str:
+    return text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+
+
+def _escape_property(text: str) -> str:
+    return _escape_data(text).replace(":", "%3A").replace(",", "%2C")
+
+
+def log(message: str = "") -> None:
+    sys.stdout.write(redact(message) + "\n")
+    sys.stdout.flush()
+
+
+def warning(message: str) -> None:
+    log(f"::warning::{_escape_data(redact(message))}")
+
+
+def error(message: str, title: str | None = None) -> None:
+    props = f" title={_escape_property(redact(title))}" if title else ""
+    log(f"::error{props}::{_escape_data(redact(message))}")
+
+
+@contextlib.contextmanager
+def group(name: str) -> Iterator[None]:
+    log(f"::group::{name}")
+    try:
+        yield
+    finally:
+        log("::endgroup::")
+
+
+def set_outputs(outputs: dict[str, str]) -> None:
+    """Append outputs to $GITHUB_OUTPUT (multi-line values use a random delimiter)."""
+    path = os.environ.get("GITHUB_OUTPUT")
+    if not path:
+        for name, value in outputs.items():
+            log(f"output {name}={value}")
+        return
+    with open(path, "a", encoding="utf-8") as f:
+        for name, value in outputs.items():
+            value = redact(value)
+            if "\n" in value:
+                delimiter = f"ghadelimiter_{secrets.token_hex(8)}"
+                f.write(f"{name}<<{delimiter}\n{value}\n{delimiter}\n")
+            else:
+                f.write(f"{name}={value}\n")
+
+
+def write_summary(markdown: str) -> None:
+    """Append Markdown to the job summary ($GITHUB_STEP_SUMMARY), or print it when run locally."""
+    path = os.environ.get("GITHUB_STEP_SUMMARY")
+    text = redact(markdown)
+    if not path:
+        log(text)
+        return
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(text + "\n")

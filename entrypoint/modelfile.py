@@ -1,0 +1,193 @@
+"""Choose the chat template and stop tokens, and render the Modelfile (and the matching create request).
+
+Detection reads only the checkpoint's own files (its Jinja chat template and special tokens), never
+its repo id. The Modelfile and the API create request come from one ModelSpec, so the artifact a user
+downloads describes exactly the model that was pushed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import jinja2.sandbox
+
+from .errors import PublishError
+
+TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatFormat:
+    """A family's Ollama template: the Go template, the tokens that end a turn, those that begin one."""
+    name: str
+    template: str
+    end_of_turn: tuple[str, ...]
+    begin_of_turn: tuple[str, ...]
+
+
+# Families in templates/chat/; the catalog grows with each family we verify.
+FAMILIES = {
+    "chatml": dict(end_of_turn=("<|im_end|>",), begin_of_turn=("<|im_start|>",)),
+}
+
+
+def load_family(name: str) -> ChatFormat:
+    text = (TEMPLATES_DIR / "chat" / f"{name}.gotmpl").read_text()
+    # Files end with a newline for editors; the template must not emit it after the last turn.
+    return ChatFormat(name=name, template=text.removesuffix("\n"), **FAMILIES[name])
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerInfo:
+    chat_template: str  # Jinja, "" if the checkpoint has none
+    eos_tokens: tuple[str, ...]  # from tokenizer_config and generation_config, in that order
+    bos_token: str
+
+
+def _token_text(value: Any) -> str:
+    # tokenizer_config stores special tokens as strings or as {"content": ...} objects.
+    if isinstance(value, dict):
+        return str(value.get("content", ""))
+    return str(value or "")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, ValueError) as exc:
+        raise PublishError(f"{path.name} in the checkpoint is not valid JSON: {exc}", title="Bad checkpoint") from exc
+
+
+def read_tokenizer_info(checkpoint: Path) -> TokenizerInfo:
+    """Collect the chat template and special tokens from a checkpoint folder."""
+    config = _read_json(checkpoint / "tokenizer_config.json")
+    template: Any = ""
+    if (checkpoint / "chat_template.jinja").is_file():
+        template = (checkpoint / "chat_template.jinja").read_text(encoding="utf-8")
+    elif (checkpoint / "chat_template.json").is_file():
+        template = _read_json(checkpoint / "chat_template.json").get("chat_template", "")
+    else:
+        template = config.get("chat_template", "")
+    if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
+        named = {t.get("name"): t.get("template", "") for t in template}
+        template = named.get("default", next(iter(named.values()), ""))
+
+    id_to_token = {}
+    for token in _read_json(checkpoint / "tokenizer.json").get("added_tokens", []):
+        id_to_token[token["id"]] = token["content"]
+    for token_id, token in config.get("added_tokens_decoder", {}).items():
+        id_to_token[int(token_id)] = _token_text(token)
+
+    eos: list[str] = []
+    if _token_text(config.get("eos_token")):
+        eos.append(_token_text(config.get("eos_token")))
+    generation_eos = _read_json(checkpoint / "generation_config.json").get("eos_token_id")
+    for token_id in generation_eos if isinstance(generation_eos, list) else [generation_eos]:
+        if token_id is not None and token_id in id_to_token:
+            eos.append(id_to_token[token_id])
+    return TokenizerInfo(chat_template=str(template), eos_tokens=tuple(dict.fromkeys(eos)),
+                         bos_token=_token_text(config.get("bos_token")))
+
+
+def choose_format(template_input: str, info: TokenizerInfo, workspace: Path) -> ChatFormat:
+    """`template` input: 'auto' detects from the checkpoint, a family name picks one, a path loads a Go template."""
+    if template_input in FAMILIES:
+        return load_family(template_input)
+    if template_input != "auto":
+        path = workspace / template_input
+        if not path.is_file():
+            raise PublishError(f"'{template_input}' is neither 'auto', a known template ({', '.join(FAMILIES)}) "
+                               "nor a file in the workspace holding an Ollama Go template.", input_name="template")
+        # A user's own template: stop on the checkpoint's EOS tokens only.
+        return ChatFormat(name=f"file:{template_input}", template=path.read_text(encoding="utf-8").removesuffix("\n"),
+                          end_of_turn=(), begin_of_turn=())
+    jinja = info.chat_template
+    if not jinja:
+        raise PublishError("The checkpoint has no chat template (chat_template in tokenizer_config.json or "
+                           "chat_template.jinja). Set the template input to a known template or a Go template file.",
+                           input_name="template", title="No chat template")
+    if "<|im_start|>" in jinja and "<|im_end|>" in jinja:
+        return load_family("chatml")
+    raise PublishError("The checkpoint's chat template is not one this action recognizes yet (known: "
+                       f"{', '.join(FAMILIES)}). Set the template input to a Go template file in your repository.",
+                       input_name="template", title="Unknown chat template")
+
+
+def stop_tokens(chat_format: ChatFormat, info: TokenizerInfo) -> tuple[str, ...]:
+    """End-of-turn tokens plus EOS tokens, never a token that also begins a turn (it would cut answers)."""
+    candidates = list(chat_format.end_of_turn) + list(info.eos_tokens)
+    return tuple(t for t in dict.fromkeys(candidates) if t and t not in chat_format.begin_of_turn)
+
+
+def default_system_prompt(info: TokenizerInfo, chat_format: ChatFormat) -> str:
+    """The system prompt the checkpoint's own template inserts when a conversation has none (ChatML only)."""
+    if chat_format.name != "chatml" or not info.chat_template:
+        return ""
+    marker = "\x00user-marker\x00"
+    try:
+        env = jinja2.sandbox.ImmutableSandboxedEnvironment()
+        rendered = env.from_string(info.chat_template).render(
+            messages=[{"role": "user", "content": marker}], add_generation_prompt=True,
+            bos_token=info.bos_token, eos_token=(info.eos_tokens or ("",))[0])
+    except jinja2.TemplateError:
+        return ""
+    match = re.search(r"<\|im_start\|>system\n(.*?)<\|im_end\|>", rendered.split(marker)[0], re.S)
+    return match.group(1) if match else ""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    template: str
+    system: str
+    parameters: tuple[tuple[str, Any], ...]
+    license: str
+    source: str
+
+
+def _quote(value: str) -> str:
+    # Modelfile strings have no escapes: "..." for one line without quotes, else """...""".
+    if '"""' in value:
+        raise PublishError('A Modelfile value cannot contain """; remove it from the system prompt or template.',
+                           input_name="system")
+    if "\n" in value or '"' in value:
+        return f'"""{value}"""'
+    return f'"{value}"'
+
+
+def render_modelfile(spec: ModelSpec, gguf_name: str) -> str:
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES_DIR), autoescape=False,
+                             undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    env.filters["quote"] = _quote
+    return env.get_template("Modelfile.j2").render(
+        source=spec.source, gguf_name=gguf_name, template=spec.template, system=spec.system,
+        parameters=spec.parameters, license=spec.license)
+
+
+def create_request(spec: ModelSpec, model: str, gguf_digest: str, gguf_name: str) -> dict[str, Any]:
+    """The /api/create body equivalent to render_modelfile(spec, gguf_name)."""
+    parameters: dict[str, Any] = {}
+    for name, value in spec.parameters:
+        if name == "stop":
+            parameters.setdefault("stop", []).append(value)
+        else:
+            parameters[name] = value
+    body: dict[str, Any] = {"model": model, "files": {gguf_name: gguf_digest}, "template": spec.template}
+    if spec.system:
+        body["system"] = spec.system
+    if parameters:
+        body["parameters"] = parameters
+    if spec.license:
+        body["license"] = spec.license
+    return body
+
+
+def read_license(checkpoint: Path) -> str:
+    for name in ("LICENSE", "LICENSE.md", "LICENSE.txt", "LICENCE", "LICENCE.md", "LICENCE.txt"):
+        if (checkpoint / name).is_file():
+            return (checkpoint / name).read_text(encoding="utf-8", errors="replace").strip()
+    return ""

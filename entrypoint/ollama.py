@@ -1,0 +1,197 @@
+"""Ollama: start a private server, and a small client for the HTTP API calls the pipeline makes.
+
+Streaming endpoints answer NDJSON; an error that happens after streaming began arrives as a final
+`{"error": ...}` line on an HTTP 200, so every line is checked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from . import github
+from .errors import PublishError
+
+DEFAULT_BIND = "127.0.0.1:11434"
+HEALTH_TIMEOUT_S = 60.0
+CHUNK = 8 * 1024 * 1024
+
+
+class OllamaClient:
+    def __init__(self, base_url: str, timeout: float = 600):
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+        self.session = requests.Session()
+
+    def _url(self, path: str) -> str:
+        return f"{self.base_url}{path}"
+
+    def _check(self, response: requests.Response, what: str) -> requests.Response:
+        if response.status_code >= 400:
+            try:
+                detail = response.json().get("error", response.text)
+            except ValueError:
+                detail = response.text
+            raise PublishError(f"Ollama {what} failed ({response.status_code}): {detail}", title=f"Ollama {what} failed")
+        return response
+
+    def is_healthy(self) -> bool:
+        try:
+            return self.session.get(self._url("/"), timeout=2).status_code == 200
+        except requests.RequestException:
+            return False
+
+    def version(self) -> str:
+        return self._check(self.session.get(self._url("/api/version"), timeout=10), "version").json()["version"]
+
+    def upload_blob(self, path: Path) -> str:
+        """Upload a file as a blob (streamed, skipped when the server has it); return its digest."""
+        digest = "sha256:" + file_sha256(path)
+        if self.session.head(self._url(f"/api/blobs/{digest}"), timeout=30).status_code == 200:
+            github.log(f"blob {digest[:19]}… already on the server")
+            return digest
+        size = path.stat().st_size
+        github.log(f"uploading {path.name} ({size / 1e6:.1f} MB) as {digest[:19]}…")
+        with path.open("rb") as f:  # a file object is streamed with its Content-Length, not read into memory
+            response = self.session.post(self._url(f"/api/blobs/{digest}"), data=f, timeout=self.timeout)
+        self._check(response, "blob upload")
+        return digest
+
+    def stream(self, path: str, body: dict[str, Any], what: str) -> Iterator[dict[str, Any]]:
+        """POST a streaming request and yield its status lines; raise on any error line."""
+        with self.session.post(self._url(path), json={**body, "stream": True}, stream=True,
+                               timeout=self.timeout) as response:
+            self._check(response, what)
+            for raw in response.iter_lines():
+                if not raw:
+                    continue
+                line = json.loads(raw)
+                if "error" in line:
+                    raise PublishError(f"Ollama {what} failed: {line['error']}", title=f"Ollama {what} failed")
+                yield line
+
+    def create(self, body: dict[str, Any]) -> None:
+        last = None
+        for line in self.stream("/api/create", body, "create"):
+            status = line.get("status", "")
+            if status != last:
+                github.log(f"  {status}")
+                last = status
+        if last != "success":
+            raise PublishError(f"Ollama create of {body['model']} ended without success (last status: {last}).",
+                               title="Ollama create failed")
+
+    def chat(self, model: str, messages: list[dict[str, str]], options: dict[str, Any]) -> dict[str, Any]:
+        body = {"model": model, "messages": messages, "options": options, "stream": False}
+        return self._check(self.session.post(self._url("/api/chat"), json=body, timeout=self.timeout), "chat").json()
+
+    def push(self, model: str, insecure: bool, on_progress: Callable[[dict[str, Any]], None]) -> None:
+        last = None
+        for line in self.stream("/api/push", {"model": model, "insecure": insecure}, "push"):
+            on_progress(line)
+            last = line.get("status")
+        if last != "success":
+            raise PublishError(f"Ollama push of {model} ended without success (last status: {last}).",
+                               title="Ollama push failed")
+
+    def list_models(self) -> list[dict[str, Any]]:
+        return self._check(self.session.get(self._url("/api/tags"), timeout=30), "list").json().get("models", [])
+
+    def model_digest(self, model: str) -> tuple[str, int]:
+        """The manifest digest and total size Ollama reports for a local model."""
+        for entry in self.list_models():
+            if entry.get("name") == model or entry.get("model") == model:
+                return "sha256:" + entry["digest"], int(entry["size"])
+        raise PublishError(f"Ollama does not list {model} after creating it.", title="Ollama create failed")
+
+
+def _chunks(f) -> Iterator[bytes]:
+    while block := f.read(CHUNK):
+        yield block
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in _chunks(f):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _port_is_free(bind: str) -> bool:
+    host, _, port = bind.rpartition(":")
+    with socket.socket() as s:
+        return s.connect_ex((host or "127.0.0.1", int(port))) != 0
+
+
+@contextlib.contextmanager
+def serve(log_path: Path, ollama_key: str = "") -> Iterator[OllamaClient]:
+    """Run `ollama serve` for the duration of the block (bound to $OLLAMA_HOST or 127.0.0.1:11434).
+
+    The push key is written to $HOME/.ollama/id_ed25519 before start (the server signs registry
+    requests with it and only generates one when absent) and removed afterwards.
+    """
+    binary = os.environ.get("OLLAMA_BIN") or shutil.which("ollama")
+    if not binary:
+        raise PublishError("The ollama binary was not found. Inside the action's image it is preinstalled; when "
+                           "running the CLI elsewhere run scripts/bootstrap, or set ollama-host to a running server.",
+                           title="Ollama missing")
+    bind = os.environ.get("OLLAMA_HOST", "").removeprefix("http://") or DEFAULT_BIND
+    if not _port_is_free(bind):
+        raise PublishError(f"Something already listens on {bind}, where the action starts its Ollama server. "
+                           "Stop it, or set ollama-host to use that server.", input_name="ollama-host")
+    key_path = Path.home() / ".ollama" / "id_ed25519"
+    wrote_key = False
+    process = None
+    try:
+        if ollama_key:
+            key_path.parent.mkdir(parents=True, exist_ok=True)
+            # Create with 0600 from the start so the key is never readable by others, even briefly.
+            fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(ollama_key)
+            key_path.with_name("id_ed25519.pub").unlink(missing_ok=True)
+            wrote_key = True
+        log_file = log_path.open("ab")
+        env = {**os.environ, "OLLAMA_HOST": bind}
+        process = subprocess.Popen([binary, "serve"], stdout=log_file, stderr=subprocess.STDOUT, env=env)
+        log_file.close()
+        client = OllamaClient(f"http://{bind}")
+        deadline = time.monotonic() + HEALTH_TIMEOUT_S
+        while not client.is_healthy():
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise PublishError(
+                    f"The Ollama server did not become healthy on {bind} within {HEALTH_TIMEOUT_S:.0f} s. "
+                    f"Last lines of its log:\n{_tail(log_path)}", title="Ollama server failed to start")
+            time.sleep(0.2)
+        github.log(f"Ollama {client.version()} is running on {bind}")
+        yield client
+    finally:
+        if process is not None and process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        if wrote_key:
+            key_path.unlink(missing_ok=True)
+            key_path.with_name("id_ed25519.pub").unlink(missing_ok=True)
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"

@@ -1,0 +1,250 @@
+"""The action's inputs: read once (from INPUT_* variables or CLI flags), validated up front."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+from . import quantize, registry
+from .errors import PublishError
+from .registry import ModelName
+
+# Input name -> default. action.yml declares the same inputs with the same defaults (a test checks).
+INPUTS: dict[str, str] = {
+    "hf-repo": "",
+    "hf-revision": "main",
+    "hf-token": "",
+    "model-path": "",
+    "ollama-model": "",
+    "quantizations": "Q4_K_M",
+    "tags": "",
+    "version": "",
+    "template": "auto",
+    "system": "",
+    "parameters": "",
+    "smoke-test-prompt": "What is the capital of France?",
+    "push": "true",
+    "ollama-key": "",
+    "insecure-registry": "false",
+    "ollama-host": "",
+    "output-dir": "ollama-publish-out",
+}
+SECRET_INPUTS = ("hf-token", "ollama-key")
+
+# Modelfile PARAMETER names Ollama accepts; anything else is rejected by `ollama create`.
+PARAMETER_TYPES: dict[str, type] = {
+    "num_keep": int, "seed": int, "num_predict": int, "top_k": int, "top_p": float, "min_p": float,
+    "typical_p": float, "repeat_last_n": int, "temperature": float, "repeat_penalty": float,
+    "presence_penalty": float, "frequency_penalty": float, "stop": str, "num_ctx": int, "num_batch": int,
+    "num_gpu": int, "main_gpu": int, "use_mmap": bool, "num_thread": int,
+}
+_HF_REPO = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
+_OLLAMA_HOST = re.compile(r"^(https?://)?[A-Za-z0-9.-]+(:\d{1,5})?/?$")
+_KEY_BEGIN = "-----BEGIN OPENSSH PRIVATE KEY-----"
+_KEY_END = "-----END OPENSSH PRIVATE KEY-----"
+DEFAULT_TAG_PATTERNS = ("{version}-{quant}", "{version}", "latest")
+UNVERSIONED_TAG_PATTERNS = ("{quant}", "latest")  # when not run for a release tag
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    hf_repo: str
+    hf_revision: str
+    hf_token: str
+    model_path: Path | None
+    model_name: ModelName
+    quantizations: tuple[str, ...]
+    tags: dict[str, tuple[str, ...]]  # quantization -> its tags, in push order
+    template: str
+    system: str
+    parameters: tuple[tuple[str, str | int | float | bool], ...]
+    smoke_test_prompt: str
+    push: bool
+    ollama_key: str
+    insecure_registry: bool
+    ollama_host: str  # empty: start our own server
+    output_dir: Path
+
+    @property
+    def source_label(self) -> str:
+        return str(self.model_path) if self.model_path else f"{self.hf_repo}@{self.hf_revision}"
+
+
+def read_inputs(environ: Mapping[str, str], overrides: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Collect raw input strings: CLI overrides, else INPUT_<NAME> (hyphens kept, or as '_'), else default."""
+    values = {}
+    for name, default in INPUTS.items():
+        upper = name.upper()
+        value = None
+        if overrides and overrides.get(name) is not None:
+            value = overrides[name]
+        else:
+            for key in (f"INPUT_{upper}", f"INPUT_{upper.replace('-', '_')}"):
+                if environ.get(key, "") != "":
+                    value = environ[key]
+                    break
+        values[name] = default if value is None or value == "" else value
+    return values
+
+
+def parse_bool(name: str, text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("true", "yes", "1", "on"):
+        return True
+    if lowered in ("false", "no", "0", "off"):
+        return False
+    raise PublishError(f"'{text}' is not a boolean. Use true or false.", input_name=name)
+
+
+def split_list(text: str) -> list[str]:
+    """Split a comma- and/or newline-separated list, dropping blanks."""
+    return [item.strip() for item in re.split(r"[,\n]", text) if item.strip()]
+
+
+def parse_parameters(text: str) -> tuple[tuple[str, str | int | float | bool], ...]:
+    """Parse `name value` lines, as in a Modelfile's PARAMETER lines, into typed pairs."""
+    pairs = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, _, raw = line.partition(" ")
+        name, raw = name.strip().lower(), raw.strip()
+        if name not in PARAMETER_TYPES:
+            raise PublishError(
+                f"Unknown parameter '{name}'. Ollama accepts: {', '.join(PARAMETER_TYPES)}. "
+                "Write one 'name value' pair per line.", input_name="parameters")
+        if not raw:
+            raise PublishError(f"Parameter '{name}' has no value. Write 'name value' per line.", input_name="parameters")
+        kind = PARAMETER_TYPES[name]
+        if kind is str:
+            value: str | int | float | bool = raw[1:-1] if len(raw) >= 2 and raw[0] == raw[-1] == '"' else raw
+        elif kind is bool:
+            value = parse_bool("parameters", raw)
+        else:
+            try:
+                value = kind(raw)
+            except ValueError:
+                raise PublishError(f"Parameter '{name}' needs a {kind.__name__}, got '{raw}'.",
+                                   input_name="parameters") from None
+        pairs.append((name, value))
+    return tuple(pairs)
+
+
+def normalize_key(text: str) -> str:
+    """Accept the private key as pasted into a secret (CRLF, escaped newlines, stray indentation)."""
+    text = text.replace("\r\n", "\n").replace("\\n", "\n").strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(lines) < 3 or lines[0] != _KEY_BEGIN or lines[-1] != _KEY_END:
+        raise PublishError(
+            "ollama-key is not an OpenSSH private key. Store the whole content of ~/.ollama/id_ed25519 "
+            f"(from '{_KEY_BEGIN}' to '{_KEY_END}') as a repository secret.", input_name="ollama-key")
+    return "\n".join(lines) + "\n"
+
+
+def release_version(environ: Mapping[str, str]) -> str:
+    """The release a workflow runs for: the pushed tag without a leading 'v' (v1.2.0 -> 1.2.0)."""
+    if environ.get("GITHUB_REF_TYPE", "tag") != "tag":
+        return ""
+    ref = environ.get("GITHUB_REF_NAME", "").strip()
+    return ref[1:] if re.match(r"^v\d", ref) else ref
+
+
+def expand_tags(patterns: list[str], quantizations: tuple[str, ...], version: str) -> dict[str, tuple[str, ...]]:
+    """Give each quantization its tags. A pattern with {quant} applies to every quantization,
+    one without it to the first quantization only (the release's default)."""
+    result: dict[str, list[str]] = {q: [] for q in quantizations}
+    seen: set[str] = set()
+    for pattern in patterns:
+        if "{version}" in pattern and not version:
+            raise PublishError(
+                f"Tag pattern '{pattern}' uses {{version}} but there is no version: set the 'version' input "
+                "or run the workflow on a tag push.", input_name="tags")
+        targets = quantizations if "{quant}" in pattern else quantizations[:1]
+        for quant in targets:
+            try:
+                tag = pattern.format(version=version, quant=quantize.tag_suffix(quant))
+            except (KeyError, IndexError, ValueError):
+                raise PublishError(f"Tag pattern '{pattern}' may only use {{version}} and {{quant}}.",
+                                   input_name="tags") from None
+            registry.validate_tag(tag)
+            if tag in seen:
+                raise PublishError(f"Tag '{tag}' would be written twice; give each pattern a distinct result.",
+                                   input_name="tags")
+            seen.add(tag)
+            result[quant].append(tag)
+    return {q: tuple(tags) for q, tags in result.items()}
+
+
+def build_settings(values: Mapping[str, str], environ: Mapping[str, str]) -> Settings:
+    """Validate every input before any work starts; the first problem raises PublishError."""
+    hf_repo = values["hf-repo"].strip()
+    model_path_text = values["model-path"].strip()
+    workspace = Path(environ.get("GITHUB_WORKSPACE") or os.getcwd())
+    if hf_repo and model_path_text:
+        raise PublishError("Set either hf-repo or model-path, not both.", input_name="hf-repo")
+    model_path = None
+    if model_path_text:
+        model_path = (workspace / model_path_text).resolve()
+        if not model_path.is_dir():
+            raise PublishError(f"model-path '{model_path_text}' is not a directory (relative paths start at the workspace).",
+                               input_name="model-path")
+    elif not hf_repo:
+        raise PublishError("hf-repo is required: the Hugging Face model to publish, as 'owner/name' "
+                           "(or set model-path to a local checkpoint directory).", input_name="hf-repo")
+    elif not _HF_REPO.match(hf_repo):
+        raise PublishError(f"'{hf_repo}' is not a Hugging Face repo id. Use 'owner/name', e.g. "
+                           "'HuggingFaceTB/SmolLM2-135M-Instruct'.", input_name="hf-repo")
+    revision = values["hf-revision"].strip()
+    if not revision or any(c.isspace() for c in revision):
+        raise PublishError(f"'{revision}' is not a revision. Use a branch, tag or commit sha.", input_name="hf-revision")
+
+    if not values["ollama-model"].strip():
+        raise PublishError("ollama-model is required: the name to publish, e.g. 'yourname/mymodel' on ollama.com "
+                           "or 'host:port/team/mymodel' on another registry.", input_name="ollama-model")
+    model_name = registry.parse_model_name(values["ollama-model"])
+
+    quantizations: list[str] = []
+    for item in split_list(values["quantizations"]):
+        canonical = quantize.normalize(item)
+        if canonical not in quantizations:
+            quantizations.append(canonical)
+    if not quantizations:
+        raise PublishError("quantizations is empty. Give at least one, e.g. 'Q4_K_M, Q8_0'.", input_name="quantizations")
+
+    version = values["version"].strip() or release_version(environ)
+    patterns = split_list(values["tags"]) or list(DEFAULT_TAG_PATTERNS if version else UNVERSIONED_TAG_PATTERNS)
+    tags = expand_tags(patterns, tuple(quantizations), version)
+    missing = [q for q, t in tags.items() if not t]
+    if missing:
+        raise PublishError(f"No tag would be created for {', '.join(missing)}; add a pattern with {{quant}}.",
+                           input_name="tags")
+
+    push = parse_bool("push", values["push"])
+    insecure = parse_bool("insecure-registry", values["insecure-registry"])
+    ollama_host = values["ollama-host"].strip()
+    if ollama_host and not _OLLAMA_HOST.match(ollama_host):
+        raise PublishError(f"'{ollama_host}' is not a server address. Use 'http://host:port'.", input_name="ollama-host")
+    if ollama_host and not ollama_host.startswith(("http://", "https://")):
+        ollama_host = "http://" + ollama_host
+    key = normalize_key(values["ollama-key"]) if values["ollama-key"].strip() else ""
+    if key and ollama_host:
+        raise PublishError("ollama-key only works with the server this action starts; with ollama-host, install "
+                           "the key on that server instead (or drop ollama-host).", input_name="ollama-key")
+    if push and model_name.is_ollama_com and not key and not ollama_host:
+        raise PublishError(
+            "Pushing to ollama.com needs ollama-key: the private key whose public key is registered on your "
+            "ollama.com account (see README, 'Ollama key'). Or set push: false to only build and test.",
+            input_name="ollama-key")
+
+    output_dir = workspace / values["output-dir"].strip()
+    return Settings(
+        hf_repo=hf_repo, hf_revision=revision, hf_token=values["hf-token"].strip(), model_path=model_path,
+        model_name=model_name, quantizations=tuple(quantizations), tags=tags, template=values["template"].strip(),
+        system=values["system"], parameters=parse_parameters(values["parameters"]),
+        smoke_test_prompt=values["smoke-test-prompt"].strip(), push=push, ollama_key=key,
+        insecure_registry=insecure, ollama_host=ollama_host.rstrip("/"), output_dir=output_dir,
+    )
