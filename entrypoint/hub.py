@@ -45,22 +45,22 @@ def needed(files: list[str]) -> list[str]:
     return [f for f in files if any(fnmatch.fnmatch(Path(f).name, pattern) for pattern in NEEDED_FILES)]
 
 
-def check_files(files: list[str], where: str) -> None:
+def check_files(files: list[str], where: str, input_name: str = "hf-repo") -> None:
     """Refuse early a repo the converter cannot use, naming what is missing."""
     names = {Path(f).name for f in files}
     if not any(n.endswith(".safetensors") for n in names):
         pickles = sorted(n for n in names if n.endswith((".bin", ".pt", ".pth")))
         hint = (f" It has only pickle weights ({', '.join(pickles[:3])}); re-save them as safetensors "
                 "(model.save_pretrained(dir, safe_serialization=True)).") if pickles else ""
-        raise PublishError(f"{where} has no *.safetensors weights.{hint}", input_name="hf-repo",
+        raise PublishError(f"{where} has no *.safetensors weights.{hint}", input_name=input_name,
                            title="No usable weights")
     if "config.json" not in names:
         raise PublishError(f"{where} has no config.json, so it is not a transformers checkpoint.",
-                           input_name="hf-repo", title="Not a checkpoint")
+                           input_name=input_name, title="Not a checkpoint")
     if not names & {"tokenizer.json", "tokenizer.model", "vocab.json"}:
         raise PublishError(f"{where} has no tokenizer (tokenizer.json, tokenizer.model or vocab.json). "
                            "Save the tokenizer with the model (tokenizer.save_pretrained).",
-                           input_name="hf-repo", title="No tokenizer")
+                           input_name=input_name, title="No tokenizer")
 
 
 def download(repo: str, revision: str, token: str, destination: Path) -> Checkpoint:
@@ -79,6 +79,10 @@ def download(repo: str, revision: str, token: str, destination: Path) -> Checkpo
         raise PublishError(f"{repo} is gated: accept its terms on the Hub with the account whose token is in "
                            "hf-token.", input_name="hf-token") from exc
     except RepositoryNotFoundError as exc:
+        # Some Hub servers answer an unknown revision as an unknown repo: tell the two apart.
+        if _exists(api, repo):
+            raise PublishError(f"{repo} has no branch, tag or commit '{revision}'.",
+                               input_name="hf-revision") from exc
         why = "hf-token has no access to it" if token else "it is private and hf-token is not set"
         raise PublishError(f"The model repo '{repo}' was not found on {endpoint}: check the name, or {why}.",
                            input_name="hf-repo") from exc
@@ -94,7 +98,15 @@ def download(repo: str, revision: str, token: str, destination: Path) -> Checkpo
     return Checkpoint(path=destination, commit=info.sha or "", files=tuple(wanted))
 
 
+def _exists(api: HfApi, repo: str) -> bool:
+    try:
+        api.model_info(repo, timeout=TIMEOUT_S)
+        return True
+    except (HfHubHTTPError, requests.RequestException):
+        return False
+
+
 def local(path: Path) -> Checkpoint:
     files = [str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()]
-    check_files(files, str(path))
+    check_files(files, str(path), input_name="model-path")
     return Checkpoint(path=path, commit="", files=tuple(needed(files)))

@@ -29,8 +29,9 @@ CHUNK = 8 * 1024 * 1024
 
 
 class OllamaClient:
-    def __init__(self, base_url: str, timeout: float = 600):
+    def __init__(self, base_url: str, models_dir: Path | None = None, timeout: float = 600):
         self.base_url = base_url.rstrip("/")
+        self.models_dir = models_dir  # known only for a server we started: lets us read its manifests
         self.timeout = timeout
         self.session = requests.Session()
 
@@ -116,6 +117,14 @@ class OllamaClient:
         raise PublishError(f"Ollama does not list {model} after creating it.", title="Ollama create failed")
 
 
+    def local_manifest(self, host: str, namespace: str, model: str, tag: str) -> dict[str, Any] | None:
+        """The manifest Ollama stored for a model (no API returns it), or None for a server we did not start."""
+        if self.models_dir is None:
+            return None
+        path = self.models_dir / "manifests" / host / namespace / model / tag
+        return json.loads(path.read_text()) if path.is_file() else None
+
+
 def _chunks(f) -> Iterator[bytes]:
     while block := f.read(CHUNK):
         yield block
@@ -167,7 +176,8 @@ def serve(log_path: Path, ollama_key: str = "") -> Iterator[OllamaClient]:
         env = {**os.environ, "OLLAMA_HOST": bind}
         process = subprocess.Popen([binary, "serve"], stdout=log_file, stderr=subprocess.STDOUT, env=env)
         log_file.close()
-        client = OllamaClient(f"http://{bind}")
+        models_dir = Path(os.environ.get("OLLAMA_MODELS") or Path.home() / ".ollama" / "models")
+        client = OllamaClient(f"http://{bind}", models_dir=models_dir)
         deadline = time.monotonic() + HEALTH_TIMEOUT_S
         while not client.is_healthy():
             if process.poll() is not None or time.monotonic() > deadline:

@@ -57,7 +57,7 @@ class Settings:
     model_path: Path | None
     model_name: ModelName
     quantizations: tuple[str, ...]
-    tags: dict[str, tuple[str, ...]]  # quantization -> its tags, in push order
+    tags: tuple[tuple[str, str], ...]  # (quantization, tag), in push order
     template: str
     system: str
     parameters: tuple[tuple[str, str | int | float | bool], ...]
@@ -153,10 +153,10 @@ def release_version(environ: Mapping[str, str]) -> str:
     return ref[1:] if re.match(r"^v\d", ref) else ref
 
 
-def expand_tags(patterns: list[str], quantizations: tuple[str, ...], version: str) -> dict[str, tuple[str, ...]]:
-    """Give each quantization its tags. A pattern with {quant} applies to every quantization,
+def expand_tags(patterns: list[str], quantizations: tuple[str, ...], version: str) -> tuple[tuple[str, str], ...]:
+    """(quantization, tag) pairs in pattern order. A pattern with {quant} applies to every quantization,
     one without it to the first quantization only (the release's default)."""
-    result: dict[str, list[str]] = {q: [] for q in quantizations}
+    result: list[tuple[str, str]] = []
     seen: set[str] = set()
     for pattern in patterns:
         if "{version}" in pattern and not version:
@@ -175,8 +175,8 @@ def expand_tags(patterns: list[str], quantizations: tuple[str, ...], version: st
                 raise PublishError(f"Tag '{tag}' would be written twice; give each pattern a distinct result.",
                                    input_name="tags")
             seen.add(tag)
-            result[quant].append(tag)
-    return {q: tuple(tags) for q, tags in result.items()}
+            result.append((quant, tag))
+    return tuple(result)
 
 
 def build_settings(values: Mapping[str, str], environ: Mapping[str, str]) -> Settings:
@@ -218,7 +218,7 @@ def build_settings(values: Mapping[str, str], environ: Mapping[str, str]) -> Set
     version = values["version"].strip() or release_version(environ)
     patterns = split_list(values["tags"]) or list(DEFAULT_TAG_PATTERNS if version else UNVERSIONED_TAG_PATTERNS)
     tags = expand_tags(patterns, tuple(quantizations), version)
-    missing = [q for q, t in tags.items() if not t]
+    missing = [q for q in quantizations if q not in {quant for quant, _ in tags}]
     if missing:
         raise PublishError(f"No tag would be created for {', '.join(missing)}; add a pattern with {{quant}}.",
                            input_name="tags")

@@ -1,0 +1,90 @@
+"""Entry point: `python -m entrypoint` in the container (inputs from INPUT_*), or as a CLI with flags."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from . import github, pipeline
+from .errors import PublishError
+from .settings import INPUTS, SECRET_INPUTS, build_settings, read_inputs
+
+
+def parse_args(argv: Sequence[str]) -> dict[str, str]:
+    parser = argparse.ArgumentParser(
+        prog="python -m entrypoint",
+        description="Publish a Hugging Face checkpoint as an Ollama model. Every flag is the action input of "
+                    "the same name; unset flags fall back to INPUT_* variables, then to the defaults.")
+    for name, default in INPUTS.items():
+        extra = " (prefer the INPUT_ variable for secrets)" if name in SECRET_INPUTS else ""
+        parser.add_argument(f"--{name}", dest=name, metavar="VALUE", help=f"default: {default!r}{extra}")
+    return {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+
+
+def _display(path: Path, workspace: Path) -> str:
+    """Paths relative to the workspace read the same inside the container and on the runner."""
+    try:
+        return str(path.resolve().relative_to(workspace.resolve()))
+    except ValueError:
+        return str(path)
+
+
+def write_outputs(report: pipeline.Report, workspace: Path) -> None:
+    models = [{"name": r.name, "tag": r.tag, "quantization": r.quantization, "digest": r.digest,
+               "registry_digest": r.registry_digest, "size": r.size, "pushed": r.pushed, "answer": r.answer}
+              for r in report.results]
+    ggufs = list(dict.fromkeys(_display(r.gguf, workspace) for r in report.results))
+    github.set_outputs({
+        "models": json.dumps(models),
+        "modelfile": _display(report.modelfile, workspace),
+        "gguf-paths": "\n".join(ggufs),
+        "revision": report.commit,
+    })
+
+
+def summary_markdown(report: pipeline.Report, source: str, workspace: Path) -> str:
+    lines = [f"## Ollama models from {source}", ""]
+    if report.commit:
+        lines += [f"Checkpoint commit `{report.commit}`, Ollama {report.ollama_version}.", ""]
+    lines += ["| Model | Quantization | Size | Digest | Smoke test answer | Pushed |",
+              "|---|---|---:|---|---|---|"]
+    for r in report.results:
+        answer = r.answer.replace("|", "\\|").replace("\n", " ")[:120]
+        lines.append(f"| `{r.name}` | {r.quantization} | {r.size / 1e6:.1f} MB | `{r.digest[:19]}…` | {answer} | "
+                     f"{'yes' if r.pushed else 'no'} |")
+    lines += ["", f"Modelfile: `{_display(report.modelfile, workspace)}`"]
+    return "\n".join(lines) + "\n"
+
+
+def _terminate(signum, frame):  # GitHub cancels a job with SIGTERM: unwind so cleanup runs
+    raise SystemExit(128 + signum)
+
+
+def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    environ = os.environ if environ is None else environ
+    signal.signal(signal.SIGTERM, _terminate)
+    overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    values = read_inputs(environ, overrides)
+    for name in SECRET_INPUTS:
+        if values[name]:
+            github.register_secret(values[name])
+    workspace = Path(environ.get("GITHUB_WORKSPACE") or os.getcwd())
+    try:
+        settings = build_settings(values, environ)
+        report = pipeline.run(settings, environ)
+    except PublishError as exc:
+        github.error(exc.message, title=exc.title)
+        github.write_summary(f"## ollama-publish failed\n\n**{exc.title}**\n\n```\n{exc.message}\n```\n")
+        return 1
+    write_outputs(report, workspace)
+    github.write_summary(summary_markdown(report, settings.source_label, workspace))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

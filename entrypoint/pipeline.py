@@ -1,0 +1,222 @@
+"""The whole job, top-down: server, checkpoint, GGUFs, Modelfile, create and prove, push, report."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from . import convert, github, hub, modelfile, quantize, registry
+from .errors import PublishError
+from .ollama import OllamaClient, serve
+from .settings import Settings
+
+SMOKE_MAX_TOKENS = 256
+
+
+@dataclasses.dataclass
+class TagResult:
+    tag: str
+    name: str  # the full name Ollama's API uses
+    quantization: str
+    gguf: Path
+    digest: str = ""  # the local model digest, as `ollama list` shows it
+    size: int = 0
+    registry_digest: str = ""  # the manifest digest in the registry, once pushed
+    answer: str = ""
+    pushed: bool = False
+
+
+@dataclasses.dataclass
+class Report:
+    results: list[TagResult]
+    modelfile: Path
+    commit: str
+    ollama_version: str
+
+
+def run(settings: Settings, environ: Mapping[str, str]) -> Report:
+    settings.output_dir.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix="ollama-publish-", dir=environ.get("RUNNER_TEMP") or None))
+    try:
+        with contextlib.ExitStack() as stack:
+            with github.group("1. Start Ollama"):
+                client = stack.enter_context(_ollama(settings, scratch))  # runs until the stack closes
+            with github.group("2. Download the checkpoint"):
+                checkpoint = _fetch_checkpoint(settings, scratch)
+                spec = _describe_model(settings, checkpoint, environ)
+            with github.group("3. Convert to GGUF and quantize"):
+                ggufs = _build_ggufs(settings, checkpoint, scratch)
+            with github.group("4. Render the Modelfile"):
+                modelfile_path = _write_modelfile(settings, spec, ggufs)
+            with github.group("5. Create the models and prove they work"):
+                results = _create(client, settings, spec, ggufs)
+                _smoke_test(client, settings, results)
+            if settings.push:
+                with github.group("6. Push"):
+                    _push(client, settings, results)
+            return Report(results=results, modelfile=modelfile_path, commit=checkpoint.commit,
+                          ollama_version=client.version())
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _ollama(settings: Settings, scratch: Path) -> Iterator[OllamaClient]:
+    if settings.ollama_host:
+        client = OllamaClient(settings.ollama_host)
+        if not client.is_healthy():
+            raise PublishError(f"No Ollama server answers at {settings.ollama_host}.", input_name="ollama-host")
+        github.log(f"Using the Ollama server at {settings.ollama_host} (version {client.version()})")
+        yield client
+    else:
+        with serve(scratch / "ollama-server.log", settings.ollama_key) as client:
+            yield client
+
+
+def _fetch_checkpoint(settings: Settings, scratch: Path) -> hub.Checkpoint:
+    if settings.model_path:
+        github.log(f"Using the local checkpoint in {settings.model_path}")
+        return hub.local(settings.model_path)
+    return hub.download(settings.hf_repo, settings.hf_revision, settings.hf_token, scratch / "checkpoint")
+
+
+def _describe_model(settings: Settings, checkpoint: hub.Checkpoint, environ: Mapping[str, str]) -> modelfile.ModelSpec:
+    """Decide template, stops, system prompt and license now, so a bad template fails before conversion."""
+    info = modelfile.read_tokenizer_info(checkpoint.path)
+    workspace = Path(environ.get("GITHUB_WORKSPACE") or os.getcwd())
+    chat_format = modelfile.choose_format(settings.template, info, workspace)
+    stops = modelfile.stop_tokens(chat_format, info)
+    system = settings.system or modelfile.default_system_prompt(info, chat_format)
+    github.log(f"chat template: {chat_format.name}; stop tokens: {', '.join(stops) or '(none)'}")
+    user_stops = [v for n, v in settings.parameters if n == "stop"]
+    parameters = tuple(("stop", s) for s in stops if s not in user_stops) + settings.parameters
+    return modelfile.ModelSpec(template=chat_format.template, system=system, parameters=parameters,
+                               license=modelfile.read_license(checkpoint.path), source=settings.source_label)
+
+
+def _gguf_path(settings: Settings, quantization: str) -> Path:
+    return settings.output_dir / f"{settings.model_name.model}-{quantize.tag_suffix(quantization)}.gguf"
+
+
+def _build_ggufs(settings: Settings, checkpoint: hub.Checkpoint, scratch: Path) -> dict[str, Path]:
+    """Convert once, quantize to each requested type, and delete what is consumed as soon as it is."""
+    quants = settings.quantizations
+    model_label = settings.hf_repo.split("/")[-1] if settings.hf_repo else checkpoint.path.name
+    # Convert straight to the one type asked for when the converter writes it; else to a 16/32-bit
+    # intermediate that every quantization reads.
+    if len(quants) == 1 and quants[0] in quantize.CONVERTER_TYPES:
+        intermediate_type = quants[0]
+    else:
+        intermediate_type = next((t for t in ("F32", "BF16") if t in quants), "F16")
+    intermediate = scratch / f"intermediate-{intermediate_type.lower()}.gguf"
+    convert.convert(checkpoint.path, intermediate, quantize.CONVERTER_TYPES[intermediate_type], model_label)
+    if not settings.model_path:
+        shutil.rmtree(checkpoint.path, ignore_errors=True)  # the downloaded weights are no longer needed
+    ggufs = {}
+    for quant in quants:
+        if quant != intermediate_type:
+            github.log(f"quantizing to {quant}")
+            quantize.quantize(intermediate, _gguf_path(settings, quant), quant)
+            ggufs[quant] = _gguf_path(settings, quant)
+    if intermediate_type in quants:
+        ggufs[intermediate_type] = Path(shutil.move(intermediate, _gguf_path(settings, intermediate_type)))
+    intermediate.unlink(missing_ok=True)
+    for quant in quants:
+        github.log(f"{ggufs[quant].name}: {ggufs[quant].stat().st_size / 1e6:.1f} MB")
+    return {q: ggufs[q] for q in quants}
+
+
+def _write_modelfile(settings: Settings, spec: modelfile.ModelSpec, ggufs: dict[str, Path]) -> Path:
+    default_gguf = ggufs[settings.quantizations[0]]
+    path = settings.output_dir / "Modelfile"
+    path.write_text(modelfile.render_modelfile(spec, default_gguf.name), encoding="utf-8")
+    github.log(path.read_text(encoding="utf-8"))
+    return path
+
+
+def _create(client: OllamaClient, settings: Settings, spec: modelfile.ModelSpec,
+            ggufs: dict[str, Path]) -> list[TagResult]:
+    digests = {q: client.upload_blob(path) for q, path in ggufs.items()}
+    results = []
+    for quant, tag in settings.tags:
+        name = settings.model_name.with_tag(tag)
+        github.log(f"creating {name}")
+        client.create(modelfile.create_request(spec, name, digests[quant], ggufs[quant].name))
+        digest, size = client.model_digest(name)
+        results.append(TagResult(tag=tag, name=name, quantization=quant, gguf=ggufs[quant], digest=digest, size=size))
+    return results
+
+
+def _smoke_test(client: OllamaClient, settings: Settings, results: list[TagResult]) -> None:
+    """Every tag must load, answer something, and stop by itself before anything is pushed."""
+    options: dict[str, Any] = {"temperature": 0, "seed": 0}
+    if not any(name == "num_predict" for name, _ in settings.parameters):
+        options["num_predict"] = SMOKE_MAX_TOKENS
+    messages = [{"role": "user", "content": settings.smoke_test_prompt}]
+    for result in results:
+        reply = client.chat(result.name, messages, options)
+        answer = reply.get("message", {}).get("content", "")
+        reason = reply.get("done_reason", "")
+        github.log(f"{result.name}: {answer.strip()!r} (done_reason: {reason})")
+        if not answer.strip():
+            raise PublishError(f"Smoke test failed: {result.name} gave an empty answer to "
+                               f"{settings.smoke_test_prompt!r}. Check the template and parameters inputs.",
+                               title="Smoke test failed")
+        if reason != "stop":
+            raise PublishError(
+                f"Smoke test failed: {result.name} did not stop by itself (done_reason '{reason}' after "
+                f"{reply.get('eval_count')} tokens). Its answer began: {answer[:200]!r}. A model that does not stop "
+                "usually has the wrong template or stop tokens, or a num_predict parameter that is too small.",
+                title="Smoke test failed")
+        result.answer = answer.strip()
+
+
+def _push(client: OllamaClient, settings: Settings, results: list[TagResult]) -> None:
+    for result in results:
+        github.log(f"pushing {result.name}")
+        reported: dict[str, int] = {}
+
+        def progress(line: dict[str, Any]) -> None:
+            status, total = line.get("status", ""), line.get("total") or 0
+            step = int(100 * (line.get("completed") or 0) / total) // 25 * 25 if total else -1
+            if reported.get(status) != step:
+                reported[status] = step
+                github.log(f"  {status}" + (f" {step}%" if step >= 0 else ""))
+
+        client.push(result.name, settings.insecure_registry, progress)
+        _verify_pushed(client, settings, result)
+        result.pushed = True
+
+
+def _verify_pushed(client: OllamaClient, settings: Settings, result: TagResult) -> None:
+    """Read the manifest back from the registry: it must list the layers Ollama built for this tag.
+
+    (Not a digest comparison: Ollama's local manifest file carries extra fields that it drops on push.)
+    """
+    name = settings.model_name
+    try:
+        found = registry.fetch_manifest(name, result.tag, insecure=settings.insecure_registry)
+    except PublishError as exc:
+        if name.is_ollama_com:  # private models cannot be read back anonymously
+            github.warning(f"Pushed {result.name}, but could not read it back to verify: {exc}")
+            return
+        raise
+    if found is None:
+        raise PublishError(f"After pushing {result.name} the registry has no such tag.", title="Push not verified")
+    result.registry_digest, remote = found
+    remote_layers = sorted(layer["digest"] for layer in remote.get("layers", []))
+    local = client.local_manifest(name.host, name.namespace, name.model, result.tag)
+    if local is not None:
+        expected = sorted(layer["digest"] for layer in local.get("layers", []))
+        if remote_layers != expected:
+            raise PublishError(f"After pushing {result.name} the registry's manifest lists layers {remote_layers}, "
+                               f"not the local {expected}.", title="Push not verified")
+    elif not any(layer.get("mediaType") == "application/vnd.ollama.image.model" for layer in remote.get("layers", [])):
+        raise PublishError(f"The registry's manifest for {result.name} has no model layer.", title="Push not verified")
+    github.log(f"  verified in the registry: manifest {result.registry_digest}, {len(remote_layers)} layers")

@@ -1,0 +1,124 @@
+"""Fixtures: real servers for the session, and a runner that starts the entrypoint the way GitHub
+starts the container (INPUT_* variables, GITHUB_OUTPUT, GITHUB_STEP_SUMMARY, RUNNER_TEMP, ...)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests import servers
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+HF_REPO = "test-org/SmolLM2-135M-Instruct"
+ACTION_TIMEOUT_S = 900
+
+
+@dataclasses.dataclass
+class Stack:
+    hub_endpoint: str
+    registry: str  # host:port
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory) -> Iterator[Stack]:
+    checkpoint = Path(os.environ.get("SMOLLM2_CHECKPOINT", ""))
+    if not (checkpoint / "model.safetensors").is_file():
+        raise RuntimeError("$SMOLLM2_CHECKPOINT is not set to the SmolLM2 checkpoint: run the tests via scripts/test")
+    root = tmp_path_factory.mktemp("stack")
+    with servers.hub(root / "hub") as (endpoint, mirrors), servers.registry(root / "registry") as registry:
+        servers.add_model_repo(mirrors, HF_REPO, checkpoint, tags=("v1.0.0",))
+        yield Stack(hub_endpoint=endpoint, registry=registry)
+
+
+@dataclasses.dataclass
+class ActionRun:
+    returncode: int
+    stdout: str
+    stderr: str
+    outputs: dict[str, str]
+    outputs_text: str
+    summary: str
+    home: Path
+    workspace: Path
+    runner_temp: Path
+
+    def errors(self) -> list[str]:
+        return [line for line in self.stdout.splitlines() if line.startswith("::error")]
+
+
+def parse_outputs(text: str) -> dict[str, str]:
+    """Read a $GITHUB_OUTPUT file: name=value lines and name<<DELIM ... DELIM blocks."""
+    outputs, lines, i = {}, text.splitlines(), 0
+    while i < len(lines):
+        match = re.match(r"^([\w-]+)<<(\S+)$", lines[i])
+        if match:
+            name, delimiter = match.groups()
+            end = lines.index(delimiter, i + 1)
+            outputs[name] = "\n".join(lines[i + 1:end])
+            i = end + 1
+        else:
+            name, _, value = lines[i].partition("=")
+            outputs[name] = value
+            i += 1
+    return outputs
+
+
+def action_runner(tmp_path: Path):
+    """A function that runs `python -m entrypoint` with the inputs given, as a container action step is run."""
+
+    def run(inputs: dict[str, str], env: dict[str, str] | None = None) -> ActionRun:
+        home, workspace, runner_temp = tmp_path / "home", tmp_path / "workspace", tmp_path / "runner_temp"
+        for folder in (home, workspace, runner_temp):
+            folder.mkdir(exist_ok=True)
+        output_file, summary_file = runner_temp / "github_output", runner_temp / "step_summary"
+        output_file.touch()
+        summary_file.touch()
+        keep = ("PATH", "LANG", "LLAMA_CPP_DIR", "LLAMA_QUANTIZE", "OLLAMA_BIN", "SSL_CERT_FILE")
+        full_env = {k: os.environ[k] for k in keep if k in os.environ}
+        full_env.update({
+            "HOME": str(home), "GITHUB_ACTIONS": "true", "GITHUB_WORKSPACE": str(workspace),
+            "GITHUB_OUTPUT": str(output_file), "GITHUB_STEP_SUMMARY": str(summary_file),
+            "GITHUB_REF_NAME": "v1.0.0", "GITHUB_REF_TYPE": "tag", "GITHUB_REPOSITORY": "test-org/model-releases",
+            "RUNNER_TEMP": str(runner_temp), "HF_HOME": str(home / "hf"), "HF_HUB_DISABLE_TELEMETRY": "1",
+            "OLLAMA_HOST": f"127.0.0.1:{servers.free_port()}", "PYTHONPATH": str(REPO_ROOT),
+        })
+        full_env.update({f"INPUT_{name.upper()}": value for name, value in inputs.items()})
+        full_env.update(env or {})
+        proc = subprocess.run([sys.executable, "-m", "entrypoint"], cwd=workspace, env=full_env, text=True,
+                              capture_output=True, timeout=ACTION_TIMEOUT_S)
+        outputs_text = output_file.read_text()
+        return ActionRun(returncode=proc.returncode, stdout=proc.stdout, stderr=proc.stderr,
+                         outputs=parse_outputs(outputs_text), outputs_text=outputs_text,
+                         summary=summary_file.read_text(), home=home, workspace=workspace, runner_temp=runner_temp)
+
+    return run
+
+
+@pytest.fixture
+def run_action(tmp_path):
+    return action_runner(tmp_path)
+
+
+def registry_tags(registry: str, repository: str) -> list[str]:
+    """Tags the registry holds for a repository ([] when it has none)."""
+    response = requests.get(f"http://{registry}/v2/{repository}/tags/list", timeout=10)
+    if response.status_code == 404:
+        return []
+    response.raise_for_status()
+    return response.json().get("tags") or []
+
+
+def registry_manifest(registry: str, repository: str, tag: str) -> tuple[str, dict]:
+    response = requests.get(f"http://{registry}/v2/{repository}/manifests/{tag}", timeout=10,
+                            headers={"Accept": "application/vnd.docker.distribution.manifest.v2+json"})
+    response.raise_for_status()
+    return response.headers["Docker-Content-Digest"], json.loads(response.content)

@@ -1,0 +1,129 @@
+"""Real servers for tests and the demo, each on a free loopback port with its own temporary state:
+a Hub (olah serving local git repositories), an OCI registry (Debian's docker-registry) and Ollama.
+The binaries come from scripts/bootstrap (its env file sets the *_BIN/CLI variables used here)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import requests
+
+TIMEOUT_S = 60
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tool(variable: str) -> str:
+    value = os.environ.get(variable, "")
+    if not value or not os.access(value, os.X_OK):
+        raise RuntimeError(f"${variable} is not set to an executable: run the tests through scripts/test "
+                           "(it runs scripts/bootstrap first)")
+    return value
+
+
+def wait_until(check, what: str, process: subprocess.Popen, log: Path, timeout: float = TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited with {process.returncode}:\n{log.read_text(errors='replace')[-3000:]}")
+        try:
+            if check():
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{what} did not come up within {timeout} s:\n{log.read_text(errors='replace')[-3000:]}")
+
+
+@contextlib.contextmanager
+def _running(command: list[str], log: Path, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen]:
+    with log.open("wb") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+@contextlib.contextmanager
+def registry(root: Path) -> Iterator[str]:
+    """Debian's docker-registry (CNCF distribution), no auth, deletes enabled. Yields 'host:port'."""
+    root.mkdir(parents=True, exist_ok=True)
+    address = f"127.0.0.1:{free_port()}"
+    config = root / "config.yml"
+    config.write_text(
+        "version: 0.1\n"
+        "log:\n  level: warn\n"
+        f"storage:\n  filesystem:\n    rootdirectory: {root / 'data'}\n  delete:\n    enabled: true\n"
+        f"http:\n  addr: {address}\n")
+    with _running([_tool("DOCKER_REGISTRY_BIN"), "serve", str(config)], root / "registry.log") as process:
+        wait_until(lambda: requests.get(f"http://{address}/v2/", timeout=2).status_code == 200,
+                   "docker-registry", process, root / "registry.log")
+        yield address
+
+
+def add_model_repo(mirrors: Path, repo_id: str, checkpoint: Path, tags: tuple[str, ...] = ()) -> Path:
+    """Commit a checkpoint folder as a git repository in olah's mirror layout (branch main)."""
+    repo = mirrors / "models" / repo_id
+    repo.mkdir(parents=True)
+    for item in checkpoint.iterdir():
+        if item.is_file():
+            shutil.copy2(item, repo / item.name)
+    git = ["git", "-C", str(repo), "-c", "user.name=tests", "-c", "user.email=tests@localhost"]
+    subprocess.run(git[:3] + ["init", "-q", "-b", "main"], check=True)
+    subprocess.run(git + ["add", "-A"], check=True)
+    subprocess.run(git + ["commit", "-q", "-m", f"{repo_id} checkpoint"], check=True)
+    for tag in tags:
+        subprocess.run(git + ["tag", tag], check=True)
+    return repo
+
+
+@contextlib.contextmanager
+def hub(root: Path) -> Iterator[tuple[str, Path]]:
+    """olah in offline mode serving git repos under root/mirrors. Yields (endpoint URL, mirrors dir)."""
+    mirrors = root / "mirrors"
+    mirrors.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    config = root / "olah.toml"
+    config.write_text(
+        "[basic]\n"
+        f'host = "127.0.0.1"\nport = {port}\n'
+        f'repos-path = "{root / "repos"}"\n'
+        f'mirrors-path = ["{mirrors}"]\n'
+        f'mirror-netloc = "127.0.0.1:{port}"\nmirror-lfs-netloc = "127.0.0.1:{port}"\n'
+        "[accessibility]\noffline = true\n")
+    endpoint = f"http://127.0.0.1:{port}"
+    with _running([_tool("OLAH_CLI"), "-c", str(config)], root / "olah.log") as process:
+        # Any HTTP answer means it is up (its index page itself fails to render with current jinja2).
+        wait_until(lambda: requests.get(f"{endpoint}/api/models/none/none", timeout=2) is not None, "olah", process,
+                   root / "olah.log")
+        yield endpoint, mirrors
+
+
+@contextlib.contextmanager
+def ollama(home: Path) -> Iterator[str]:
+    """An Ollama server with its own HOME and models dir. Yields its base URL."""
+    home.mkdir(parents=True, exist_ok=True)
+    address = f"127.0.0.1:{free_port()}"
+    env = {**os.environ, "HOME": str(home), "OLLAMA_HOST": address, "OLLAMA_MODELS": str(home / "models")}
+    with _running([_tool("OLLAMA_BIN"), "serve"], home / "ollama.log", env=env) as process:
+        wait_until(lambda: requests.get(f"http://{address}/", timeout=2).status_code == 200,
+                   "ollama", process, home / "ollama.log")
+        yield f"http://{address}"

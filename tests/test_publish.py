@@ -1,0 +1,132 @@
+"""End to end, against real servers: olah as the Hub, docker-registry as the registry, Ollama built
+from source, llama.cpp's converter and llama-quantize, and the real SmolLM2-135M-Instruct weights."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import HF_REPO, action_runner, registry_manifest, registry_tags
+
+pytestmark = pytest.mark.servers
+HF_TOKEN = "hf_TestTokenThatMustNeverBeLogged0123456789"
+OLLAMA_LAYERS = {"application/vnd.ollama.image.model", "application/vnd.ollama.image.template",
+                 "application/vnd.ollama.image.params"}
+
+
+def make_ollama_key(folder: Path) -> str:
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "test", "-f", str(folder / "key")], check=True)
+    return (folder / "key").read_text()
+
+
+@pytest.fixture(scope="module")
+def release(stack, tmp_path_factory):
+    """One full release, v1.0.0 with Q4_K_M and Q8_0, shared by the assertions below."""
+    key = make_ollama_key(tmp_path_factory.mktemp("key"))
+    run = action_runner(tmp_path_factory.mktemp("release"))({
+        "hf-repo": HF_REPO, "hf-revision": "v1.0.0", "hf-token": HF_TOKEN,
+        "ollama-model": f"{stack.registry}/test-team/smollm2", "quantizations": "Q4_K_M, q8_0",
+        "insecure-registry": "true", "ollama-key": key,
+    }, env={"HF_ENDPOINT": stack.hub_endpoint})
+    print(run.stdout[-4000:], run.stderr[-2000:])
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return run, key
+
+
+def test_every_tag_is_created_and_pushed(release, stack):
+    run, _ = release
+    models = json.loads(run.outputs["models"])
+    assert [(m["tag"], m["quantization"]) for m in models] == [
+        ("1.0.0-q4_K_M", "Q4_K_M"), ("1.0.0-q8_0", "Q8_0"), ("1.0.0", "Q4_K_M"), ("latest", "Q4_K_M")]
+    assert all(m["pushed"] for m in models)
+    assert all(m["name"] == f"{stack.registry}/test-team/smollm2:{m['tag']}" for m in models)
+    assert sorted(registry_tags(stack.registry, "test-team/smollm2")) == sorted(m["tag"] for m in models)
+
+
+def test_q8_model_answers_paris_and_stops(release):
+    run, _ = release
+    q8 = next(m for m in json.loads(run.outputs["models"]) if m["quantization"] == "Q8_0")
+    assert "Paris" in q8["answer"]
+    # The smoke test logs done_reason for each tag; every one stopped by itself.
+    assert run.stdout.count("(done_reason: stop)") == 4
+
+
+def test_registry_manifests_match_the_local_ones(release, stack):
+    run, _ = release
+    manifests = run.home / ".ollama" / "models" / "manifests" / stack.registry / "test-team" / "smollm2"
+    for model in json.loads(run.outputs["models"]):
+        digest, remote = registry_manifest(stack.registry, "test-team/smollm2", model["tag"])
+        local = json.loads((manifests / model["tag"]).read_text())
+        assert digest == model["registry_digest"]
+        remote_layers = {layer["mediaType"]: layer["digest"] for layer in remote["layers"]}
+        local_layers = {layer["mediaType"]: layer["digest"] for layer in local["layers"]}
+        assert OLLAMA_LAYERS <= set(remote_layers)
+        assert remote_layers == local_layers
+    # Aliases point at the same manifest as the version tag they alias.
+    by_tag = {m["tag"]: m["digest"] for m in json.loads(run.outputs["models"])}
+    assert by_tag["1.0.0"] == by_tag["latest"] == by_tag["1.0.0-q4_K_M"] != by_tag["1.0.0-q8_0"]
+
+
+def test_outputs_point_at_the_artifacts(release):
+    run, _ = release
+    assert run.outputs["revision"] and len(run.outputs["revision"]) == 40
+    ggufs = [run.workspace / p for p in run.outputs["gguf-paths"].splitlines()]
+    assert [p.name for p in ggufs] == ["smollm2-q4_K_M.gguf", "smollm2-q8_0.gguf"]
+    assert all(p.read_bytes()[:4] == b"GGUF" for p in ggufs)
+    assert 80e6 < ggufs[0].stat().st_size < ggufs[1].stat().st_size < 200e6
+    modelfile = (run.workspace / run.outputs["modelfile"]).read_text()
+    assert "FROM ./smollm2-q4_K_M.gguf" in modelfile
+    assert "<|im_start|>" in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile
+    assert 'PARAMETER stop "<|im_start|>"' not in modelfile
+    assert "LICENSE" in modelfile and "Apache" in modelfile
+    # The checkpoint's own template inserts this system prompt when a chat has none; so does ours.
+    assert 'SYSTEM "You are a helpful AI assistant named SmolLM, trained by Hugging Face"' in modelfile
+
+
+def test_summary_has_one_row_per_tag(release):
+    run, _ = release
+    rows = [line for line in run.summary.splitlines() if line.startswith("| `")]
+    assert len(rows) == 4
+    assert all(row.rstrip().endswith("| yes |") for row in rows)
+    assert "Paris" in run.summary
+
+
+def test_stages_are_logged_in_groups(release):
+    run, _ = release
+    groups = [line for line in run.stdout.splitlines() if line.startswith("::group::")]
+    assert [g.split("::group::")[1][:2] for g in groups] == ["1.", "2.", "3.", "4.", "5.", "6."]
+    assert run.stdout.count("::group::") == run.stdout.count("::endgroup::")
+
+
+def test_no_secret_leaks_and_the_key_file_is_gone(release):
+    run, key = release
+    secrets = [HF_TOKEN] + [line for line in key.splitlines() if len(line) > 20 and "-----" not in line]
+    # GitHub swallows ::add-mask:: lines; everywhere else the values must be absent.
+    visible_stdout = "\n".join(l for l in run.stdout.splitlines() if not l.startswith("::add-mask::"))
+    assert f"::add-mask::{HF_TOKEN}" in run.stdout
+    places = {"stdout": visible_stdout, "stderr": run.stderr, "outputs": run.outputs_text, "summary": run.summary}
+    for folder in (run.home, run.workspace, run.runner_temp):
+        for path in folder.rglob("*"):
+            if path.is_file() and not path.is_symlink():
+                places[str(path)] = path.read_bytes().decode("latin-1")
+    assert len(places) > 10  # the walk saw the models, GGUFs, Modelfile, caches ...
+    for secret in secrets:
+        leaked = [where for where, text in places.items() if secret in text]
+        assert not leaked, f"secret found in {leaked}"
+    assert not (run.home / ".ollama" / "id_ed25519").exists()
+
+
+def test_failing_smoke_test_pushes_nothing(stack, run_action):
+    run = run_action({
+        "hf-repo": HF_REPO, "ollama-model": f"{stack.registry}/test-team/smoke-fails", "quantizations": "Q8_0",
+        "insecure-registry": "true", "parameters": "num_predict 3",
+    }, env={"HF_ENDPOINT": stack.hub_endpoint})
+    assert run.returncode == 1
+    assert len(run.errors()) == 1 and "did not stop by itself" in run.errors()[0]
+    assert "num_predict" in run.errors()[0]
+    assert "6. Push" not in run.stdout
+    assert registry_tags(stack.registry, "test-team/smoke-fails") == []
+    assert "ollama-publish failed" in run.summary
