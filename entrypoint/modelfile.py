@@ -150,10 +150,11 @@ class ModelSpec:
 
 
 def _quote(value: str) -> str:
-    # Modelfile strings have no escapes: "..." for one line without quotes, else """...""".
-    if '"""' in value:
-        raise PublishError('A Modelfile value cannot contain """; remove it from the system prompt or template.',
-                           input_name="system")
+    # Modelfile strings have no escapes: "..." for one line without quotes, else """...""", which
+    # cannot hold """ nor end with " (the closing quotes would be read early).
+    if '"""' in value or value.endswith('"'):
+        raise PublishError('A Modelfile value cannot contain """ or end with a double quote; reword the system '
+                           "prompt or template.", input_name="system")
     if "\n" in value or '"' in value:
         return f'"""{value}"""'
     return f'"{value}"'
@@ -161,7 +162,7 @@ def _quote(value: str) -> str:
 
 def render_modelfile(spec: ModelSpec, gguf_name: str) -> str:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES_DIR), autoescape=False,
-                             undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+                             undefined=jinja2.StrictUndefined)
     env.filters["quote"] = _quote
     return env.get_template("Modelfile.j2").render(
         source=spec.source, gguf_name=gguf_name, template=spec.template, system=spec.system,

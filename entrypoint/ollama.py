@@ -138,6 +138,17 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def bind_address(ollama_host: str) -> str:
+    """host:port for the server from an OLLAMA_HOST value ('', 'host', 'host:port', with or without scheme)."""
+    value = ollama_host.strip().removeprefix("http://").removeprefix("https://").rstrip("/")
+    if not value:
+        return DEFAULT_BIND
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit():
+        host, port = value, DEFAULT_BIND.rpartition(":")[2]
+    return f"{host or '127.0.0.1'}:{port}"
+
+
 def _port_is_free(bind: str) -> bool:
     host, _, port = bind.rpartition(":")
     with socket.socket() as s:
@@ -156,7 +167,7 @@ def serve(log_path: Path, ollama_key: str = "") -> Iterator[OllamaClient]:
         raise PublishError("The ollama binary was not found. Inside the action's image it is preinstalled; when "
                            "running the CLI elsewhere run scripts/bootstrap, or set ollama-host to a running server.",
                            title="Ollama missing")
-    bind = os.environ.get("OLLAMA_HOST", "").removeprefix("http://") or DEFAULT_BIND
+    bind = bind_address(os.environ.get("OLLAMA_HOST", ""))
     if not _port_is_free(bind):
         raise PublishError(f"Something already listens on {bind}, where the action starts its Ollama server. "
                            "Stop it, or set ollama-host to use that server.", input_name="ollama-host")

@@ -42,7 +42,9 @@ class Report:
 
 def run(settings: Settings, environ: Mapping[str, str]) -> Report:
     settings.output_dir.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix="ollama-publish-", dir=environ.get("RUNNER_TEMP") or None))
+    # GitHub passes the runner's RUNNER_TEMP path into containers without always mounting it.
+    runner_temp = environ.get("RUNNER_TEMP", "")
+    scratch = Path(tempfile.mkdtemp(prefix="ollama-publish-", dir=runner_temp if os.path.isdir(runner_temp) else None))
     try:
         with contextlib.ExitStack() as stack:
             with github.group("1. Start Ollama"):

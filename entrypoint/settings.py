@@ -240,7 +240,11 @@ def build_settings(values: Mapping[str, str], environ: Mapping[str, str]) -> Set
             "ollama.com account (see README, 'Ollama key'). Or set push: false to only build and test.",
             input_name="ollama-key")
 
-    output_dir = workspace / values["output-dir"].strip()
+    output_dir = (workspace / values["output-dir"].strip()).resolve()
+    if not output_dir.is_relative_to(workspace.resolve()):
+        # Outside the workspace the paths in the outputs would not exist for later steps on the runner.
+        raise PublishError(f"output-dir '{values['output-dir']}' is outside the workspace; use a relative path "
+                           "such as 'ollama-publish-out'.", input_name="output-dir")
     return Settings(
         hf_repo=hf_repo, hf_revision=revision, hf_token=values["hf-token"].strip(), model_path=model_path,
         model_name=model_name, quantizations=tuple(quantizations), tags=tags, template=values["template"].strip(),

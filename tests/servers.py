@@ -119,10 +119,11 @@ def hub(root: Path) -> Iterator[tuple[str, Path]]:
 
 @contextlib.contextmanager
 def ollama(home: Path) -> Iterator[str]:
-    """An Ollama server with its own HOME and models dir. Yields its base URL."""
+    """An Ollama server with its own HOME (models in HOME/.ollama/models, Ollama's default). Yields its URL."""
     home.mkdir(parents=True, exist_ok=True)
     address = f"127.0.0.1:{free_port()}"
-    env = {**os.environ, "HOME": str(home), "OLLAMA_HOST": address, "OLLAMA_MODELS": str(home / "models")}
+    env = {k: v for k, v in os.environ.items() if k != "OLLAMA_MODELS"}
+    env.update({"HOME": str(home), "OLLAMA_HOST": address})
     with _running([_tool("OLLAMA_BIN"), "serve"], home / "ollama.log", env=env) as process:
         wait_until(lambda: requests.get(f"http://{address}/", timeout=2).status_code == 200,
                    "ollama", process, home / "ollama.log")

@@ -1,0 +1,101 @@
+"""Unit tests: template detection, stop tokens and Modelfile rendering (pure, no servers)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from entrypoint import modelfile as m
+from entrypoint.errors import PublishError
+from entrypoint.quantize import normalize, tag_suffix
+
+SMOL_TEMPLATE = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+                 "{{ '<|im_start|>system\nYou are SmolLM<|im_end|>\n' }}{% endif %}"
+                 "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+                 "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<|im_start|>", "eos_token": {"content": "<|endoftext|>"}, "chat_template": SMOL_TEMPLATE,
+        "added_tokens_decoder": {"0": {"content": "<|endoftext|>"}, "1": {"content": "<|im_start|>"},
+                                 "2": {"content": "<|im_end|>"}}}))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 1]}))
+    return tmp_path
+
+
+def test_reads_tokens_from_tokenizer_and_generation_config(checkpoint):
+    info = m.read_tokenizer_info(checkpoint)
+    assert info.eos_tokens == ("<|endoftext|>", "<|im_end|>", "<|im_start|>")
+    assert info.bos_token == "<|im_start|>"
+
+
+def test_chat_template_file_wins_over_tokenizer_config(checkpoint):
+    (checkpoint / "chat_template.jinja").write_text("{{ '<|im_start|><|im_end|>' }}")
+    assert m.read_tokenizer_info(checkpoint).chat_template == "{{ '<|im_start|><|im_end|>' }}"
+
+
+def test_detects_chatml_and_never_stops_on_a_turn_start(checkpoint, tmp_path):
+    info = m.read_tokenizer_info(checkpoint)
+    chat = m.choose_format("auto", info, tmp_path)
+    assert chat.name == "chatml"
+    assert m.stop_tokens(chat, info) == ("<|im_end|>", "<|endoftext|>")
+
+
+def test_default_system_prompt_comes_from_the_jinja_template(checkpoint, tmp_path):
+    info = m.read_tokenizer_info(checkpoint)
+    assert m.default_system_prompt(info, m.choose_format("auto", info, tmp_path)) == "You are SmolLM"
+
+
+def test_unknown_template_names_the_template_input(tmp_path):
+    info = m.TokenizerInfo(chat_template="[INST] {{ messages }} [/INST]", eos_tokens=("</s>",), bos_token="<s>")
+    with pytest.raises(PublishError) as caught:
+        m.choose_format("auto", info, tmp_path)
+    assert caught.value.input_name == "template"
+    with pytest.raises(PublishError):
+        m.choose_format("no-such-template", info, tmp_path)
+
+
+def test_template_file_from_the_workspace(tmp_path):
+    (tmp_path / "my.gotmpl").write_text("{{ .Prompt }}\n")
+    info = m.TokenizerInfo(chat_template="", eos_tokens=("</s>",), bos_token="")
+    chat = m.choose_format("my.gotmpl", info, tmp_path)
+    assert chat.template == "{{ .Prompt }}"
+    assert m.stop_tokens(chat, info) == ("</s>",)
+
+
+def test_chatml_template_has_no_trailing_newline():
+    assert not m.load_family("chatml").template.endswith("\n")
+
+
+def test_modelfile_and_create_request_agree():
+    spec = m.ModelSpec(template="{{ .Prompt }}", system='Say "hi" to me', license="MIT\nfull text",
+                       parameters=(("stop", "<|im_end|>"), ("stop", "<|endoftext|>"), ("temperature", 0.2),
+                                   ("use_mmap", False)), source="org/model@v1")
+    text = m.render_modelfile(spec, "model-q4_K_M.gguf")
+    assert text.splitlines()[2:] == [
+        "FROM ./model-q4_K_M.gguf", 'TEMPLATE "{{ .Prompt }}"', 'SYSTEM """Say "hi" to me"""',
+        'PARAMETER stop "<|im_end|>"', 'PARAMETER stop "<|endoftext|>"', "PARAMETER temperature 0.2",
+        "PARAMETER use_mmap false", 'LICENSE """MIT', 'full text"""']
+    body = m.create_request(spec, "me/m:1", "sha256:abc", "model-q4_K_M.gguf")
+    assert body == {"model": "me/m:1", "files": {"model-q4_K_M.gguf": "sha256:abc"}, "template": "{{ .Prompt }}",
+                    "system": 'Say "hi" to me', "license": "MIT\nfull text",
+                    "parameters": {"stop": ["<|im_end|>", "<|endoftext|>"], "temperature": 0.2, "use_mmap": False}}
+
+
+@pytest.mark.parametrize("system", ['a """ b', 'ends with "quote"'])
+def test_unrepresentable_values_are_refused(system):
+    spec = m.ModelSpec(template="x", system=system, parameters=(), license="", source="s")
+    with pytest.raises(PublishError):
+        m.render_modelfile(spec, "f.gguf")
+
+
+@pytest.mark.parametrize("given, canonical, suffix", [
+    ("q4_k_m", "Q4_K_M", "q4_K_M"), ("Q8_0", "Q8_0", "q8_0"), ("f16", "F16", "f16"), ("bf16", "BF16", "bf16"),
+    ("iq4_xs", "IQ4_XS", "iq4_XS"), ("mxfp4_moe", "MXFP4_MOE", "mxfp4_MOE"),
+])
+def test_quantization_names(given, canonical, suffix):
+    assert normalize(given) == canonical
+    assert tag_suffix(canonical) == suffix

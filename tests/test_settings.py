@@ -1,0 +1,93 @@
+"""Unit tests: input reading and validation (pure, no servers)."""
+
+from __future__ import annotations
+
+import pytest
+
+from entrypoint import settings as s
+from entrypoint.errors import PublishError
+from entrypoint.registry import OLLAMA_COM, parse_model_name
+
+KEY = "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\n-----END OPENSSH PRIVATE KEY-----\n"
+
+
+def build(tmp_path, environ=None, **inputs):
+    values = s.read_inputs({f"INPUT_{k.upper()}": v for k, v in inputs.items()})
+    return s.build_settings(values, {"GITHUB_WORKSPACE": str(tmp_path), **(environ or {})})
+
+
+def test_inputs_read_with_hyphen_or_underscore_and_cli_overrides():
+    env = {"INPUT_HF-REPO": "a/b", "INPUT_OLLAMA_MODEL": "me/m", "INPUT_QUANTIZATIONS": ""}
+    values = s.read_inputs(env, overrides={"ollama-model": "you/m"})
+    assert values["hf-repo"] == "a/b"
+    assert values["ollama-model"] == "you/m"
+    assert values["quantizations"] == "Q4_K_M"  # empty means default, as GitHub passes unset inputs
+
+
+def test_release_tags_by_default(tmp_path):
+    settings = build(tmp_path, {"GITHUB_REF_NAME": "v1.2.0", "GITHUB_REF_TYPE": "tag"},
+                     **{"hf-repo": "a/b", "ollama-model": "me/m", "quantizations": "q4_k_m,Q8_0", "push": "false"})
+    assert settings.quantizations == ("Q4_K_M", "Q8_0")
+    assert settings.tags == (("Q4_K_M", "1.2.0-q4_K_M"), ("Q8_0", "1.2.0-q8_0"), ("Q4_K_M", "1.2.0"),
+                             ("Q4_K_M", "latest"))
+
+
+def test_branch_runs_get_unversioned_tags(tmp_path):
+    settings = build(tmp_path, {"GITHUB_REF_NAME": "main", "GITHUB_REF_TYPE": "branch"},
+                     **{"hf-repo": "a/b", "ollama-model": "me/m", "quantizations": "Q8_0, F16", "push": "false"})
+    assert settings.tags == (("Q8_0", "q8_0"), ("F16", "f16"), ("Q8_0", "latest"))
+
+
+def test_custom_tag_patterns(tmp_path):
+    settings = build(tmp_path, **{"hf-repo": "a/b", "ollama-model": "me/m", "push": "false", "version": "2.0",
+                                  "quantizations": "Q5_K_M", "tags": "{version}-instruct-{quant}\nstable"})
+    assert settings.tags == (("Q5_K_M", "2.0-instruct-q5_K_M"), ("Q5_K_M", "stable"))
+
+
+@pytest.mark.parametrize("inputs, input_name, phrase", [
+    ({"ollama-model": "me/m"}, "hf-repo", "hf-repo is required"),
+    ({"hf-repo": "not a repo", "ollama-model": "me/m"}, "hf-repo", "owner/name"),
+    ({"hf-repo": "a/b"}, "ollama-model", "ollama-model is required"),
+    ({"hf-repo": "a/b", "ollama-model": "Me/Model"}, "ollama-model", "Try 'me'"),
+    ({"hf-repo": "a/b", "ollama-model": "me/model:v1"}, "ollama-model", "tag"),
+    ({"hf-repo": "a/b", "ollama-model": "model"}, "ollama-model", "namespace/model"),
+    ({"hf-repo": "a/b", "ollama-model": "h:1/my.team/m"}, "ollama-model", "namespace"),
+    ({"hf-repo": "a/b", "ollama-model": "me/m", "quantizations": "Q4_K_X"}, "quantizations", "Unknown quantization"),
+    ({"hf-repo": "a/b", "ollama-model": "me/m", "quantizations": "IQ2_XS"}, "quantizations", "importance matrix"),
+    ({"hf-repo": "a/b", "ollama-model": "me/m"}, "ollama-key", "ollama.com needs ollama-key"),
+    ({"hf-repo": "a/b", "ollama-model": "me/m", "ollama-key": "ssh-ed25519 AAAA"}, "ollama-key", "OpenSSH private key"),
+    ({"hf-repo": "a/b", "ollama-model": "me/m", "push": "maybe"}, "push", "boolean"),
+    ({"hf-repo": "a/b", "ollama-model": "me/m", "push": "false", "parameters": "temprature 0.1"}, "parameters",
+     "Unknown parameter"),
+    ({"hf-repo": "a/b", "ollama-model": "me/m", "push": "false", "parameters": "num_ctx big"}, "parameters", "int"),
+    ({"hf-repo": "a/b", "ollama-model": "me/m", "push": "false", "tags": "{version}"}, "tags", "no version"),
+    ({"hf-repo": "a/b", "ollama-model": "me/m", "push": "false", "tags": "latest", "quantizations": "Q4_0,Q8_0"},
+     "tags", "add a pattern with {quant}"),
+    ({"hf-repo": "a/b", "ollama-model": "me/m", "push": "false", "tags": "{quant}!"}, "tags", "not a valid tag"),
+    ({"hf-repo": "a/b", "ollama-model": "me/m", "push": "false", "output-dir": "../out"}, "output-dir", "outside"),
+    ({"hf-repo": "a/b", "model-path": "x", "ollama-model": "me/m"}, "hf-repo", "not both"),
+])
+def test_bad_inputs_name_the_input(tmp_path, inputs, input_name, phrase):
+    with pytest.raises(PublishError) as caught:
+        build(tmp_path, **inputs)
+    assert caught.value.input_name == input_name
+    assert phrase in caught.value.message
+
+
+def test_key_is_normalized_from_a_pasted_secret():
+    pasted = KEY.replace("\n", "\r\n").replace("b3Bl", "  b3Bl")
+    assert s.normalize_key(pasted) == KEY
+    assert s.normalize_key(KEY.replace("\n", "\\n")) == KEY
+
+
+def test_parameters_are_typed():
+    assert s.parse_parameters('temperature 0.5\n# comment\nstop "<|end|>"\nnum_ctx 4096\nuse_mmap false') == (
+        ("temperature", 0.5), ("stop", "<|end|>"), ("num_ctx", 4096), ("use_mmap", False))
+
+
+def test_model_names():
+    assert parse_model_name("me/my-model").host == OLLAMA_COM
+    assert parse_model_name("ollama.com/me/m").with_tag("1.0") == "me/m:1.0"
+    name = parse_model_name("http://127.0.0.1:5000/team/smol.v2")
+    assert (name.host, name.namespace, name.model, name.scheme) == ("127.0.0.1:5000", "team", "smol.v2", "http")
+    assert name.with_tag("latest") == "127.0.0.1:5000/team/smol.v2:latest"
