@@ -7,7 +7,7 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from . import github, pipeline
@@ -65,14 +65,16 @@ def _terminate(signum, frame):  # GitHub cancels a job with SIGTERM: unwind so c
     raise SystemExit(128 + signum)
 
 
-def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
-    environ = os.environ if environ is None else environ
+def main() -> int:
+    environ = os.environ
     signal.signal(signal.SIGTERM, _terminate)
-    overrides = parse_args(sys.argv[1:] if argv is None else argv)
-    values = read_inputs(environ, overrides)
+    values = read_inputs(environ, parse_args(sys.argv[1:]))
     for name in SECRET_INPUTS:
         if values[name]:
             github.register_secret(values[name])
+        # Read once; child processes (converter, Ollama server) must not inherit secrets.
+        for key in (f"INPUT_{name.upper()}", f"INPUT_{name.upper().replace('-', '_')}"):
+            os.environ.pop(key, None)
     workspace = Path(environ.get("GITHUB_WORKSPACE") or os.getcwd())
     try:
         settings = build_settings(values, environ)

@@ -4,29 +4,32 @@ from __future__ import annotations
 
 import collections
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 from . import github
 from .errors import PublishError
 
 
-def run_logged(command: Sequence[str], *, what: str, env: Mapping[str, str] | None = None) -> None:
+def run_logged(command: Sequence[str], *, what: str) -> None:
     """Run `command`, echoing each output line; raise PublishError with the last lines if it fails."""
     github.log(f"$ {' '.join(command)}")
     tail: collections.deque[str] = collections.deque(maxlen=30)
     try:
-        proc = subprocess.Popen(
-            list(command), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-            text=True, errors="replace", bufsize=1,
-        )
+        proc = subprocess.Popen(list(command), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, errors="replace", bufsize=1)
     except OSError as exc:
         raise PublishError(f"Could not start {what}: {exc}", title=f"{what} failed") from exc
     assert proc.stdout is not None
-    for line in proc.stdout:
-        line = line.rstrip("\n")
-        tail.append(line)
-        github.log(line)
-    code = proc.wait()
+    try:
+        for line in proc.stdout:
+            line = line.rstrip("\n")
+            tail.append(line)
+            github.log(line)
+        code = proc.wait()
+    finally:
+        if proc.poll() is None:  # interrupted (e.g. the job was cancelled): do not leave the tool running
+            proc.kill()
+            proc.wait()
     if code != 0:
         last = "\n".join(tail)
         raise PublishError(f"{what} exited with code {code}. Last output:\n{last}", title=f"{what} failed")
