@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -61,6 +62,12 @@ def summary_markdown(report: pipeline.Report, source: str, workspace: Path) -> s
     return "\n".join(lines) + "\n"
 
 
+def _fail(title: str, message: str) -> int:
+    github.error(message, title=title)
+    github.write_summary(f"## ollama-publish failed\n\n**{title}**\n\n```\n{message}\n```\n")
+    return 1
+
+
 def _terminate(signum, frame):  # GitHub cancels a job with SIGTERM: unwind so cleanup runs
     raise SystemExit(128 + signum)
 
@@ -80,9 +87,11 @@ def main() -> int:
         settings = build_settings(values, environ)
         report = pipeline.run(settings, environ)
     except PublishError as exc:
-        github.error(exc.message, title=exc.title)
-        github.write_summary(f"## ollama-publish failed\n\n**{exc.title}**\n\n```\n{exc.message}\n```\n")
-        return 1
+        return _fail(exc.title, exc.message)
+    except Exception as exc:  # a bug, not a user error: keep the traceback (scrubbed of secrets) for the report
+        github.log(traceback.format_exc())
+        return _fail("ollama-publish crashed", f"Unexpected {type(exc).__name__}: {exc}. Please report this "
+                     "with the log above.")
     write_outputs(report, workspace)
     github.write_summary(summary_markdown(report, settings.source_label, workspace))
     return 0
