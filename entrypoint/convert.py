@@ -31,3 +31,11 @@ def convert(checkpoint: Path, target: Path, outtype: str, model_name: str) -> No
     process.run_logged(command, what="convert_hf_to_gguf.py")
     if not target.is_file():
         raise PublishError(f"The converter finished but wrote no {target.name}.", title="Conversion failed")
+
+
+def adds_bos(gguf_path: Path) -> bool:
+    """Whether the GGUF's tokenizer prepends BOS to every prompt by itself."""
+    from gguf import GGUFReader  # memory-maps the file; only the metadata is read
+
+    field = GGUFReader(gguf_path).fields.get("tokenizer.ggml.add_bos_token")
+    return bool(field.parts[field.data[0]][0]) if field is not None else False

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
-import jinja2.sandbox
 
+from . import chat_jinja
 from .errors import PublishError
 
 TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
@@ -130,10 +130,8 @@ def default_system_prompt(info: TokenizerInfo, chat_format: ChatFormat) -> str:
         return ""
     marker = "\x00user-marker\x00"
     try:
-        env = jinja2.sandbox.ImmutableSandboxedEnvironment()
-        rendered = env.from_string(info.chat_template).render(
-            messages=[{"role": "user", "content": marker}], add_generation_prompt=True,
-            bos_token=info.bos_token, eos_token=(info.eos_tokens or ("",))[0])
+        rendered = chat_jinja.render(info.chat_template, [{"role": "user", "content": marker}],
+                                     bos_token=info.bos_token, eos_token=(info.eos_tokens or ("",))[0])
     except jinja2.TemplateError:
         return ""
     match = re.search(r"<\|im_start\|>system\n(.*?)<\|im_end\|>", rendered.split(marker)[0], re.S)

@@ -82,13 +82,13 @@ class OllamaClient:
                     raise PublishError(f"Ollama {what} failed: {line['error']}", title=f"Ollama {what} failed")
                 yield line
 
-    def create(self, body: dict[str, Any]) -> None:
+    def create(self, body: dict[str, Any], quiet: bool = False) -> None:
         last = None
         for line in self.stream("/api/create", body, "create"):
             status = line.get("status", "")
-            if status != last:
+            if status != last and not quiet:
                 github.log(f"  {status}")
-                last = status
+            last = status
         if last != "success":
             raise PublishError(f"Ollama create of {body['model']} ended without success (last status: {last}).",
                                title="Ollama create failed")
@@ -96,6 +96,14 @@ class OllamaClient:
     def chat(self, model: str, messages: list[dict[str, str]], options: dict[str, Any]) -> dict[str, Any]:
         body = {"model": model, "messages": messages, "options": options, "stream": False}
         return self._check(self.session.post(self._url("/api/chat"), json=body, timeout=self.timeout), "chat").json()
+
+    def generate(self, model: str, prompt: str, *, options: dict[str, Any]) -> dict[str, Any]:
+        body = {"model": model, "prompt": prompt, "options": options, "stream": False}
+        return self._check(self.session.post(self._url("/api/generate"), json=body, timeout=self.timeout),
+                           "generate").json()
+
+    def delete(self, model: str) -> None:
+        self._check(self.session.delete(self._url("/api/delete"), json={"model": model}, timeout=60), "delete")
 
     def push(self, model: str, insecure: bool, on_progress: Callable[[dict[str, Any]], None]) -> None:
         last = None

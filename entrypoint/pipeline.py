@@ -11,13 +11,10 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from . import convert, github, hub, modelfile, quantize, registry
+from . import checks, convert, github, hub, modelfile, quantize, registry
 from .errors import PublishError
 from .ollama import OllamaClient, serve
 from .settings import Settings
-
-SMOKE_MAX_TOKENS = 256
-
 
 @dataclasses.dataclass
 class TagResult:
@@ -51,14 +48,20 @@ def run(settings: Settings, environ: Mapping[str, str]) -> Report:
                 client = stack.enter_context(_ollama(settings, scratch))  # runs until the stack closes
             with github.group("2. Download the checkpoint"):
                 checkpoint = _fetch_checkpoint(settings, scratch)
-                spec = _describe_model(settings, checkpoint, environ)
+                info = modelfile.read_tokenizer_info(checkpoint.path)
+                spec = _describe_model(settings, checkpoint, info, environ)
+                tokenizer_json = _keep_tokenizer(checkpoint, scratch)
             with github.group("3. Convert to GGUF and quantize"):
                 ggufs = _build_ggufs(settings, checkpoint, scratch)
             with github.group("4. Render the Modelfile"):
                 modelfile_path = _write_modelfile(settings, spec, ggufs)
             with github.group("5. Create the models and prove they work"):
-                results = _create(client, settings, spec, ggufs)
-                _smoke_test(client, settings, results)
+                digests = {q: client.upload_blob(path) for q, path in ggufs.items()}
+                results = _create(client, settings, spec, ggufs, digests)
+                _check_prompt_parity(client, settings, spec, info, ggufs, digests, results, tokenizer_json)
+                for result in results:
+                    result.answer = checks.smoke_test(client, result.name, settings.smoke_test_prompt,
+                                                      settings.parameters)
             if settings.push:
                 with github.group("6. Push"):
                     _push(client, settings, results)
@@ -88,9 +91,9 @@ def _fetch_checkpoint(settings: Settings, scratch: Path) -> hub.Checkpoint:
     return hub.download(settings.hf_repo, settings.hf_revision, settings.hf_token, scratch / "checkpoint")
 
 
-def _describe_model(settings: Settings, checkpoint: hub.Checkpoint, environ: Mapping[str, str]) -> modelfile.ModelSpec:
+def _describe_model(settings: Settings, checkpoint: hub.Checkpoint, info: modelfile.TokenizerInfo,
+                    environ: Mapping[str, str]) -> modelfile.ModelSpec:
     """Decide template, stops, system prompt and license now, so a bad template fails before conversion."""
-    info = modelfile.read_tokenizer_info(checkpoint.path)
     workspace = Path(environ.get("GITHUB_WORKSPACE") or os.getcwd())
     chat_format = modelfile.choose_format(settings.template, info, workspace)
     stops = modelfile.stop_tokens(chat_format, info)
@@ -100,6 +103,12 @@ def _describe_model(settings: Settings, checkpoint: hub.Checkpoint, environ: Map
     parameters = tuple(("stop", s) for s in stops if s not in user_stops) + settings.parameters
     return modelfile.ModelSpec(template=chat_format.template, system=system, parameters=parameters,
                                license=modelfile.read_license(checkpoint.path), source=settings.source_label)
+
+
+def _keep_tokenizer(checkpoint: hub.Checkpoint, scratch: Path) -> Path | None:
+    """Keep tokenizer.json (small) after the checkpoint is deleted: it decodes prompts in parity reports."""
+    source = checkpoint.path / "tokenizer.json"
+    return Path(shutil.copy(source, scratch / "tokenizer.json")) if source.is_file() else None
 
 
 def _gguf_path(settings: Settings, quantization: str) -> Path:
@@ -142,9 +151,8 @@ def _write_modelfile(settings: Settings, spec: modelfile.ModelSpec, ggufs: dict[
     return path
 
 
-def _create(client: OllamaClient, settings: Settings, spec: modelfile.ModelSpec,
-            ggufs: dict[str, Path]) -> list[TagResult]:
-    digests = {q: client.upload_blob(path) for q, path in ggufs.items()}
+def _create(client: OllamaClient, settings: Settings, spec: modelfile.ModelSpec, ggufs: dict[str, Path],
+            digests: dict[str, str]) -> list[TagResult]:
     results = []
     for quant, tag in settings.tags:
         name = settings.model_name.with_tag(tag)
@@ -155,28 +163,27 @@ def _create(client: OllamaClient, settings: Settings, spec: modelfile.ModelSpec,
     return results
 
 
-def _smoke_test(client: OllamaClient, settings: Settings, results: list[TagResult]) -> None:
-    """Every tag must load, answer something, and stop by itself before anything is pushed."""
-    options: dict[str, Any] = {"temperature": 0, "seed": 0}
-    if not any(name == "num_predict" for name, _ in settings.parameters):
-        options["num_predict"] = SMOKE_MAX_TOKENS
-    messages = [{"role": "user", "content": settings.smoke_test_prompt}]
-    for result in results:
-        reply = client.chat(result.name, messages, options)
-        answer = reply.get("message", {}).get("content", "")
-        reason = reply.get("done_reason", "")
-        github.log(f"{result.name}: {answer.strip()!r} (done_reason: {reason})")
-        if not answer.strip():
-            raise PublishError(f"Smoke test failed: {result.name} gave an empty answer to "
-                               f"{settings.smoke_test_prompt!r}. Check the template and parameters inputs.",
-                               title="Smoke test failed")
-        if reason != "stop":
-            raise PublishError(
-                f"Smoke test failed: {result.name} did not stop by itself (done_reason '{reason}' after "
-                f"{reply.get('eval_count')} tokens). Its answer began: {answer[:200]!r}. A model that does not stop "
-                "usually has the wrong template or stop tokens, or a num_predict parameter that is too small.",
-                title="Smoke test failed")
-        result.answer = answer.strip()
+def _check_prompt_parity(client: OllamaClient, settings: Settings, spec: modelfile.ModelSpec,
+                         info: modelfile.TokenizerInfo, ggufs: dict[str, Path], digests: dict[str, str],
+                         results: list[TagResult], tokenizer_json: Path | None) -> None:
+    """Once per quantization (the tags of one quantization share every layer)."""
+    if not info.chat_template:
+        github.warning("prompt parity not checked: the checkpoint has no chat template to compare with")
+        return
+    for quant, gguf in ggufs.items():
+        name = next(r.name for r in results if r.quantization == quant)
+        github.log(f"prompt parity of {name} with the checkpoint's chat template:")
+        body = modelfile.create_request(spec, name, digests[quant], gguf.name)
+        failures = checks.prompt_parity(client, name, body, info, convert.adds_bos(gguf), tokenizer_json)
+        if not failures:
+            continue
+        message = (f"Prompt parity failed for {name}: Ollama builds a different prompt than the checkpoint's own "
+                   f"chat template for {len(failures)} of {len(checks.CONVERSATIONS)} conversations. Set the template "
+                   "input to the right template (or prompt-parity: warn to publish anyway).\n"
+                   + checks.explain(failures))
+        if settings.parity_is_fatal:
+            raise PublishError(message, input_name="template", title="Prompt parity failed")
+        github.warning(message)
 
 
 def _push(client: OllamaClient, settings: Settings, results: list[TagResult]) -> None:

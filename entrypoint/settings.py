@@ -26,6 +26,7 @@ INPUTS: dict[str, str] = {
     "system": "",
     "parameters": "",
     "smoke-test-prompt": "What is the capital of France?",
+    "prompt-parity": "fail",
     "push": "true",
     "ollama-key": "",
     "insecure-registry": "false",
@@ -62,6 +63,7 @@ class Settings:
     system: str
     parameters: tuple[tuple[str, str | int | float | bool], ...]
     smoke_test_prompt: str
+    parity_is_fatal: bool  # prompt-parity: fail (default) or warn
     push: bool
     ollama_key: str
     insecure_registry: bool
@@ -223,6 +225,10 @@ def build_settings(values: Mapping[str, str], environ: Mapping[str, str]) -> Set
         raise PublishError(f"No tag would be created for {', '.join(missing)}; add a pattern with {{quant}}.",
                            input_name="tags")
 
+    parity = values["prompt-parity"].strip().lower()
+    if parity not in ("fail", "warn"):
+        raise PublishError(f"'{parity}' is not a prompt-parity mode. Use fail (default: a prompt that differs from "
+                           "the checkpoint's own template stops the release) or warn.", input_name="prompt-parity")
     push = parse_bool("push", values["push"])
     insecure = parse_bool("insecure-registry", values["insecure-registry"])
     ollama_host = values["ollama-host"].strip()
@@ -249,6 +255,6 @@ def build_settings(values: Mapping[str, str], environ: Mapping[str, str]) -> Set
         hf_repo=hf_repo, hf_revision=revision, hf_token=values["hf-token"].strip(), model_path=model_path,
         model_name=model_name, quantizations=tuple(quantizations), tags=tags, template=values["template"].strip(),
         system=values["system"], parameters=parse_parameters(values["parameters"]),
-        smoke_test_prompt=values["smoke-test-prompt"].strip(), push=push, ollama_key=key,
+        smoke_test_prompt=values["smoke-test-prompt"].strip(), parity_is_fatal=parity == "fail", push=push, ollama_key=key,
         insecure_registry=insecure, ollama_host=ollama_host.rstrip("/"), output_dir=output_dir,
     )

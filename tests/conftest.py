@@ -105,7 +105,10 @@ def action_runner(tmp_path: Path):
 
 @pytest.fixture
 def run_action(tmp_path):
-    return action_runner(tmp_path)
+    run = action_runner(tmp_path)
+    run.workspace = tmp_path / "workspace"  # for tests that put files in the workspace first
+    run.workspace.mkdir()
+    return run
 
 
 def registry_tags(registry: str, repository: str) -> list[str]:

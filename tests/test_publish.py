@@ -130,3 +130,28 @@ def test_failing_smoke_test_pushes_nothing(stack, run_action):
     assert "6. Push" not in run.stdout
     assert registry_tags(stack.registry, "test-team/smoke-fails") == []
     assert "ollama-publish failed" in run.summary
+
+
+ZEPHYR_STYLE = """{{- range .Messages }}<|{{ .Role }}|>
+{{ .Content }}</s>
+{{ end }}<|assistant|>
+"""
+
+
+def test_wrong_template_fails_prompt_parity_and_pushes_nothing(stack, run_action):
+    (run_action.workspace / "zephyr.gotmpl").write_text(ZEPHYR_STYLE)
+    run = run_action({
+        "hf-repo": HF_REPO, "ollama-model": f"{stack.registry}/test-team/wrong-template", "quantizations": "Q8_0",
+        "insecure-registry": "true", "template": "zephyr.gotmpl",
+    }, env={"HF_ENDPOINT": stack.hub_endpoint})
+    assert run.returncode == 1
+    assert len(run.errors()) == 1 and "Prompt parity failed" in run.errors()[0]
+    assert "4 of 4 conversations" in run.errors()[0]
+    assert "<|user|>" in run.errors()[0] and "<|im_start|>user" in run.errors()[0]  # both renderings shown
+    assert registry_tags(stack.registry, "test-team/wrong-template") == []
+
+
+def test_prompt_parity_passed_for_every_conversation(release):
+    run, _ = release
+    assert run.stdout.count(" tokens") >= 8 and "DIFFERENT" not in run.stdout
+    assert run.stdout.count(": same ") == 8  # 4 conversations x 2 quantizations
