@@ -6,6 +6,7 @@ and can only see the messages and special tokens given to it.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 from typing import Any
@@ -35,12 +36,135 @@ def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, s
 
 
 def render(template: str, messages: list[dict[str, str]], *, bos_token: str, eos_token: str,
-           add_generation_prompt: bool = True) -> str:
-    """The prompt text `template` makes of `messages`. Raises jinja2.TemplateError if it cannot."""
+           add_generation_prompt: bool = True, today: datetime.datetime | None = None) -> str:
+    """The prompt text `template` makes of `messages` (`today` fixes strftime_now's date).
+    Raises jinja2.TemplateError if it cannot."""
     env = jinja2.sandbox.ImmutableSandboxedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationBlocks, jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise
-    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+    env.globals["strftime_now"] = lambda fmt: (today or datetime.datetime.now()).strftime(fmt)
     return env.from_string(template).render(messages=messages, bos_token=bos_token, eos_token=eos_token,
-                                            add_generation_prompt=add_generation_prompt, tools=None)
+                                            add_generation_prompt=add_generation_prompt)
+
+
+class CannotDerive(Exception):
+    """The template's text cannot be described by fixed per-transition strings."""
+
+
+# Marker contents: plain words, so templates that trim or escape content leave them intact.
+_SYSTEM, _USER1, _ASSISTANT1, _USER2, _ASSISTANT2, _USER3 = (
+    "SYSTEMMARKERA", "USERMARKERB", "ASSISTANTMARKERC", "USERMARKERD", "ASSISTANTMARKERE", "USERMARKERF")
+
+
+@dataclasses.dataclass(frozen=True)
+class Derived:
+    go_template: str
+    default_system: str  # what the template inserts when a conversation has no system message
+    end_of_turn: tuple[str, ...]  # special tokens that close an assistant turn
+    begin_of_turn: tuple[str, ...]  # special tokens that open a turn (never stop tokens)
+
+
+def _split(text: str, markers: list[str]) -> list[str]:
+    """The literal pieces around `markers`, which must appear once each and in order."""
+    pieces, rest = [], text
+    for marker in markers:
+        if rest.count(marker) != 1:
+            raise CannotDerive(f"message content '{marker}' is rendered {rest.count(marker)} times")
+        before, _, rest = rest.partition(marker)
+        pieces.append(before)
+    return pieces + [rest]
+
+
+_TODAY = "\x00today\x00"  # stands for the current date inside derived pieces
+_DATES = (datetime.datetime(2025, 1, 15), datetime.datetime(2026, 7, 4))
+
+
+def _literal(text: str) -> str:
+    """Go template text for a piece: literal unless it holds delimiters (then a quoted string), with
+    the date placeholder as Ollama's {{ currentDate }} (YYYY-MM-DD)."""
+    parts = []
+    for i, chunk in enumerate(text.split(_TODAY)):
+        if i:
+            parts.append("{{ currentDate }}")
+        parts.append("{{ " + json.dumps(chunk) + " }}" if "{{" in chunk or "}}" in chunk else chunk)
+    return "".join(parts)
+
+
+def _dated_pieces(run, messages, markers: list[str]) -> list[str]:
+    """Split the rendering at `markers` on two dates; a piece that differs only by an ISO date gets the
+    date placeholder, any other difference cannot be expressed in a fixed template."""
+    first, second = (_split(run(messages, today), markers) for today in _DATES)
+    pieces = []
+    for a, b in zip(first, second):
+        a_, b_ = a.replace(_DATES[0].strftime("%Y-%m-%d"), _TODAY), b.replace(_DATES[1].strftime("%Y-%m-%d"), _TODAY)
+        if a_ != b_:
+            raise CannotDerive("the template writes today's date in a format other than YYYY-MM-DD, which Ollama "
+                               "templates cannot produce")
+        pieces.append(a_)
+    return pieces
+
+
+def derive(template: str, *, bos_token: str, eos_token: str, special_tokens: tuple[str, ...]) -> Derived:
+    """Read a Go template off a Jinja chat template by rendering marker conversations.
+
+    Every piece of text between two messages must depend only on the roles on either side; the
+    pieces are checked for that across three conversations (and the parity check proves the result).
+    """
+    def run(messages, today):
+        return render(template, [{"role": r, "content": c} for r, c in messages], bos_token=bos_token,
+                      eos_token=eos_token, today=today)
+
+    try:
+        no_system = _dated_pieces(run, [("user", _USER1), ("assistant", _ASSISTANT1), ("user", _USER2)],
+                                  [_USER1, _ASSISTANT1, _USER2])
+        longer = _dated_pieces(run, [("user", _USER1), ("assistant", _ASSISTANT1), ("user", _USER2),
+                                     ("assistant", _ASSISTANT2), ("user", _USER3)],
+                               [_USER1, _ASSISTANT1, _USER2, _ASSISTANT2, _USER3])
+    except jinja2.TemplateError as exc:
+        raise CannotDerive(f"the template fails on a plain conversation: {exc}") from exc
+    start_user, user_to_assistant, assistant_to_user, user_end = no_system
+    if longer != [start_user, user_to_assistant, assistant_to_user, user_to_assistant, assistant_to_user, user_end]:
+        raise CannotDerive("the text between turns depends on their position in the conversation")
+    try:
+        start_system, system_to_user, *with_system = _dated_pieces(
+            run, [("system", _SYSTEM), ("user", _USER1), ("assistant", _ASSISTANT1), ("user", _USER2)],
+            [_SYSTEM, _USER1, _ASSISTANT1, _USER2])
+        if with_system != [user_to_assistant, assistant_to_user, user_end]:
+            raise CannotDerive("a system message changes how the other turns are rendered")
+    except jinja2.TemplateError:  # the template refuses system messages: Ollama's are dropped
+        start_system, system_to_user = None, None
+
+    default_system = ""
+    if start_system is not None and start_user != start_system + system_to_user:
+        head, tail = start_system, system_to_user
+        if start_user.startswith(head) and start_user.endswith(tail) and len(start_user) > len(head) + len(tail):
+            default_system = start_user[len(head):len(start_user) - len(tail)]
+        if _TODAY in default_system:  # a dated default stays in the template, where currentDate works
+            default_system = ""
+
+    if start_system is None:  # system messages are skipped, as the template cannot render them
+        first, system_case = _literal(start_user), ""
+    else:
+        first = ('{{ if eq $m.Role "system" }}' + _literal(start_system) + "{{ else }}" + _literal(start_user)
+                 + "{{ end }}")
+        system_case = '{{ else if eq $prev "system" }}' + _literal(system_to_user)
+    body = ('{{ if eq $prev "" }}' + first + system_case + '{{ else if eq $m.Role "assistant" }}'
+            + _literal(user_to_assistant) + "{{ else }}" + _literal(assistant_to_user) + "{{ end }}"
+            + "{{ $m.Content }}{{ $prev = $m.Role }}")
+    if start_system is None:
+        body = '{{ if ne $m.Role "system" }}' + body + "{{ end }}"
+    go_template = ('{{ $prev := "" }}{{ range $m := .Messages }}' + body + "{{ end }}"
+                   '{{ if ne $prev "assistant" }}' + _literal(user_end) + "{{ end }}")
+
+    by_length = sorted(special_tokens, key=len, reverse=True)
+    closing = assistant_to_user.lstrip()
+    end_of_turn: tuple[str, ...] = ()
+    for token in by_length:
+        if closing.startswith(token):
+            end_of_turn = (token,)
+            break
+    opening_text = start_user + user_to_assistant + closing[len(end_of_turn[0]) if end_of_turn else 0:]
+    begin_of_turn = tuple(t for t in special_tokens if t in opening_text and t not in end_of_turn)
+    return Derived(go_template=go_template, default_system=default_system, end_of_turn=end_of_turn,
+                   begin_of_turn=begin_of_turn)

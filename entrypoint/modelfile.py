@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +22,13 @@ TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
 
 @dataclasses.dataclass(frozen=True)
 class ChatFormat:
-    """A family's Ollama template: the Go template, the tokens that end a turn, those that begin one."""
+    """An Ollama template: the Go template, the tokens that end a turn, those that begin one, and the
+    system prompt the checkpoint's own template inserts when a conversation has none."""
     name: str
     template: str
     end_of_turn: tuple[str, ...]
     begin_of_turn: tuple[str, ...]
+    default_system: str = ""
 
 
 # Families in templates/chat/; the catalog grows with each family we verify.
@@ -47,6 +48,7 @@ class TokenizerInfo:
     chat_template: str  # Jinja, "" if the checkpoint has none
     eos_tokens: tuple[str, ...]  # from tokenizer_config and generation_config, in that order
     bos_token: str
+    special_tokens: tuple[str, ...] = ()
 
 
 def _token_text(value: Any) -> str:
@@ -77,11 +79,15 @@ def read_tokenizer_info(checkpoint: Path) -> TokenizerInfo:
         named = {t.get("name"): t.get("template", "") for t in template}
         template = named.get("default", next(iter(named.values()), ""))
 
-    id_to_token = {}
+    id_to_token, special = {}, []
     for token in _read_json(checkpoint / "tokenizer.json").get("added_tokens", []):
         id_to_token[token["id"]] = token["content"]
+        if token.get("special"):
+            special.append(token["content"])
     for token_id, token in config.get("added_tokens_decoder", {}).items():
         id_to_token[int(token_id)] = _token_text(token)
+        if isinstance(token, dict) and token.get("special"):
+            special.append(_token_text(token))
 
     eos: list[str] = []
     if _token_text(config.get("eos_token")):
@@ -91,7 +97,7 @@ def read_tokenizer_info(checkpoint: Path) -> TokenizerInfo:
         if token_id is not None and token_id in id_to_token:
             eos.append(id_to_token[token_id])
     return TokenizerInfo(chat_template=str(template), eos_tokens=tuple(dict.fromkeys(eos)),
-                         bos_token=_token_text(config.get("bos_token")))
+                         bos_token=_token_text(config.get("bos_token")), special_tokens=tuple(dict.fromkeys(special)))
 
 
 def choose_format(template_input: str, info: TokenizerInfo, workspace: Path) -> ChatFormat:
@@ -106,36 +112,35 @@ def choose_format(template_input: str, info: TokenizerInfo, workspace: Path) -> 
         # A user's own template: stop on the checkpoint's EOS tokens only.
         return ChatFormat(name=f"file:{template_input}", template=path.read_text(encoding="utf-8").removesuffix("\n"),
                           end_of_turn=(), begin_of_turn=())
-    jinja = info.chat_template
-    if not jinja:
+    if not info.chat_template:
         raise PublishError("The checkpoint has no chat template (chat_template in tokenizer_config.json or "
                            "chat_template.jinja). Set the template input to a known template or a Go template file.",
                            input_name="template", title="No chat template")
-    if "<|im_start|>" in jinja and "<|im_end|>" in jinja:
-        return load_family("chatml")
-    raise PublishError("The checkpoint's chat template is not one this action recognizes yet (known: "
-                       f"{', '.join(FAMILIES)}). Set the template input to a Go template file in your repository.",
-                       input_name="template", title="Unknown chat template")
+    try:
+        derived = chat_jinja.derive(info.chat_template, bos_token=info.bos_token,
+                                    eos_token=(info.eos_tokens or ("",))[0], special_tokens=info.special_tokens)
+    except chat_jinja.CannotDerive as exc:
+        if _is_chatml(info.chat_template):
+            return load_family("chatml")
+        raise PublishError(f"The checkpoint's chat template matches no known template ({', '.join(FAMILIES)}) and "
+                           f"no Ollama template can be derived from it: {exc}. Set the template input to a Go "
+                           "template file in your repository.", input_name="template",
+                           title="Unknown chat template") from exc
+    # Derived from the checkpoint's own template (and proven by the parity check) beats a catalog
+    # entry: real templates of one family differ in details (thinking tags, tool preambles, dates).
+    return ChatFormat(name="derived from the checkpoint's chat template", template=derived.go_template,
+                      end_of_turn=derived.end_of_turn, begin_of_turn=derived.begin_of_turn,
+                      default_system=derived.default_system)
+
+
+def _is_chatml(jinja: str) -> bool:
+    return "<|im_start|>" in jinja and "<|im_end|>" in jinja
 
 
 def stop_tokens(chat_format: ChatFormat, info: TokenizerInfo) -> tuple[str, ...]:
     """End-of-turn tokens plus EOS tokens, never a token that also begins a turn (it would cut answers)."""
     candidates = list(chat_format.end_of_turn) + list(info.eos_tokens)
     return tuple(t for t in dict.fromkeys(candidates) if t and t not in chat_format.begin_of_turn)
-
-
-def default_system_prompt(info: TokenizerInfo, chat_format: ChatFormat) -> str:
-    """The system prompt the checkpoint's own template inserts when a conversation has none (ChatML only)."""
-    if chat_format.name != "chatml" or not info.chat_template:
-        return ""
-    marker = "\x00user-marker\x00"
-    try:
-        rendered = chat_jinja.render(info.chat_template, [{"role": "user", "content": marker}],
-                                     bos_token=info.bos_token, eos_token=(info.eos_tokens or ("",))[0])
-    except jinja2.TemplateError:
-        return ""
-    match = re.search(r"<\|im_start\|>system\n(.*?)<\|im_end\|>", rendered.split(marker)[0], re.S)
-    return match.group(1) if match else ""
 
 
 @dataclasses.dataclass(frozen=True)

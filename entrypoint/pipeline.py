@@ -97,7 +97,7 @@ def _describe_model(settings: Settings, checkpoint: hub.Checkpoint, info: modelf
     workspace = Path(environ.get("GITHUB_WORKSPACE") or os.getcwd())
     chat_format = modelfile.choose_format(settings.template, info, workspace)
     stops = modelfile.stop_tokens(chat_format, info)
-    system = settings.system or modelfile.default_system_prompt(info, chat_format)
+    system = settings.system or chat_format.default_system
     github.log(f"chat template: {chat_format.name}; stop tokens: {', '.join(stops) or '(none)'}")
     user_stops = [v for n, v in settings.parameters if n == "stop"]
     parameters = tuple(("stop", s) for s in stops if s not in user_stops) + settings.parameters

@@ -20,8 +20,9 @@ SMOL_TEMPLATE = ("{% for message in messages %}{% if loop.first and messages[0][
 def checkpoint(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({
         "bos_token": "<|im_start|>", "eos_token": {"content": "<|endoftext|>"}, "chat_template": SMOL_TEMPLATE,
-        "added_tokens_decoder": {"0": {"content": "<|endoftext|>"}, "1": {"content": "<|im_start|>"},
-                                 "2": {"content": "<|im_end|>"}}}))
+        "added_tokens_decoder": {"0": {"content": "<|endoftext|>", "special": True},
+                                 "1": {"content": "<|im_start|>", "special": True},
+                                 "2": {"content": "<|im_end|>", "special": True}}}))
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 1]}))
     return tmp_path
 
@@ -37,20 +38,30 @@ def test_chat_template_file_wins_over_tokenizer_config(checkpoint):
     assert m.read_tokenizer_info(checkpoint).chat_template == "{{ '<|im_start|><|im_end|>' }}"
 
 
-def test_detects_chatml_and_never_stops_on_a_turn_start(checkpoint, tmp_path):
+def test_derives_from_the_checkpoint_and_never_stops_on_a_turn_start(checkpoint, tmp_path):
     info = m.read_tokenizer_info(checkpoint)
+    assert info.special_tokens == ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
     chat = m.choose_format("auto", info, tmp_path)
-    assert chat.name == "chatml"
+    assert chat.name.startswith("derived")
+    assert chat.begin_of_turn == ("<|im_start|>",)
     assert m.stop_tokens(chat, info) == ("<|im_end|>", "<|endoftext|>")
+
+
+def test_chatml_catalog_by_name(checkpoint, tmp_path):
+    chat = m.choose_format("chatml", m.read_tokenizer_info(checkpoint), tmp_path)
+    assert chat.name == "chatml" and chat.end_of_turn == ("<|im_end|>",)
 
 
 def test_default_system_prompt_comes_from_the_jinja_template(checkpoint, tmp_path):
     info = m.read_tokenizer_info(checkpoint)
-    assert m.default_system_prompt(info, m.choose_format("auto", info, tmp_path)) == "You are SmolLM"
+    assert m.choose_format("auto", info, tmp_path).default_system == "You are SmolLM"
 
 
-def test_unknown_template_names_the_template_input(tmp_path):
-    info = m.TokenizerInfo(chat_template="[INST] {{ messages }} [/INST]", eos_tokens=("</s>",), bos_token="<s>")
+def test_underivable_template_names_the_template_input(tmp_path):
+    # The third turn is written differently from the fifth: no fixed text between turns.
+    jinja = ("{% for m in messages %}{% if loop.index == 3 %}THIRD {% endif %}[{{ m.role }}] {{ m.content }}\n"
+             "{% endfor %}")
+    info = m.TokenizerInfo(chat_template=jinja, eos_tokens=("</s>",), bos_token="<s>")
     with pytest.raises(PublishError) as caught:
         m.choose_format("auto", info, tmp_path)
     assert caught.value.input_name == "template"

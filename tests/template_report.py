@@ -1,0 +1,87 @@
+"""Template report: for each real chat template in llama.cpp's models/templates (71 current model
+families), how ollama-publish handles it (ChatML catalog entry, derived, or refused) and whether
+Ollama then builds the same prompts as the template itself (the prompt-parity check, in a real
+Ollama).
+
+    scripts/template-report [--markdown FILE]
+
+Every template is checked on one real model, SmolLM2-135M-Instruct converted to Q8_0: parity is
+about the prompt text and its tokens, and a tokenizer without a family's special tokens still
+splits equal texts into equal tokens. bos_token/eos_token are given as <s> and </s>.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from entrypoint import checks, convert, modelfile
+from entrypoint.errors import PublishError
+from entrypoint.ollama import OllamaClient
+from tests import servers
+
+BOS, EOS = "<s>", "</s>"
+
+
+def check_template(client: OllamaClient, digest: str, index: int, jinja: str) -> tuple[str, str]:
+    """(how it is handled, parity result) for one template."""
+    info = modelfile.TokenizerInfo(chat_template=jinja, eos_tokens=(EOS,), bos_token=BOS)
+    try:
+        chat = modelfile.choose_format("auto", info, Path("."))
+    except PublishError as exc:
+        return "refused", exc.message.split(": ", 1)[-1].split(". Set")[0]
+    how = "ChatML catalog" if chat.name == "chatml" else "derived"
+    spec = modelfile.ModelSpec(template=chat.template, system=chat.default_system, parameters=(), license="",
+                               source="report")
+    name = f"report.local/templates/t{index}:latest"
+    body = modelfile.create_request(spec, name, digest, "model.gguf")
+    try:
+        client.create(body, quiet=True)
+    except PublishError as exc:
+        return how, f"FAIL: Ollama rejects the template ({exc.message[:80]})"
+    try:
+        failures = checks.prompt_parity(client, name, body, info, adds_bos=False, tokenizer_json=None)
+    finally:
+        client.delete(name)
+    if failures:
+        return how, f"FAIL ({', '.join(f.conversation for f in failures)})"
+    return how, "pass"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--markdown", type=Path, help="also write the table to this file")
+    args = parser.parse_args()
+    templates = sorted((Path(os.environ["LLAMA_CPP_DIR"]) / "models" / "templates").glob("*.jinja"))
+    root = Path(tempfile.mkdtemp(prefix="template-report-"))
+    gguf = root / "smollm2-q8_0.gguf"
+    convert.convert(Path(os.environ["SMOLLM2_CHECKPOINT"]), gguf, "q8_0", "SmolLM2-135M-Instruct")
+    rows = []
+    with servers.ollama(root / "home") as url:
+        client = OllamaClient(url)
+        digest = client.upload_blob(gguf)
+        # Keeps the GGUF blob referenced: Ollama deletes a blob with the last model that uses it.
+        client.create({"model": "report.local/templates/keep:latest", "files": {"model.gguf": digest}}, quiet=True)
+        for index, path in enumerate(templates):
+            how, parity = check_template(client, digest, index, path.read_text(encoding="utf-8"))
+            rows.append((path.stem, how, parity))
+            print(f"{path.stem}: {how}: {parity}", file=sys.stderr)
+    passed = sum(1 for _, _, parity in rows if parity == "pass")
+    refused = sum(1 for _, how, _ in rows if how == "refused")
+    published_wrong = sum(1 for _, how, parity in rows if how != "refused" and parity != "pass")
+    lines = ["| Template | Handled as | Prompt parity |", "|---|---|---|"]
+    lines += [f"| {name} | {how} | {parity.replace('|', '/')} |" for name, how, parity in rows]
+    lines += ["", f"{passed} of {len(rows)} templates pass prompt parity ({100 * passed / len(rows):.0f}%); "
+                  f"{refused} refused before conversion; {published_wrong} derived but caught by the parity check."]
+    table = "\n".join(lines)
+    print(table)
+    if args.markdown:
+        args.markdown.write_text(table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
