@@ -16,6 +16,7 @@ from .errors import PublishError
 from .ollama import OllamaClient, serve
 from .settings import Settings
 
+
 @dataclasses.dataclass
 class TagResult:
     tag: str

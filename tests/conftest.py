@@ -75,7 +75,8 @@ def parse_outputs(text: str) -> dict[str, str]:
 def action_runner(tmp_path: Path):
     """A function that runs `python -m entrypoint` with the inputs given, as a container action step is run."""
 
-    def run(inputs: dict[str, str], env: dict[str, str] | None = None) -> ActionRun:
+    def run(inputs: dict[str, str], env: dict[str, str] | None = None, on_line=None) -> ActionRun:
+        """on_line(line, process, env), if given, sees each stdout line as it is printed."""
         home, workspace, runner_temp = tmp_path / "home", tmp_path / "workspace", tmp_path / "runner_temp"
         for folder in (home, workspace, runner_temp):
             folder.mkdir(exist_ok=True)
@@ -93,10 +94,17 @@ def action_runner(tmp_path: Path):
         })
         full_env.update({f"INPUT_{name.upper()}": value for name, value in inputs.items()})
         full_env.update(env or {})
-        proc = subprocess.run([sys.executable, "-m", "entrypoint"], cwd=workspace, env=full_env, text=True,
-                              capture_output=True, timeout=ACTION_TIMEOUT_S)
+        proc = subprocess.Popen([sys.executable, "-m", "entrypoint"], cwd=workspace, env=full_env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        stdout_lines = []
+        for line in proc.stdout:  # read as it comes, so a test can act at a given stage
+            stdout_lines.append(line)
+            if on_line is not None:
+                on_line(line, proc, full_env)
+        stderr = proc.stderr.read()
+        proc.wait(timeout=ACTION_TIMEOUT_S)
         outputs_text = output_file.read_text()
-        return ActionRun(returncode=proc.returncode, stdout=proc.stdout, stderr=proc.stderr,
+        return ActionRun(returncode=proc.returncode, stdout="".join(stdout_lines), stderr=stderr,
                          outputs=parse_outputs(outputs_text), outputs_text=outputs_text,
                          summary=summary_file.read_text(), home=home, workspace=workspace, runner_temp=runner_temp)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -33,7 +34,7 @@ def check_template(client: OllamaClient, digest: str, index: int, jinja: str) ->
         chat = modelfile.choose_format("auto", info, Path("."))
     except PublishError as exc:
         return "refused", exc.message.split(": ", 1)[-1].split(". Set")[0]
-    how = "ChatML catalog" if chat.name == "chatml" else "derived"
+    how = chat.name if chat.name in modelfile.FAMILIES else "derived"
     spec = modelfile.ModelSpec(template=chat.template, system=chat.default_system, parameters=(), license="",
                                source="report")
     name = f"report.local/templates/t{index}:latest"
@@ -51,10 +52,8 @@ def check_template(client: OllamaClient, digest: str, index: int, jinja: str) ->
     return how, "pass"
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--markdown", type=Path, help="also write the table to this file")
-    args = parser.parse_args()
+def build_report() -> list[tuple[str, str, str]]:
+    """(template, how it is handled, parity result) for every template in the corpus."""
     templates = sorted((Path(os.environ["LLAMA_CPP_DIR"]) / "models" / "templates").glob("*.jinja"))
     root = Path(tempfile.mkdtemp(prefix="template-report-"))
     gguf = root / "smollm2-q8_0.gguf"
@@ -69,14 +68,26 @@ def main() -> int:
             how, parity = check_template(client, digest, index, path.read_text(encoding="utf-8"))
             rows.append((path.stem, how, parity))
             print(f"{path.stem}: {how}: {parity}", file=sys.stderr)
+    shutil.rmtree(root, ignore_errors=True)
+    return rows
+
+
+def to_markdown(rows: list[tuple[str, str, str]]) -> str:
     passed = sum(1 for _, _, parity in rows if parity == "pass")
     refused = sum(1 for _, how, _ in rows if how == "refused")
-    published_wrong = sum(1 for _, how, parity in rows if how != "refused" and parity != "pass")
+    caught = sum(1 for _, how, parity in rows if how != "refused" and parity != "pass")
     lines = ["| Template | Handled as | Prompt parity |", "|---|---|---|"]
     lines += [f"| {name} | {how} | {parity.replace('|', '/')} |" for name, how, parity in rows]
     lines += ["", f"{passed} of {len(rows)} templates pass prompt parity ({100 * passed / len(rows):.0f}%); "
-                  f"{refused} refused before conversion; {published_wrong} derived but caught by the parity check."]
-    table = "\n".join(lines)
+                  f"{refused} refused before conversion; {caught} handled but caught by the parity check."]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--markdown", type=Path, help="also write the table to this file")
+    args = parser.parse_args()
+    table = to_markdown(build_report())
     print(table)
     if args.markdown:
         args.markdown.write_text(table + "\n")

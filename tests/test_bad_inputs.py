@@ -3,6 +3,8 @@ secret printed. The Hub and the registry are the real test servers."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from tests import servers
@@ -53,3 +55,40 @@ def test_unreachable_hub_fails_clearly_and_removes_the_key(stack, run_action, tm
     assert not (run.home / ".ollama" / "id_ed25519").exists()
     body = key.splitlines()[1]
     assert body not in "\n".join(l for l in run.stdout.splitlines() if not l.startswith("::add-mask::"))
+
+
+def test_cancelled_run_cleans_up_and_pushes_nothing(stack, run_action, tmp_path):
+    """GitHub cancels a job with SIGTERM: mid-conversion, the run must stop its tools and server, remove
+    the key and its scratch folder, and push nothing."""
+    import signal
+    import socket
+
+    key = make_ollama_key(tmp_path)
+    seen: dict = {}
+
+    def cancel_during_conversion(line, process, env):
+        if line.startswith("$ ") and "convert_hf_to_gguf.py" in line and not seen:
+            seen["bind"] = env["OLLAMA_HOST"]
+            process.send_signal(signal.SIGTERM)
+
+    run = run_action({"hf-repo": HF_REPO, "ollama-model": f"{stack.registry}/bad-inputs/cancelled",
+                      "insecure-registry": "true", "ollama-key": key, "quantizations": "Q8_0"},
+                     env={"HF_ENDPOINT": stack.hub_endpoint}, on_line=cancel_during_conversion)
+    assert seen, "the conversion never started"
+    assert run.returncode == 128 + signal.SIGTERM
+    assert not (run.home / ".ollama" / "id_ed25519").exists()
+    assert list(run.runner_temp.glob("ollama-publish-*")) == []
+    # No process may still name the scratch folder under RUNNER_TEMP (an orphaned converter usually dies
+    # of a broken pipe anyway, so this catches only tools that linger silently).
+    leftovers = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if str(run.runner_temp).encode() in cmdline.read_bytes():
+                leftovers.append(cmdline.parent.name)
+        except OSError:
+            pass  # the process ended while we looked
+    assert leftovers == [], f"processes still running: {leftovers}"
+    host, port = seen["bind"].rsplit(":", 1)
+    with socket.socket() as s:
+        assert s.connect_ex((host, int(port))) != 0, "the action's Ollama server is still running"
+    assert registry_tags(stack.registry, "bad-inputs/cancelled") == []
