@@ -187,8 +187,44 @@ def _check_prompt_parity(client: OllamaClient, settings: Settings, spec: modelfi
         github.warning(message)
 
 
-def _push(client: OllamaClient, settings: Settings, results: list[TagResult]) -> None:
+def _layers(manifest: dict[str, Any]) -> list[str]:
+    return sorted(layer["digest"] for layer in manifest.get("layers", []))
+
+
+def _already_published(client: OllamaClient, settings: Settings, results: list[TagResult]) -> set[str]:
+    """Check every tag in the registry before pushing any. Returns the tags that already hold exactly
+    these layers (a re-run skips them). A version tag holding other content is refused: published
+    versions are immutable unless overwrite is set; tags without the version (latest, ...) move."""
+    name = settings.model_name
+    identical = set()
     for result in results:
+        try:
+            found = registry.fetch_manifest(name, result.tag, insecure=settings.insecure_registry)
+        except PublishError as exc:
+            if name.is_ollama_com:  # private models cannot be read anonymously: push and let the registry decide
+                github.warning(f"Could not check {result.name} in the registry before pushing: {exc}")
+                continue
+            raise
+        if found is None:
+            continue
+        local = client.local_manifest(name.host, name.namespace, name.model, result.tag)
+        if local is not None and _layers(local) == _layers(found[1]):
+            identical.add(result.tag)
+            result.registry_digest = found[0]
+            github.log(f"{result.name} is already published with the same layers; not pushing it again")
+        elif result.tag in settings.immutable_tags and not settings.overwrite:
+            raise PublishError(f"{result.name} is already published with different content, and published versions "
+                               "are immutable. Release a new version, or set overwrite: true to replace it.",
+                               input_name="overwrite", title="Version already published")
+    return identical
+
+
+def _push(client: OllamaClient, settings: Settings, results: list[TagResult]) -> None:
+    skip = _already_published(client, settings, results)
+    for result in results:
+        if result.tag in skip:
+            result.pushed = True
+            continue
         github.log(f"pushing {result.name}")
         reported: dict[str, int] = {}
 
@@ -220,10 +256,10 @@ def _verify_pushed(client: OllamaClient, settings: Settings, result: TagResult) 
     if found is None:
         raise PublishError(f"After pushing {result.name} the registry has no such tag.", title="Push not verified")
     result.registry_digest, remote = found
-    remote_layers = sorted(layer["digest"] for layer in remote.get("layers", []))
+    remote_layers = _layers(remote)
     local = client.local_manifest(name.host, name.namespace, name.model, result.tag)
     if local is not None:
-        expected = sorted(layer["digest"] for layer in local.get("layers", []))
+        expected = _layers(local)
         if remote_layers != expected:
             raise PublishError(f"After pushing {result.name} the registry's manifest lists layers {remote_layers}, "
                                f"not the local {expected}.", title="Push not verified")

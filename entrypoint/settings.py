@@ -28,6 +28,7 @@ INPUTS: dict[str, str] = {
     "smoke-test-prompt": "What is the capital of France?",
     "prompt-parity": "fail",
     "push": "true",
+    "overwrite": "false",
     "ollama-key": "",
     "insecure-registry": "false",
     "ollama-host": "",
@@ -65,6 +66,8 @@ class Settings:
     smoke_test_prompt: str
     parity_is_fatal: bool  # prompt-parity: fail (default) or warn
     push: bool
+    overwrite: bool  # replace immutable tags that already exist with other content
+    immutable_tags: frozenset[str]  # tags made from a {version} pattern: a published version never changes
     ollama_key: str
     insecure_registry: bool
     ollama_host: str  # empty: start our own server
@@ -255,6 +258,9 @@ def build_settings(values: Mapping[str, str], environ: Mapping[str, str]) -> Set
         hf_repo=hf_repo, hf_revision=revision, hf_token=values["hf-token"].strip(), model_path=model_path,
         model_name=model_name, quantizations=tuple(quantizations), tags=tags, template=values["template"].strip(),
         system=values["system"], parameters=parse_parameters(values["parameters"]),
-        smoke_test_prompt=values["smoke-test-prompt"].strip(), parity_is_fatal=parity == "fail", push=push, ollama_key=key,
+        smoke_test_prompt=values["smoke-test-prompt"].strip(), parity_is_fatal=parity == "fail", push=push,
+        overwrite=parse_bool("overwrite", values["overwrite"]),
+        immutable_tags=frozenset(tag for _, tag in expand_tags([p for p in patterns if "{version}" in p],
+                                                               tuple(quantizations), version)), ollama_key=key,
         insecure_registry=insecure, ollama_host=ollama_host.rstrip("/"), output_dir=output_dir,
     )

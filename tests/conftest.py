@@ -79,7 +79,7 @@ def action_runner(tmp_path: Path):
         """on_line(line, process, env), if given, sees each stdout line as it is printed."""
         home, workspace, runner_temp = tmp_path / "home", tmp_path / "workspace", tmp_path / "runner_temp"
         for folder in (home, workspace, runner_temp):
-            folder.mkdir(exist_ok=True)
+            folder.mkdir(parents=True, exist_ok=True)
         output_file, summary_file = runner_temp / "github_output", runner_temp / "step_summary"
         output_file.touch()
         summary_file.touch()

@@ -155,3 +155,32 @@ def test_prompt_parity_passed_for_every_conversation(release):
     run, _ = release
     assert run.stdout.count(" tokens") >= 8 and "DIFFERENT" not in run.stdout
     assert run.stdout.count(": same ") == 8  # 4 conversations x 2 quantizations
+
+
+def test_rerun_is_a_no_op_and_published_versions_are_immutable(stack, run_action, tmp_path):
+    """Same release twice: nothing pushed again. Different content under the same version: refused
+    before any push, unless overwrite is set; latest moves with it."""
+    inputs = {"hf-repo": HF_REPO, "ollama-model": f"{stack.registry}/test-team/immutable", "quantizations": "Q8_0",
+              "insecure-registry": "true", "prompt-parity": "warn"}
+    env = {"HF_ENDPOINT": stack.hub_endpoint}
+    first = run_action(inputs, env=env)
+    assert first.returncode == 0, first.stdout[-2000:]
+    before = {m["tag"]: m["registry_digest"] for m in json.loads(first.outputs["models"])}
+
+    again = action_runner(tmp_path / "again")(inputs, env=env)
+    assert again.returncode == 0, again.stdout[-2000:]
+    assert again.stdout.count("already published with the same layers") == 3
+    assert not any(line.startswith("pushing ") for line in again.stdout.splitlines())
+    assert {m["tag"]: m["registry_digest"] for m in json.loads(again.outputs["models"])} == before
+
+    changed = {**inputs, "system": "You are a pirate."}
+    refused = action_runner(tmp_path / "changed")(changed, env=env)
+    assert refused.returncode == 1
+    assert len(refused.errors()) == 1 and "immutable" in refused.errors()[0] and "overwrite" in refused.errors()[0]
+    assert not any(line.startswith("pushing ") for line in refused.stdout.splitlines())
+    assert {t: registry_manifest(stack.registry, "test-team/immutable", t)[0] for t in before} == before
+
+    replaced = action_runner(tmp_path / "overwrite")({**changed, "overwrite": "true"}, env=env)
+    assert replaced.returncode == 0, replaced.stdout[-2000:]
+    after = {m["tag"]: m["registry_digest"] for m in json.loads(replaced.outputs["models"])}
+    assert set(after) == set(before) and all(after[t] != before[t] for t in before)

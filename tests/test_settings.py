@@ -30,6 +30,7 @@ def test_release_tags_by_default(tmp_path):
     assert settings.quantizations == ("Q4_K_M", "Q8_0")
     assert settings.tags == (("Q4_K_M", "1.2.0-q4_K_M"), ("Q8_0", "1.2.0-q8_0"), ("Q4_K_M", "1.2.0"),
                              ("Q4_K_M", "latest"))
+    assert settings.immutable_tags == {"1.2.0-q4_K_M", "1.2.0-q8_0", "1.2.0"}
 
 
 def test_branch_runs_get_unversioned_tags(tmp_path):
