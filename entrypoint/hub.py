@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fnmatch
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import requests
@@ -36,10 +38,6 @@ class Checkpoint:
     files: tuple[str, ...]
 
 
-def _endpoint() -> str:
-    return os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-
-
 def needed(files: list[str]) -> list[str]:
     """The subset of a repo's files that will be downloaded (top-level and in subfolders)."""
     return [f for f in files if any(fnmatch.fnmatch(Path(f).name, pattern) for pattern in NEEDED_FILES)]
@@ -63,18 +61,19 @@ def check_files(files: list[str], where: str, input_name: str = "hf-repo") -> No
                            input_name=input_name, title="No tokenizer")
 
 
-def download(repo: str, revision: str, token: str, destination: Path) -> Checkpoint:
-    """Resolve `revision`, check the repo is convertible, then download only the needed files."""
-    endpoint = _endpoint()
-    api = HfApi(endpoint=endpoint, token=token or False)
+@dataclasses.dataclass(frozen=True)
+class RemoteCheckpoint:
+    repo: str
+    commit: str
+    sizes: dict[str, int]  # the files to download and their sizes in bytes
+
+
+@contextlib.contextmanager
+def _hub_errors(api: HfApi, repo: str, revision: str, token: str) -> Iterator[None]:
+    """Turn the Hub client's errors into messages that name the input to fix."""
+    endpoint = api.endpoint
     try:
-        info = api.model_info(repo, revision=revision, timeout=TIMEOUT_S)
-        files = [s.rfilename for s in info.siblings or []]
-        check_files(files, f"{repo}@{revision}")
-        wanted = needed(files)
-        github.log(f"{repo}@{revision} is commit {info.sha}; downloading {len(wanted)} of {len(files)} files")
-        snapshot_download(repo, revision=info.sha, token=token or False, allow_patterns=wanted,
-                          local_dir=destination, endpoint=endpoint, etag_timeout=TIMEOUT_S)
+        yield
     except GatedRepoError as exc:
         raise PublishError(f"{repo} is gated: accept its terms on the Hub with the account whose token is in "
                            "hf-token.", input_name="hf-token") from exc
@@ -95,7 +94,34 @@ def download(repo: str, revision: str, token: str, destination: Path) -> Checkpo
     except (requests.RequestException, LocalEntryNotFoundError, OSError) as exc:
         raise PublishError(f"Could not download {repo} from {endpoint}: {exc}. Check that the Hub is reachable "
                            "(HF_ENDPOINT) and re-run.", title="Hub unreachable") from exc
-    return Checkpoint(path=destination, commit=info.sha or "", files=tuple(wanted))
+
+
+def _api(token: str) -> HfApi:
+    return HfApi(endpoint=os.environ.get("HF_ENDPOINT", "https://huggingface.co"), token=token or False)
+
+
+def inspect(repo: str, revision: str, token: str) -> RemoteCheckpoint:
+    """Resolve `revision` to a commit, check the repo is convertible, and size the files to download."""
+    api = _api(token)
+    with _hub_errors(api, repo, revision, token):
+        info = api.model_info(repo, revision=revision, timeout=TIMEOUT_S)
+        files = [s.rfilename for s in info.siblings or []]
+        check_files(files, f"{repo}@{revision}")
+        wanted = set(needed(files))
+        sizes = {entry.path: entry.size or 0 for entry in api.list_repo_tree(repo, revision=info.sha, recursive=True)
+                 if entry.path in wanted and hasattr(entry, "size")}
+    github.log(f"{repo}@{revision} is commit {info.sha}: {len(sizes)} of {len(files)} files to download, "
+               f"{sum(sizes.values()) / 1e9:.2f} GB")
+    return RemoteCheckpoint(repo=repo, commit=info.sha or "", sizes=sizes)
+
+
+def download(remote: RemoteCheckpoint, token: str, destination: Path) -> Checkpoint:
+    """Download only the needed files of the resolved commit."""
+    api = _api(token)
+    with _hub_errors(api, remote.repo, remote.commit, token):
+        snapshot_download(remote.repo, revision=remote.commit, token=token or False, allow_patterns=list(remote.sizes),
+                          local_dir=destination, endpoint=api.endpoint, etag_timeout=TIMEOUT_S)
+    return Checkpoint(path=destination, commit=remote.commit, files=tuple(remote.sizes))
 
 
 def _exists(api: HfApi, repo: str) -> bool:
@@ -106,7 +132,9 @@ def _exists(api: HfApi, repo: str) -> bool:
         return False
 
 
-def local(path: Path) -> Checkpoint:
+def local(path: Path) -> tuple[Checkpoint, int]:
+    """A local checkpoint folder, and the size of its needed files."""
     files = [str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()]
     check_files(files, str(path), input_name="model-path")
-    return Checkpoint(path=path, commit="", files=tuple(needed(files)))
+    kept = needed(files)
+    return Checkpoint(path=path, commit="", files=tuple(kept)), sum((path / f).stat().st_size for f in kept)

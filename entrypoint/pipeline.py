@@ -11,7 +11,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from . import checks, convert, github, hub, modelfile, quantize, registry
+from . import checks, convert, disk, github, hub, modelfile, quantize, registry
 from .errors import PublishError
 from .ollama import OllamaClient, serve
 from .settings import Settings
@@ -48,7 +48,7 @@ def run(settings: Settings, environ: Mapping[str, str]) -> Report:
             with github.group("1. Start Ollama"):
                 client = stack.enter_context(_ollama(settings, scratch))  # runs until the stack closes
             with github.group("2. Download the checkpoint"):
-                checkpoint = _fetch_checkpoint(settings, scratch)
+                checkpoint = _fetch_checkpoint(settings, scratch, client)
                 info = modelfile.read_tokenizer_info(checkpoint.path)
                 spec = _describe_model(settings, checkpoint, info, environ)
                 tokenizer_json = _keep_tokenizer(checkpoint, scratch)
@@ -85,11 +85,24 @@ def _ollama(settings: Settings, scratch: Path) -> Iterator[OllamaClient]:
             yield client
 
 
-def _fetch_checkpoint(settings: Settings, scratch: Path) -> hub.Checkpoint:
+def _fetch_checkpoint(settings: Settings, scratch: Path, client: OllamaClient) -> hub.Checkpoint:
+    """Check the checkpoint and that the whole run fits on disk, then download it."""
     if settings.model_path:
         github.log(f"Using the local checkpoint in {settings.model_path}")
-        return hub.local(settings.model_path)
-    return hub.download(settings.hf_repo, settings.hf_revision, settings.hf_token, scratch / "checkpoint")
+        checkpoint, size = hub.local(settings.model_path)
+    else:
+        remote = hub.inspect(settings.hf_repo, settings.hf_revision, settings.hf_token)
+        size = sum(remote.sizes.values())
+    if settings.disk_check:
+        phases = disk.estimate(size, settings.quantizations, _intermediate_type(settings.quantizations),
+                               downloaded=not settings.model_path)
+        folders = {"work": scratch, "outputs": settings.output_dir}
+        if client.models_dir is not None:
+            folders["ollama"] = client.models_dir
+        disk.check(phases, folders)
+    if settings.model_path:
+        return checkpoint
+    return hub.download(remote, settings.hf_token, scratch / "checkpoint")
 
 
 def _describe_model(settings: Settings, checkpoint: hub.Checkpoint, info: modelfile.TokenizerInfo,
@@ -116,16 +129,19 @@ def _gguf_path(settings: Settings, quantization: str) -> Path:
     return settings.output_dir / f"{settings.model_name.model}-{quantize.tag_suffix(quantization)}.gguf"
 
 
+def _intermediate_type(quants: tuple[str, ...]) -> str:
+    """Convert straight to the one type asked for when the converter writes it; else to a 16/32-bit
+    intermediate that every quantization reads."""
+    if len(quants) == 1 and quants[0] in quantize.CONVERTER_TYPES:
+        return quants[0]
+    return next((t for t in ("F32", "BF16") if t in quants), "F16")
+
+
 def _build_ggufs(settings: Settings, checkpoint: hub.Checkpoint, scratch: Path) -> dict[str, Path]:
     """Convert once, quantize to each requested type, and delete what is consumed as soon as it is."""
     quants = settings.quantizations
     model_label = settings.hf_repo.split("/")[-1] if settings.hf_repo else checkpoint.path.name
-    # Convert straight to the one type asked for when the converter writes it; else to a 16/32-bit
-    # intermediate that every quantization reads.
-    if len(quants) == 1 and quants[0] in quantize.CONVERTER_TYPES:
-        intermediate_type = quants[0]
-    else:
-        intermediate_type = next((t for t in ("F32", "BF16") if t in quants), "F16")
+    intermediate_type = _intermediate_type(quants)
     intermediate = scratch / f"intermediate-{intermediate_type.lower()}.gguf"
     convert.convert(checkpoint.path, intermediate, quantize.CONVERTER_TYPES[intermediate_type], model_label)
     if not settings.model_path:

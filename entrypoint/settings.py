@@ -33,6 +33,7 @@ INPUTS: dict[str, str] = {
     "insecure-registry": "false",
     "ollama-host": "",
     "output-dir": "ollama-publish-out",
+    "disk-check": "true",
 }
 SECRET_INPUTS = ("hf-token", "ollama-key")
 
@@ -72,6 +73,7 @@ class Settings:
     insecure_registry: bool
     ollama_host: str  # empty: start our own server
     output_dir: Path
+    disk_check: bool
 
     @property
     def source_label(self) -> str:
@@ -263,4 +265,5 @@ def build_settings(values: Mapping[str, str], environ: Mapping[str, str]) -> Set
         immutable_tags=frozenset(tag for _, tag in expand_tags([p for p in patterns if "{version}" in p],
                                                                tuple(quantizations), version)), ollama_key=key,
         insecure_registry=insecure, ollama_host=ollama_host.rstrip("/"), output_dir=output_dir,
+        disk_check=parse_bool("disk-check", values["disk-check"]),
     )

@@ -3,12 +3,13 @@ secret printed. The Hub and the registry are the real test servers."""
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from tests import servers
-from tests.conftest import HF_REPO, registry_tags
+from tests.conftest import HF_REPO, action_runner, registry_tags
 from tests.test_publish import make_ollama_key
 
 pytestmark = pytest.mark.servers
@@ -92,3 +93,27 @@ def test_cancelled_run_cleans_up_and_pushes_nothing(stack, run_action, tmp_path)
     with socket.socket() as s:
         assert s.connect_ex((host, int(port))) != 0, "the action's Ollama server is still running"
     assert registry_tags(stack.registry, "bad-inputs/cancelled") == []
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A 400 MB tmpfs: less than converting SmolLM2 needs (its 269 MB checkpoint plus the 16-bit GGUF)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400M", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_too_little_disk_stops_before_download(stack, small_filesystem):
+    run = action_runner(small_filesystem)({
+        "hf-repo": HF_REPO, "ollama-model": f"{stack.registry}/bad-inputs/small-disk", "insecure-registry": "true",
+        "quantizations": "Q4_K_M"}, env={"HF_ENDPOINT": stack.hub_endpoint})
+    assert run.returncode == 1
+    assert len(run.errors()) == 1
+    error = run.errors()[0]
+    assert "Not enough disk" in error and "GB free" in error and "disk-check" in error
+    assert "Fetching" not in run.stderr and not list(small_filesystem.rglob("*.safetensors"))
+    assert registry_tags(stack.registry, "bad-inputs/small-disk") == []

@@ -1,0 +1,65 @@
+"""Disk preflight: estimate the peak space the run needs on each filesystem, from the checkpoint's
+size and the requested quantizations, following the same plan as the pipeline, and stop before
+any download when it does not fit."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from .errors import PublishError
+
+# Approximate bits per weight of each type on real models (llama.cpp's reported sizes); small models
+# keep more tensors at high precision, hence the margin below.
+BITS_PER_WEIGHT = {
+    "Q4_0": 4.6, "Q4_1": 5.0, "Q5_0": 5.5, "Q5_1": 6.0, "Q2_K": 3.0, "Q2_K_S": 2.9, "Q3_K_S": 3.5, "Q3_K_M": 3.9,
+    "Q3_K_L": 4.3, "Q4_K_S": 4.6, "Q4_K_M": 4.9, "Q5_K_S": 5.5, "Q5_K_M": 5.7, "Q6_K": 6.6, "Q8_0": 8.5,
+    "IQ3_XXS": 3.1, "IQ3_XS": 3.3, "IQ3_S": 3.5, "IQ3_M": 3.7, "IQ4_NL": 4.6, "IQ4_XS": 4.3, "TQ1_0": 1.7,
+    "TQ2_0": 2.1, "MXFP4_MOE": 8.5, "F16": 16, "BF16": 16, "F32": 32,
+}
+MARGIN = 1.25
+# Checkpoints are stored in 16 bits almost always; an f32 checkpoint only makes the estimate generous.
+CHECKPOINT_BYTES_PER_WEIGHT = 2
+
+
+def estimate(checkpoint_bytes: int, quantizations: tuple[str, ...], intermediate: str,
+             downloaded: bool) -> list[dict[str, int]]:
+    """Bytes held at each phase by role: 'work' (scratch), 'outputs' (GGUFs kept) and 'ollama' (its blobs)."""
+    weights = checkpoint_bytes / CHECKPOINT_BYTES_PER_WEIGHT
+    size = {q: int(weights * BITS_PER_WEIGHT[q] / 8 * MARGIN) for q in (*quantizations, intermediate)}
+    checkpoint = checkpoint_bytes if downloaded else 0
+    quantized = sum(size[q] for q in quantizations if q != intermediate)
+    kept = sum(size[q] for q in quantizations)
+    return [
+        {"work": checkpoint + size[intermediate]},  # converting: the checkpoint and the intermediate GGUF
+        {"work": size[intermediate], "outputs": quantized},  # quantizing: the intermediate and the results
+        {"outputs": kept, "ollama": kept},  # creating: each GGUF and Ollama's copy of it
+    ]
+
+
+def _filesystem(path: Path) -> int:
+    while not path.exists():
+        path = path.parent
+    return os.stat(path).st_dev
+
+
+def check(phases: list[dict[str, int]], folders: dict[str, Path]) -> None:
+    """Raise if any filesystem has less free space than the largest phase puts on it."""
+    by_fs: dict[int, list[str]] = {}
+    for role, folder in folders.items():
+        by_fs.setdefault(_filesystem(folder), []).append(role)
+    for roles in by_fs.values():
+        need = max(sum(phase.get(role, 0) for role in roles) for phase in phases)
+        folder = folders[roles[0]]
+        while not folder.exists():
+            folder = folder.parent
+        free = shutil.disk_usage(folder).free
+        if need > free:
+            names = {"work": "the work directory", "outputs": "output-dir", "ollama": "Ollama's models directory"}
+            raise PublishError(
+                f"Not enough disk: this run needs about {need / 1e9:.2f} GB on the filesystem of {folder} "
+                f"({', '.join(names[r] for r in roles)}), which has {free / 1e9:.2f} GB free. Free space (on hosted "
+                "runners, remove preinstalled SDKs such as /usr/share/dotnet and /usr/local/lib/android), request "
+                "fewer quantizations, or set disk-check: false to try anyway.",
+                input_name="disk-check", title="Not enough disk")
