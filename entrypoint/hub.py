@@ -19,7 +19,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from . import github
+from . import github, retry
 from .errors import PublishError
 
 # What llama.cpp's converter and the Modelfile need: weights, config, tokenizer, chat template, license.
@@ -118,9 +118,14 @@ def inspect(repo: str, revision: str, token: str) -> RemoteCheckpoint:
 def download(remote: RemoteCheckpoint, token: str, destination: Path) -> Checkpoint:
     """Download only the needed files of the resolved commit."""
     api = _api(token)
-    with _hub_errors(api, remote.repo, remote.commit, token):
-        snapshot_download(remote.repo, revision=remote.commit, token=token or False, allow_patterns=list(remote.sizes),
-                          local_dir=destination, endpoint=api.endpoint, etag_timeout=TIMEOUT_S)
+
+    def fetch() -> None:  # a repeated call resumes: finished files are kept, partial ones continued
+        with _hub_errors(api, remote.repo, remote.commit, token):
+            snapshot_download(remote.repo, revision=remote.commit, token=token or False,
+                              allow_patterns=list(remote.sizes), local_dir=destination, endpoint=api.endpoint,
+                              etag_timeout=TIMEOUT_S)
+
+    retry.retrying(fetch, f"downloading {remote.repo}", retry_if=lambda exc: exc.title == "Hub unreachable")
     return Checkpoint(path=destination, commit=remote.commit, files=tuple(remote.sizes))
 
 

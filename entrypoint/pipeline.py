@@ -11,7 +11,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from . import checks, convert, disk, github, hub, modelfile, quantize, registry
+from . import checks, convert, disk, github, hub, modelfile, quantize, registry, retry
 from .errors import PublishError
 from .ollama import OllamaClient, serve
 from .settings import Settings
@@ -251,9 +251,15 @@ def _push(client: OllamaClient, settings: Settings, results: list[TagResult]) ->
                 reported[status] = step
                 github.log(f"  {status}" + (f" {step}%" if step >= 0 else ""))
 
-        client.push(result.name, settings.insecure_registry, progress)
+        # A re-push resumes: blobs the registry already has are skipped. Refusals are not retried.
+        retry.retrying(lambda: client.push(result.name, settings.insecure_registry, progress),
+                       f"pushing {result.name}", retry_if=lambda exc: not _is_refusal(exc.message))
         _verify_pushed(client, settings, result)
         result.pushed = True
+
+
+def _is_refusal(message: str) -> bool:
+    return any(word in message.lower() for word in ("unauthorized", "access denied", "401", "403", "forbidden"))
 
 
 def _verify_pushed(client: OllamaClient, settings: Settings, result: TagResult) -> None:

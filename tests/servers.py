@@ -63,19 +63,21 @@ def _running(command: list[str], log: Path, env: dict[str, str] | None = None) -
 
 
 @contextlib.contextmanager
-def registry(root: Path) -> Iterator[str]:
-    """Debian's docker-registry (CNCF distribution), no auth, deletes enabled. Yields 'host:port'."""
+def registry(root: Path, address: str = "") -> Iterator[str]:
+    """Debian's docker-registry (CNCF distribution), no auth, deletes enabled. Yields 'host:port'.
+    Started again with the same root and address, it serves what it stored before."""
     root.mkdir(parents=True, exist_ok=True)
-    address = f"127.0.0.1:{free_port()}"
+    address = address or f"127.0.0.1:{free_port()}"
     config = root / "config.yml"
     config.write_text(
         "version: 0.1\n"
         "log:\n  level: warn\n"
         f"storage:\n  filesystem:\n    rootdirectory: {root / 'data'}\n  delete:\n    enabled: true\n"
         f"http:\n  addr: {address}\n")
-    with _running([_tool("DOCKER_REGISTRY_BIN"), "serve", str(config)], root / "registry.log") as process:
+    log = root / f"registry-{time.monotonic_ns()}.log"
+    with _running([_tool("DOCKER_REGISTRY_BIN"), "serve", str(config)], log) as process:
         wait_until(lambda: requests.get(f"http://{address}/v2/", timeout=2).status_code == 200,
-                   "docker-registry", process, root / "registry.log")
+                   "docker-registry", process, log)
         yield address
 
 

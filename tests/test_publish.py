@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
+from tests import servers
 from tests.conftest import HF_REPO, action_runner, registry_manifest, registry_tags
 
 pytestmark = pytest.mark.servers
@@ -184,3 +187,37 @@ def test_rerun_is_a_no_op_and_published_versions_are_immutable(stack, run_action
     assert replaced.returncode == 0, replaced.stdout[-2000:]
     after = {m["tag"]: m["registry_digest"] for m in json.loads(replaced.outputs["models"])}
     assert set(after) == set(before) and all(after[t] != before[t] for t in before)
+
+
+def test_registry_down_during_push_is_retried(stack, run_action, tmp_path):
+    """The registry stops as the first push starts and is back two seconds later: the push is retried
+    (logged as a warning) and the release completes."""
+    root, address = tmp_path / "flaky-registry", f"127.0.0.1:{servers.free_port()}"
+    state: dict = {"server": servers.registry(root, address)}
+    state["server"].__enter__()
+
+    def stop_then_restart(line, process, env):
+        if line.startswith("pushing ") and "stopped" not in state:
+            state["stopped"] = True
+            state["server"].__exit__(None, None, None)
+
+            def restart():
+                time.sleep(2)
+                state["server"] = servers.registry(root, address)
+                state["server"].__enter__()
+
+            state["thread"] = threading.Thread(target=restart)
+            state["thread"].start()
+
+    try:
+        run = run_action({"hf-repo": HF_REPO, "ollama-model": f"{address}/test-team/retried", "quantizations": "Q8_0",
+                          "insecure-registry": "true"}, env={"HF_ENDPOINT": stack.hub_endpoint},
+                         on_line=stop_then_restart)
+    finally:
+        if "thread" in state:
+            state["thread"].join()
+        state["server"].__exit__(None, None, None)
+    assert "stopped" in state
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert "failed (attempt 1 of 3), retrying in 5 s" in run.stdout
+    assert all(m["pushed"] for m in json.loads(run.outputs["models"]))

@@ -1,0 +1,38 @@
+"""Unit tests: bounded retries."""
+
+from __future__ import annotations
+
+import pytest
+
+from entrypoint import retry
+from entrypoint.errors import PublishError
+
+
+def flaky(failures: int, message: str = "connection refused"):
+    calls = []
+
+    def action():
+        calls.append(1)
+        if len(calls) <= failures:
+            raise PublishError(message)
+        return "done"
+
+    return action, calls
+
+
+def test_retries_until_success_within_the_bound(capsys):
+    action, calls = flaky(2)
+    assert retry.retrying(action, "pushing x", retry_if=lambda e: True, delays=(0, 0)) == "done"
+    assert len(calls) == 3
+    assert capsys.readouterr().out.count("::warning::pushing x failed (attempt") == 2
+
+
+def test_gives_up_after_the_last_attempt_and_never_retries_a_refusal():
+    action, calls = flaky(5)
+    with pytest.raises(PublishError):
+        retry.retrying(action, "x", retry_if=lambda e: True, delays=(0, 0))
+    assert len(calls) == 3
+    action, calls = flaky(1, "unauthorized")
+    with pytest.raises(PublishError):
+        retry.retrying(action, "x", retry_if=lambda e: "unauthorized" not in e.message, delays=(0, 0))
+    assert len(calls) == 1
