@@ -22,6 +22,7 @@ import requests
 
 from . import github
 from .errors import PublishError
+from .process import stop
 
 DEFAULT_BIND = "127.0.0.1:11434"
 HEALTH_TIMEOUT_S = 60.0
@@ -207,13 +208,8 @@ def serve(log_path: Path, ollama_key: str = "") -> Iterator[OllamaClient]:
         github.log(f"Ollama {client.version()} is running on {bind}")
         yield client
     finally:
-        if process is not None and process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        if process is not None:
+            stop(process)
         if wrote_key:
             key_path.unlink(missing_ok=True)
             key_path.with_name("id_ed25519.pub").unlink(missing_ok=True)

@@ -33,3 +33,14 @@ def run_logged(command: Sequence[str], *, what: str) -> None:
     if code != 0:
         last = "\n".join(tail)
         raise PublishError(f"{what} exited with code {code}. Last output:\n{last}", title=f"{what} failed")
+
+
+def stop(proc: subprocess.Popen, timeout: float = 15) -> None:
+    """Ask a child process to exit (SIGTERM), and kill it if it has not within `timeout` seconds."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import requests
 
+from entrypoint.process import stop
+
 TIMEOUT_S = 60
 
 
@@ -48,18 +50,14 @@ def wait_until(check, what: str, process: subprocess.Popen, log: Path, timeout: 
 
 @contextlib.contextmanager
 def _running(command: list[str], log: Path, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen]:
+    # Run in the log's folder: some servers (olah) write files into their working directory.
     with log.open("wb") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=log.parent,
+                                   start_new_session=True)
     try:
         yield process
     finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop(process)
 
 
 @contextlib.contextmanager
