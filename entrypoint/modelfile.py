@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -31,16 +32,40 @@ class ChatFormat:
     default_system: str = ""
 
 
-# Families in templates/chat/; the catalog grows with each family we verify.
-FAMILIES = {
-    "chatml": dict(end_of_turn=("<|im_end|>",), begin_of_turn=("<|im_start|>",)),
-}
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """A catalog entry of templates/chat/catalog.toml (its comments explain the fields)."""
+    name: str
+    applies_to: str
+    end_of_turn: tuple[str, ...]
+    begin_of_turn: tuple[str, ...]
+    markers: tuple[str, ...]
+    model_types: tuple[str, ...]
+    verified_with: tuple[str, ...]
+    default_system: str
+
+    def chat_format(self) -> ChatFormat:
+        text = (TEMPLATES_DIR / "chat" / f"{self.name}.gotmpl").read_text(encoding="utf-8")
+        # Files end with a newline for editors; the template must not emit it after the last turn.
+        return ChatFormat(name=self.name, template=text.removesuffix("\n"), end_of_turn=self.end_of_turn,
+                          begin_of_turn=self.begin_of_turn, default_system=self.default_system)
+
+
+def _load_catalog() -> dict[str, Family]:
+    with open(TEMPLATES_DIR / "chat" / "catalog.toml", "rb") as file:
+        tables = tomllib.load(file)
+    return {name: Family(name=name, applies_to=t["applies_to"], end_of_turn=tuple(t["end_of_turn"]),
+                         begin_of_turn=tuple(t["begin_of_turn"]), markers=tuple(t["markers"]),
+                         model_types=tuple(t.get("model_types", ())), verified_with=tuple(t["verified_with"]),
+                         default_system=t.get("default_system", ""))
+            for name, t in tables.items()}
+
+
+FAMILIES = _load_catalog()
 
 
 def load_family(name: str) -> ChatFormat:
-    text = (TEMPLATES_DIR / "chat" / f"{name}.gotmpl").read_text()
-    # Files end with a newline for editors; the template must not emit it after the last turn.
-    return ChatFormat(name=name, template=text.removesuffix("\n"), **FAMILIES[name])
+    return FAMILIES[name].chat_format()
 
 
 @dataclasses.dataclass(frozen=True)
