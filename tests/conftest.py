@@ -26,6 +26,7 @@ ACTION_TIMEOUT_S = 900
 class Stack:
     hub_endpoint: str
     registry: str  # host:port
+    mirrors: Path  # add repositories with servers.add_model_repo(stack.mirrors, ...)
 
 
 @pytest.fixture(scope="session")
@@ -36,7 +37,7 @@ def stack(tmp_path_factory) -> Iterator[Stack]:
     root = tmp_path_factory.mktemp("stack")
     with servers.hub(root / "hub") as (endpoint, mirrors), servers.registry(root / "registry") as registry:
         servers.add_model_repo(mirrors, HF_REPO, checkpoint, tags=("v1.0.0",))
-        yield Stack(hub_endpoint=endpoint, registry=registry)
+        yield Stack(hub_endpoint=endpoint, registry=registry, mirrors=mirrors)
 
 
 @dataclasses.dataclass
