@@ -87,7 +87,7 @@ def main() -> int:
         settings = build_settings(values, environ)
         report = pipeline.run(settings, environ)
     except PublishError as exc:
-        return _fail(exc.title, exc.message)
+        return _fail(exc.title, exc.shown)
     except Exception as exc:  # a bug, not a user error: keep the traceback (scrubbed of secrets) for the report
         github.log(traceback.format_exc())
         return _fail("ollama-publish crashed", f"Unexpected {type(exc).__name__}: {exc}. Please report this "

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from . import process
 from .errors import PublishError
@@ -19,6 +21,40 @@ def find_converter() -> Path:
                            "preinstalled; when running the CLI elsewhere run scripts/bootstrap, or set "
                            "LLAMA_CPP_DIR to a llama.cpp source tree.", title="llama.cpp converter missing")
     return script
+
+
+def text_architectures(converter_package_init: str) -> frozenset[str]:
+    """The architectures the converter registers for text models: the keys of TEXT_MODEL_MAP in its
+    conversion/__init__.py (read as source: importing the converter would import torch)."""
+    for node in ast.parse(converter_package_init).body:
+        if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", "") == "TEXT_MODEL_MAP":
+            return frozenset(ast.literal_eval(node.value))
+    raise PublishError("llama.cpp's conversion/__init__.py has no TEXT_MODEL_MAP; the converter in LLAMA_CPP_DIR "
+                       "is not the version this action expects.", title="llama.cpp converter missing")
+
+
+def architecture(config: dict[str, Any]) -> str:
+    """The architecture the converter will use for a config.json (a text_config's wins, as there)."""
+    for source in (config.get("text_config") or {}, config):
+        names = source.get("architectures") or []
+        if names:
+            return str(names[0])
+    return ""
+
+
+def check_architecture(config: dict[str, Any], supported: frozenset[str], input_name: str) -> None:
+    """Refuse, before any download, a checkpoint the converter cannot convert."""
+    name = architecture(config)
+    if name not in supported:
+        what = f"architecture '{name}'" if name else "no architecture (config.json lists no 'architectures')"
+        raise PublishError(f"The checkpoint has {what}, which llama.cpp's converter does not support. Supported "
+                           f"text architectures ({len(supported)}): {', '.join(sorted(supported))}.",
+                           input_name=input_name, title="Unsupported architecture")
+
+
+def supported_architectures() -> frozenset[str]:
+    init = find_converter().parent / "conversion" / "__init__.py"
+    return text_architectures(init.read_text(encoding="utf-8"))
 
 
 def convert(checkpoint: Path, target: Path, outtype: str, model_name: str) -> None:

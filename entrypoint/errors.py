@@ -13,5 +13,12 @@ class PublishError(Exception):
         self.input_name = input_name
         self.title = title or (f"Invalid input '{input_name}'" if input_name else "ollama-publish failed")
 
+    @property
+    def shown(self) -> str:
+        """The message as the log and summary show it: it always names the input at fault."""
+        if self.input_name and self.input_name not in self.message:
+            return f"{self.message} (input: {self.input_name})"
+        return self.message
+
     def __str__(self) -> str:
         return self.message

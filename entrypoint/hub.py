@@ -5,12 +5,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fnmatch
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import requests
-from huggingface_hub import HfApi, snapshot_download
+from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 from huggingface_hub.errors import (
     GatedRepoError,
     HfHubHTTPError,
@@ -45,6 +47,10 @@ def needed(files: list[str]) -> list[str]:
 
 def check_files(files: list[str], where: str, input_name: str = "hf-repo") -> None:
     """Refuse early a repo the converter cannot use, naming what is missing."""
+    escaping = [f for f in files if Path(f).is_absolute() or ".." in Path(f).parts]
+    if escaping:  # names come from the repository: never let one point outside the download folder
+        raise PublishError(f"{where} has file names that leave the repository folder: {escaping[:3]}.",
+                           input_name=input_name, title="Unsafe file names")
     names = {Path(f).name for f in files}
     if not any(n.endswith(".safetensors") for n in names):
         pickles = sorted(n for n in names if n.endswith((".bin", ".pt", ".pth")))
@@ -100,16 +106,25 @@ def _api(token: str) -> HfApi:
     return HfApi(endpoint=os.environ.get("HF_ENDPOINT", "https://huggingface.co"), token=token or False)
 
 
+def _retry_if_unreachable(exc: PublishError) -> bool:
+    return exc.title == "Hub unreachable"
+
+
 def inspect(repo: str, revision: str, token: str) -> RemoteCheckpoint:
     """Resolve `revision` to a commit, check the repo is convertible, and size the files to download."""
     api = _api(token)
-    with _hub_errors(api, repo, revision, token):
-        info = api.model_info(repo, revision=revision, timeout=TIMEOUT_S)
-        files = [s.rfilename for s in info.siblings or []]
-        check_files(files, f"{repo}@{revision}")
-        wanted = set(needed(files))
-        sizes = {entry.path: entry.size or 0 for entry in api.list_repo_tree(repo, revision=info.sha, recursive=True)
-                 if entry.path in wanted and hasattr(entry, "size")}
+
+    def query():
+        with _hub_errors(api, repo, revision, token):
+            info = api.model_info(repo, revision=revision, timeout=TIMEOUT_S)
+            files = [s.rfilename for s in info.siblings or []]
+            check_files(files, f"{repo}@{revision}")
+            wanted = set(needed(files))
+            tree = api.list_repo_tree(repo, revision=info.sha, recursive=True)
+            return info, files, {entry.path: entry.size or 0 for entry in tree
+                                 if entry.path in wanted and hasattr(entry, "size")}
+
+    info, files, sizes = retry.retrying(query, f"querying {repo}", retry_if=_retry_if_unreachable)
     github.log(f"{repo}@{revision} is commit {info.sha}: {len(sizes)} of {len(files)} files to download, "
                f"{sum(sizes.values()) / 1e9:.2f} GB")
     return RemoteCheckpoint(repo=repo, commit=info.sha or "", sizes=sizes)
@@ -125,8 +140,27 @@ def download(remote: RemoteCheckpoint, token: str, destination: Path) -> Checkpo
                               allow_patterns=list(remote.sizes), local_dir=destination, endpoint=api.endpoint,
                               etag_timeout=TIMEOUT_S)
 
-    retry.retrying(fetch, f"downloading {remote.repo}", retry_if=lambda exc: exc.title == "Hub unreachable")
+    retry.retrying(fetch, f"downloading {remote.repo}", retry_if=_retry_if_unreachable)
     return Checkpoint(path=destination, commit=remote.commit, files=tuple(remote.sizes))
+
+
+def read_config(remote: RemoteCheckpoint, token: str, destination: Path) -> dict[str, Any]:
+    """Download config.json alone (into the folder the full download then completes) and parse it."""
+    api = _api(token)
+
+    def fetch() -> Path:
+        with _hub_errors(api, remote.repo, remote.commit, token):
+            return Path(hf_hub_download(remote.repo, "config.json", revision=remote.commit, token=token or False,
+                                        local_dir=destination, endpoint=api.endpoint, etag_timeout=TIMEOUT_S))
+
+    return read_json(retry.retrying(fetch, f"downloading {remote.repo}'s config.json", retry_if=_retry_if_unreachable))
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise PublishError(f"{path.name} in the checkpoint is not valid JSON: {exc}", title="Bad checkpoint") from exc
 
 
 def _exists(api: HfApi, repo: str) -> bool:

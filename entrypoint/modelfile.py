@@ -129,11 +129,8 @@ def choose_format(template_input: str, info: TokenizerInfo, workspace: Path) -> 
     """`template` input: 'auto' detects from the checkpoint, a family name picks one, a path loads a Go template."""
     if template_input in FAMILIES:
         return load_family(template_input)
-    if template_input != "auto":
+    if template_input != "auto":  # settings checked that the file exists
         path = workspace / template_input
-        if not path.is_file():
-            raise PublishError(f"'{template_input}' is neither 'auto', a known template ({', '.join(FAMILIES)}) "
-                               "nor a file in the workspace holding an Ollama Go template.", input_name="template")
         # A user's own template: stop on the checkpoint's EOS tokens only.
         return ChatFormat(name=f"file:{template_input}", template=path.read_text(encoding="utf-8").removesuffix("\n"),
                           end_of_turn=(), begin_of_turn=())

@@ -39,6 +39,15 @@ class OllamaClient:
     def _url(self, path: str) -> str:
         return f"{self.base_url}{path}"
 
+    def _send(self, method: str, path: str, what: str, **kwargs: Any) -> requests.Response:
+        """One HTTP call; a server that does not answer (it stopped, or timed out) becomes a PublishError."""
+        kwargs.setdefault("timeout", self.timeout)
+        try:
+            return self.session.request(method, self._url(path), **kwargs)
+        except requests.RequestException as exc:
+            raise PublishError(f"Ollama {what} failed: the server at {self.base_url} did not answer ({exc}).",
+                               title="Ollama unreachable") from exc
+
     def _check(self, response: requests.Response, what: str) -> requests.Response:
         if response.status_code >= 400:
             try:
@@ -55,33 +64,39 @@ class OllamaClient:
             return False
 
     def version(self) -> str:
-        return self._check(self.session.get(self._url("/api/version"), timeout=10), "version").json()["version"]
+        return self._check(self._send("GET", "/api/version", "version", timeout=10), "version").json()["version"]
 
     def upload_blob(self, path: Path) -> str:
         """Upload a file as a blob (streamed, skipped when the server has it); return its digest."""
         digest = "sha256:" + file_sha256(path)
-        if self.session.head(self._url(f"/api/blobs/{digest}"), timeout=30).status_code == 200:
+        if self._send("HEAD", f"/api/blobs/{digest}", "blob check", timeout=30).status_code == 200:
             github.log(f"blob {digest[:19]}… already on the server")
             return digest
         size = path.stat().st_size
         github.log(f"uploading {path.name} ({size / 1e6:.1f} MB) as {digest[:19]}…")
         with path.open("rb") as f:  # a file object is streamed with its Content-Length, not read into memory
-            response = self.session.post(self._url(f"/api/blobs/{digest}"), data=f, timeout=self.timeout)
+            response = self._send("POST", f"/api/blobs/{digest}", "blob upload", data=f)
         self._check(response, "blob upload")
         return digest
 
     def stream(self, path: str, body: dict[str, Any], what: str) -> Iterator[dict[str, Any]]:
         """POST a streaming request and yield its status lines; raise on any error line."""
-        with self.session.post(self._url(path), json={**body, "stream": True}, stream=True,
-                               timeout=self.timeout) as response:
+        with self._send("POST", path, what, json={**body, "stream": True}, stream=True) as response:
             self._check(response, what)
-            for raw in response.iter_lines():
+            for raw in self._lines(response, what):
                 if not raw:
                     continue
                 line = json.loads(raw)
                 if "error" in line:
                     raise PublishError(f"Ollama {what} failed: {line['error']}", title=f"Ollama {what} failed")
                 yield line
+
+    def _lines(self, response: requests.Response, what: str) -> Iterator[bytes]:
+        try:
+            yield from response.iter_lines()
+        except requests.RequestException as exc:  # the server went away mid-stream
+            raise PublishError(f"Ollama {what} failed: the server at {self.base_url} stopped answering ({exc}).",
+                               title="Ollama unreachable") from exc
 
     def create(self, body: dict[str, Any], quiet: bool = False) -> None:
         last = None
@@ -96,15 +111,14 @@ class OllamaClient:
 
     def chat(self, model: str, messages: list[dict[str, str]], options: dict[str, Any]) -> dict[str, Any]:
         body = {"model": model, "messages": messages, "options": options, "stream": False}
-        return self._check(self.session.post(self._url("/api/chat"), json=body, timeout=self.timeout), "chat").json()
+        return self._check(self._send("POST", "/api/chat", "chat", json=body), "chat").json()
 
     def generate(self, model: str, prompt: str, *, options: dict[str, Any]) -> dict[str, Any]:
         body = {"model": model, "prompt": prompt, "options": options, "stream": False}
-        return self._check(self.session.post(self._url("/api/generate"), json=body, timeout=self.timeout),
-                           "generate").json()
+        return self._check(self._send("POST", "/api/generate", "generate", json=body), "generate").json()
 
     def delete(self, model: str) -> None:
-        self._check(self.session.delete(self._url("/api/delete"), json={"model": model}, timeout=60), "delete")
+        self._check(self._send("DELETE", "/api/delete", "delete", json={"model": model}, timeout=60), "delete")
 
     def push(self, model: str, insecure: bool, on_progress: Callable[[dict[str, Any]], None]) -> None:
         last = None
@@ -116,7 +130,7 @@ class OllamaClient:
                                title="Ollama push failed")
 
     def list_models(self) -> list[dict[str, Any]]:
-        return self._check(self.session.get(self._url("/api/tags"), timeout=30), "list").json().get("models", [])
+        return self._check(self._send("GET", "/api/tags", "list", timeout=30), "list").json().get("models", [])
 
     def model_digest(self, model: str) -> tuple[str, int]:
         """The manifest digest and total size Ollama reports for a local model."""
@@ -206,7 +220,16 @@ def serve(log_path: Path, ollama_key: str = "") -> Iterator[OllamaClient]:
                     f"Last lines of its log:\n{_tail(log_path)}", title="Ollama server failed to start")
             time.sleep(0.2)
         github.log(f"Ollama {client.version()} is running on {bind}")
-        yield client
+        try:
+            yield client
+        except PublishError as exc:
+            if exc.title == "Ollama unreachable":  # did the server crash? It may take a moment to exit
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    process.wait(timeout=5)
+            if process.poll() is None:
+                raise
+            raise PublishError(f"{exc.message}\nThe Ollama server had exited (code {process.returncode}). Last lines "
+                               f"of its log:\n{_tail(log_path)}", title="Ollama server stopped") from exc
     finally:
         if process is not None:
             stop(process)

@@ -11,7 +11,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from . import checks, convert, disk, github, hub, modelfile, quantize, registry, retry
+from . import checks, convert, github, hub, modelfile, preflight, quantize, registry, retry
 from .errors import PublishError
 from .ollama import OllamaClient, serve
 from .settings import Settings
@@ -47,6 +47,11 @@ def run(settings: Settings, environ: Mapping[str, str]) -> Report:
         with contextlib.ExitStack() as stack:
             with github.group("1. Start Ollama"):
                 client = stack.enter_context(_ollama(settings, scratch))  # runs until the stack closes
+                if settings.push:  # an unreachable registry should fail the run now, not after an hour of work
+                    retry.retrying(lambda: registry.check_reachable(settings.model_name,
+                                                                    insecure=settings.insecure_registry),
+                                   f"reaching the registry {settings.model_name.host}",
+                                   retry_if=lambda exc: True)
             with github.group("2. Download the checkpoint"):
                 checkpoint = _fetch_checkpoint(settings, scratch, client)
                 info = modelfile.read_tokenizer_info(checkpoint.path)
@@ -86,23 +91,29 @@ def _ollama(settings: Settings, scratch: Path) -> Iterator[OllamaClient]:
 
 
 def _fetch_checkpoint(settings: Settings, scratch: Path, client: OllamaClient) -> hub.Checkpoint:
-    """Check the checkpoint and that the whole run fits on disk, then download it."""
+    """Check the checkpoint, and that the whole run fits on disk and in memory, then download it."""
+    destination = scratch / "checkpoint"
     if settings.model_path:
         github.log(f"Using the local checkpoint in {settings.model_path}")
         checkpoint, size = hub.local(settings.model_path)
+        config = hub.read_json(settings.model_path / "config.json")
     else:
         remote = hub.inspect(settings.hf_repo, settings.hf_revision, settings.hf_token)
         size = sum(remote.sizes.values())
-    if settings.disk_check:
-        phases = disk.estimate(size, settings.quantizations, _intermediate_type(settings.quantizations),
-                               downloaded=not settings.model_path)
+        config = hub.read_config(remote, settings.hf_token, destination)
+    convert.check_architecture(config, convert.supported_architectures(),
+                               input_name="model-path" if settings.model_path else "hf-repo")
+    if settings.resource_check:
+        phases = preflight.estimate(size, settings.quantizations, _intermediate_type(settings.quantizations),
+                                    downloaded=not settings.model_path)
         folders = {"work": scratch, "outputs": settings.output_dir}
         if client.models_dir is not None:
             folders["ollama"] = client.models_dir
-        disk.check(phases, folders)
+        preflight.check_disk(phases, folders)
+        preflight.check_memory(size, settings.quantizations)
     if settings.model_path:
         return checkpoint
-    return hub.download(remote, settings.hf_token, scratch / "checkpoint")
+    return hub.download(remote, settings.hf_token, destination)
 
 
 def _describe_model(settings: Settings, checkpoint: hub.Checkpoint, info: modelfile.TokenizerInfo,
@@ -253,13 +264,15 @@ def _push(client: OllamaClient, settings: Settings, results: list[TagResult]) ->
 
         # A re-push resumes: blobs the registry already has are skipped. Refusals are not retried.
         retry.retrying(lambda: client.push(result.name, settings.insecure_registry, progress),
-                       f"pushing {result.name}", retry_if=lambda exc: not _is_refusal(exc.message))
+                       f"pushing {result.name}", retry_if=_push_can_be_retried)
         _verify_pushed(client, settings, result)
         result.pushed = True
 
 
-def _is_refusal(message: str) -> bool:
-    return any(word in message.lower() for word in ("unauthorized", "access denied", "401", "403", "forbidden"))
+def _push_can_be_retried(exc: PublishError) -> bool:
+    """Network trouble between Ollama and the registry: yes. A refusal, or Ollama itself gone: no."""
+    refused = any(word in exc.message.lower() for word in ("unauthorized", "access denied", "401", "403", "forbidden"))
+    return not refused and exc.title != "Ollama unreachable"
 
 
 def _verify_pushed(client: OllamaClient, settings: Settings, result: TagResult) -> None:

@@ -59,9 +59,13 @@ def find_llama_quantize() -> str:
 
 
 def quantize(source: Path, target: Path, quantization: str) -> None:
-    """Write `target` as `quantization` of `source` (a 16/32-bit GGUF)."""
+    """Write `target` as `quantization` of `source` (a 16/32-bit GGUF). The file appears under its
+    name only when complete, so an interrupted run never leaves a GGUF that looks finished."""
     threads = str(os.cpu_count() or 1)
-    process.run_logged(
-        [find_llama_quantize(), str(source), str(target), quantization, threads],
-        what=f"llama-quantize {quantization}",
-    )
+    partial = target.with_name(target.name + ".partial")
+    try:
+        process.run_logged([find_llama_quantize(), str(source), str(partial), quantization, threads],
+                           what=f"llama-quantize {quantization}")
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)

@@ -89,6 +89,18 @@ def registry_base_url(name: ModelName, insecure: bool) -> str:
     return f"{scheme}://{name.host}"
 
 
+def check_reachable(name: ModelName, *, insecure: bool, timeout: float = 30) -> None:
+    """Fail before any work when the registry does not answer: any HTTP answer from /v2/ (401 too)."""
+    url = f"{registry_base_url(name, insecure)}/v2/"
+    try:
+        requests.get(url, timeout=timeout)
+    except requests.RequestException as exc:
+        plain_http = "" if insecure else " For a registry served over plain HTTP, set insecure-registry: true."
+        raise PublishError(f"The registry at {url} does not answer ({type(exc).__name__}). Check the host in "
+                           f"ollama-model and that the registry is up.{plain_http}", input_name="ollama-model",
+                           title="Registry unreachable") from exc
+
+
 def fetch_manifest(name: ModelName, tag: str, *, insecure: bool, timeout: float = 30) -> tuple[str, dict] | None:
     """Read a tag's manifest from the registry: (digest, manifest), or None if the tag is absent."""
     url = f"{registry_base_url(name, insecure)}/v2/{name.namespace}/{name.model}/manifests/{tag}"

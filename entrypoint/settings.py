@@ -8,7 +8,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
-from . import quantize, registry
+from . import modelfile, quantize, registry
 from .errors import PublishError
 from .registry import ModelName
 
@@ -33,7 +33,7 @@ INPUTS: dict[str, str] = {
     "insecure-registry": "false",
     "ollama-host": "",
     "output-dir": "ollama-publish-out",
-    "disk-check": "true",
+    "resource-check": "true",
 }
 SECRET_INPUTS = ("hf-token", "ollama-key")
 
@@ -73,7 +73,7 @@ class Settings:
     insecure_registry: bool
     ollama_host: str  # empty: start our own server
     output_dir: Path
-    disk_check: bool
+    resource_check: bool
 
     @property
     def source_label(self) -> str:
@@ -161,11 +161,12 @@ def release_version(environ: Mapping[str, str]) -> str:
 
 
 def expand_tags(patterns: list[str], quantizations: tuple[str, ...], version: str) -> tuple[tuple[str, str], ...]:
-    """(quantization, tag) pairs in pattern order. A pattern with {quant} applies to every quantization,
-    one without it to the first quantization only (the release's default)."""
+    """(quantization, tag) pairs in push order. A pattern with {quant} applies to every quantization,
+    one without it to the first quantization only (the release's default). Tags naming a quantization
+    come first and aliases (bare version, latest) last, so an alias never points at a tag not yet pushed."""
     result: list[tuple[str, str]] = []
     seen: set[str] = set()
-    for pattern in patterns:
+    for pattern in sorted(patterns, key=lambda p: "{quant}" not in p):
         if "{version}" in pattern and not version:
             raise PublishError(
                 f"Tag pattern '{pattern}' uses {{version}} but there is no version: set the 'version' input "
@@ -251,6 +252,12 @@ def build_settings(values: Mapping[str, str], environ: Mapping[str, str]) -> Set
             "ollama.com account (see README, 'Ollama key'). Or set push: false to only build and test.",
             input_name="ollama-key")
 
+    template = values["template"].strip() or "auto"
+    if template != "auto" and template not in modelfile.FAMILIES and not (workspace / template).is_file():
+        raise PublishError(f"template '{template}' is neither 'auto', a catalog template "
+                           f"({', '.join(modelfile.FAMILIES)}), nor a file in the workspace holding an Ollama Go "
+                           "template.", input_name="template")
+
     output_dir = (workspace / values["output-dir"].strip()).resolve()
     if not output_dir.is_relative_to(workspace.resolve()):
         # Outside the workspace the paths in the outputs would not exist for later steps on the runner.
@@ -258,12 +265,12 @@ def build_settings(values: Mapping[str, str], environ: Mapping[str, str]) -> Set
                            "such as 'ollama-publish-out'.", input_name="output-dir")
     return Settings(
         hf_repo=hf_repo, hf_revision=revision, hf_token=values["hf-token"].strip(), model_path=model_path,
-        model_name=model_name, quantizations=tuple(quantizations), tags=tags, template=values["template"].strip(),
+        model_name=model_name, quantizations=tuple(quantizations), tags=tags, template=template,
         system=values["system"], parameters=parse_parameters(values["parameters"]),
         smoke_test_prompt=values["smoke-test-prompt"].strip(), parity_is_fatal=parity == "fail", push=push,
         overwrite=parse_bool("overwrite", values["overwrite"]),
         immutable_tags=frozenset(tag for _, tag in expand_tags([p for p in patterns if "{version}" in p],
                                                                tuple(quantizations), version)), ollama_key=key,
         insecure_registry=insecure, ollama_host=ollama_host.rstrip("/"), output_dir=output_dir,
-        disk_check=parse_bool("disk-check", values["disk-check"]),
+        resource_check=parse_bool("resource-check", values["resource-check"]),
     )

@@ -134,3 +134,12 @@ def registry_manifest(registry: str, repository: str, tag: str) -> tuple[str, di
                             headers={"Accept": "application/vnd.docker.distribution.manifest.v2+json"})
     response.raise_for_status()
     return response.headers["Docker-Content-Digest"], json.loads(response.content)
+
+
+def pytest_terminal_summary(terminalreporter):
+    from tests import fault_report  # imported here: it imports this module
+
+    if any(fault_report.COUNTS.values()):
+        terminalreporter.write_sep("-", "failure modes: what the tests proved")
+        for line in fault_report.lines():
+            terminalreporter.write_line(line)

@@ -96,11 +96,13 @@ def add_model_repo(mirrors: Path, repo_id: str, checkpoint: Path, tags: tuple[st
 
 
 @contextlib.contextmanager
-def hub(root: Path) -> Iterator[tuple[str, Path]]:
-    """olah in offline mode serving git repos under root/mirrors. Yields (endpoint URL, mirrors dir)."""
+def hub(root: Path, port: int = 0) -> Iterator[tuple[str, Path]]:
+    """olah in offline mode serving git repos under root/mirrors. Yields (endpoint URL, mirrors dir).
+    Repos under private-org/ answer 401 RepoNotFound, as the Hub answers anonymous requests for a private
+    repo. Started again with the same root and port, it serves the same repos."""
     mirrors = root / "mirrors"
     mirrors.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     config = root / "olah.toml"
     config.write_text(
         "[basic]\n"
@@ -108,12 +110,15 @@ def hub(root: Path) -> Iterator[tuple[str, Path]]:
         f'repos-path = "{root / "repos"}"\n'
         f'mirrors-path = ["{mirrors}"]\n'
         f'mirror-netloc = "127.0.0.1:{port}"\nmirror-lfs-netloc = "127.0.0.1:{port}"\n'
-        "[accessibility]\noffline = true\n")
+        "[accessibility]\noffline = true\n"
+        + "".join(f'[[accessibility.proxy]]\nrepo = "{pattern}"\nallow = {allow}\n'
+                  for pattern, allow in (("*", "true"), ("*/*", "true"), ("private-org/*", "false"))))
     endpoint = f"http://127.0.0.1:{port}"
-    with _running([_tool("OLAH_CLI"), "-c", str(config)], root / "olah.log") as process:
+    log = root / f"olah-{time.monotonic_ns()}.log"
+    with _running([_tool("OLAH_CLI"), "-c", str(config)], log) as process:
         # Any HTTP answer means it is up (its index page itself fails to render with current jinja2).
         wait_until(lambda: requests.get(f"{endpoint}/api/models/none/none", timeout=2) is not None, "olah", process,
-                   root / "olah.log")
+                   log)
         yield endpoint, mirrors
 
 

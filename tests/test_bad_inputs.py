@@ -3,45 +3,91 @@ secret printed. The Hub and the registry are the real test servers."""
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import signal
+import socket
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests import servers
+from entrypoint.quantize import tag_suffix
+from tests import fault_report, servers
 from tests.conftest import HF_REPO, action_runner, registry_tags
 from tests.test_publish import make_ollama_key
 
 pytestmark = pytest.mark.servers
 TOKEN = "hf_BadInputCaseTokenNeverPrinted987654321"
 
+# name: (inputs changed, environment changed, the input or cause the error names, a phrase of it).
+# {registry} is the test registry, {free} a port nobody listens on, {busy} one that is taken.
 CASES = {
-    "missing hf-repo": ({"hf-repo": ""}, "hf-repo", "hf-repo is required"),
-    "malformed ollama-model": ({"ollama-model": "{registry}/Team/SmolLM2"}, "ollama-model", "lower-case"),
-    "ollama-model with a tag": ({"ollama-model": "{registry}/team/smol:1.0"}, "ollama-model", "without ':tag'"),
-    "unknown quantization": ({"quantizations": "Q4_K_M, Q3_K_XL"}, "quantizations", "Unknown quantization 'Q3_K_XL'"),
-    "push to ollama.com without key": ({"ollama-model": "someone/smollm2"}, "ollama-key", "needs ollama-key"),
-    "malformed key": ({"ollama-key": "not a key"}, "ollama-key", "not an OpenSSH private key"),
-    "unknown revision": ({"hf-revision": "v9.9.9"}, "hf-revision", "no branch, tag or commit 'v9.9.9'"),
-    "missing repo": ({"hf-repo": "test-org/no-such-model"}, "hf-repo", "was not found"),
+    "missing hf-repo": ({"hf-repo": ""}, {}, "hf-repo", "hf-repo is required"),
+    "invalid hf-repo": ({"hf-repo": "not a/repo id"}, {}, "hf-repo", "not a Hugging Face repo id"),
+    "missing repo": ({"hf-repo": "test-org/no-such-model"}, {}, "hf-repo", "was not found"),
+    "unknown revision": ({"hf-revision": "v9.9.9"}, {}, "hf-revision", "no branch, tag or commit 'v9.9.9'"),
+    "private repo without token": ({"hf-repo": "private-org/smollm2", "hf-token": ""}, {}, "hf-repo",
+                                   "it is private and hf-token is not set"),
+    "ollama-model in upper case": ({"ollama-model": "{registry}/Team/SmolLM2"}, {}, "ollama-model", "lower-case"),
+    "ollama-model without namespace": ({"ollama-model": "smollm2"}, {}, "ollama-model", "namespace/model"),
+    "ollama-model with bad characters": ({"ollama-model": "{registry}/team/smol lm!"}, {}, "ollama-model",
+                                         "only lower-case letters"),
+    "ollama-model with a tag": ({"ollama-model": "{registry}/team/smol:1.0"}, {}, "ollama-model", "without ':tag'"),
+    "unknown quantization": ({"quantizations": "Q4_K_M, Q3_K_XL"}, {}, "quantizations",
+                             "Unknown quantization 'Q3_K_XL'"),
+    "unknown template name": ({"template": "llama9"}, {}, "template", "neither 'auto', a catalog template"),
+    "push to ollama.com without key": ({"ollama-model": "someone/smollm2"}, {}, "ollama-key", "needs ollama-key"),
+    "malformed key": ({"ollama-key": "not a key"}, {}, "ollama-key", "not an OpenSSH private key"),
+    "registry unreachable": ({"ollama-model": "127.0.0.1:{free}/team/smollm2"}, {}, "ollama-model",
+                             "does not answer"),
+    "Ollama port already taken": ({}, {"OLLAMA_HOST": "127.0.0.1:{busy}"}, "ollama-host", "already listens on"),
+    "repo without weights": ({"hf-repo": "test-org/no-weights"}, {}, "hf-repo", "has no *.safetensors weights"),
+    "unsupported architecture": ({"hf-repo": "test-org/unknown-architecture"}, {}, "hf-repo",
+                                 "architecture 'FrobnicatorForCausalLM', which llama.cpp's converter does not"),
 }
 
 
+@pytest.fixture(scope="module")
+def bad_repos(stack, tmp_path_factory):
+    """Hub repos that are wrong in one way each (real files, real Hub server)."""
+    checkpoint = Path(os.environ["SMOLLM2_CHECKPOINT"])
+    folder = tmp_path_factory.mktemp("bad-repos")
+    no_weights = folder / "no-weights"
+    no_weights.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(checkpoint / name, no_weights / name)
+    servers.add_model_repo(stack.mirrors, "test-org/no-weights", no_weights)
+    unknown = folder / "unknown-architecture"
+    shutil.copytree(checkpoint, unknown)
+    config = json.loads((unknown / "config.json").read_text())
+    (unknown / "config.json").write_text(json.dumps({**config, "architectures": ["FrobnicatorForCausalLM"]}))
+    servers.add_model_repo(stack.mirrors, "test-org/unknown-architecture", unknown)
+    servers.add_model_repo(stack.mirrors, "private-org/smollm2", checkpoint)
+
+
 @pytest.mark.parametrize("case", CASES)
-def test_bad_input(case, stack, run_action):
-    changes, input_name, phrase = CASES[case]
-    inputs = {"hf-repo": HF_REPO, "hf-token": TOKEN, "ollama-model": f"{stack.registry}/bad-inputs/smollm2",
-              "insecure-registry": "true", "quantizations": "Q8_0"}
-    inputs.update({k: v.format(registry=stack.registry) for k, v in changes.items()})
-    run = run_action(inputs, env={"HF_ENDPOINT": stack.hub_endpoint})
+def test_bad_input(case, stack, bad_repos, run_action):
+    changes, env_changes, input_name, phrase = CASES[case]
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        ports = {"registry": stack.registry, "free": servers.free_port(), "busy": busy.getsockname()[1]}
+        inputs = {"hf-repo": HF_REPO, "hf-token": TOKEN, "ollama-model": f"{stack.registry}/bad-inputs/smollm2",
+                  "insecure-registry": "true", "quantizations": "Q8_0"}
+        inputs.update({k: v.format(**ports) for k, v in changes.items()})
+        env = {"HF_ENDPOINT": stack.hub_endpoint, **{k: v.format(**ports) for k, v in env_changes.items()}}
+        run = run_action(inputs, env=env)
     assert run.returncode == 1
     assert len(run.errors()) == 1, run.stdout
-    assert input_name in run.errors()[0] and phrase in run.errors()[0]
-    assert "3. Convert" not in run.stdout  # failed before any conversion
+    assert input_name in run.errors()[0] and phrase in run.errors()[0], run.errors()[0]
+    assert "Fetching" not in run.stderr and "3. Convert" not in run.stdout  # failed before any download
     assert registry_tags(stack.registry, "bad-inputs/smollm2") == []
     shown = [l for l in run.stdout.splitlines() if not l.startswith("::add-mask::")]
     assert TOKEN not in "\n".join(shown) + run.stderr + run.summary + run.outputs_text
     assert run.outputs == {}
+    fault_report.bad_input_refused()
 
 
 def test_unreachable_hub_fails_clearly_and_removes_the_key(stack, run_action, tmp_path):
@@ -58,27 +104,29 @@ def test_unreachable_hub_fails_clearly_and_removes_the_key(stack, run_action, tm
     assert body not in "\n".join(l for l in run.stdout.splitlines() if not l.startswith("::add-mask::"))
 
 
-def test_cancelled_run_cleans_up_and_pushes_nothing(stack, run_action, tmp_path):
-    """GitHub cancels a job with SIGTERM: mid-conversion, the run must stop its tools and server, remove
-    the key and its scratch folder, and push nothing."""
-    import signal
-    import socket
-
+@pytest.mark.parametrize("tool, quantizations", [("convert_hf_to_gguf.py", "Q8_0"), ("llama-quantize", "Q4_K_M")])
+def test_cancelled_run_cleans_up_and_pushes_nothing(stack, run_action, tmp_path, tool, quantizations):
+    """GitHub cancels a job with SIGTERM: mid-conversion or mid-quantization, the run must stop its
+    tools and server, remove the key and its scratch folder, leave no GGUF that looks finished, and
+    push nothing."""
     key = make_ollama_key(tmp_path)
     seen: dict = {}
 
-    def cancel_during_conversion(line, process, env):
-        if line.startswith("$ ") and "convert_hf_to_gguf.py" in line and not seen:
+    def cancel_during_tool(line, process, env):
+        if line.startswith("$ ") and tool in line and not seen:
             seen["bind"] = env["OLLAMA_HOST"]
             process.send_signal(signal.SIGTERM)
+            fault_report.fault_injected()
 
-    run = run_action({"hf-repo": HF_REPO, "ollama-model": f"{stack.registry}/bad-inputs/cancelled",
-                      "insecure-registry": "true", "ollama-key": key, "quantizations": "Q8_0"},
-                     env={"HF_ENDPOINT": stack.hub_endpoint}, on_line=cancel_during_conversion)
-    assert seen, "the conversion never started"
+    repository = f"bad-inputs/cancelled-{quantizations.lower()}"
+    run = run_action({"hf-repo": HF_REPO, "ollama-model": f"{stack.registry}/{repository}",
+                      "insecure-registry": "true", "ollama-key": key, "quantizations": quantizations},
+                     env={"HF_ENDPOINT": stack.hub_endpoint}, on_line=cancel_during_tool)
+    assert seen, f"{tool} never started"
     assert run.returncode == 128 + signal.SIGTERM
     assert not (run.home / ".ollama" / "id_ed25519").exists()
     assert list(run.runner_temp.glob("ollama-publish-*")) == []
+    assert list((run.workspace / "ollama-publish-out").glob("*.gguf*")) == []
     # No process may still name the scratch folder under RUNNER_TEMP (an orphaned converter usually dies
     # of a broken pipe anyway, so this catches only tools that linger silently).
     leftovers = []
@@ -92,7 +140,8 @@ def test_cancelled_run_cleans_up_and_pushes_nothing(stack, run_action, tmp_path)
     host, port = seen["bind"].rsplit(":", 1)
     with socket.socket() as s:
         assert s.connect_ex((host, int(port))) != 0, "the action's Ollama server is still running"
-    assert registry_tags(stack.registry, "bad-inputs/cancelled") == []
+    release = {f"1.0.0-{tag_suffix(quantizations)}", "1.0.0", "latest"}
+    assert fault_report.assert_all_or_nothing(stack.registry, repository, release) == set()
 
 
 @pytest.fixture
@@ -114,6 +163,7 @@ def test_too_little_disk_stops_before_download(stack, small_filesystem):
     assert run.returncode == 1
     assert len(run.errors()) == 1
     error = run.errors()[0]
-    assert "Not enough disk" in error and "GB free" in error and "disk-check" in error
+    assert "Not enough disk" in error and "GB free" in error and "resource-check" in error
     assert "Fetching" not in run.stderr and not list(small_filesystem.rglob("*.safetensors"))
     assert registry_tags(stack.registry, "bad-inputs/small-disk") == []
+    fault_report.bad_input_refused()

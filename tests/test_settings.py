@@ -41,7 +41,8 @@ def test_branch_runs_get_unversioned_tags(tmp_path):
 
 def test_custom_tag_patterns(tmp_path):
     settings = build(tmp_path, **{"hf-repo": "a/b", "ollama-model": "me/m", "push": "false", "version": "2.0",
-                                  "quantizations": "Q5_K_M", "tags": "{version}-instruct-{quant}\nstable"})
+                                  "quantizations": "Q5_K_M", "tags": "stable\n{version}-instruct-{quant}"})
+    # Aliases are pushed last, whatever the order the patterns were given in.
     assert settings.tags == (("Q5_K_M", "2.0-instruct-q5_K_M"), ("Q5_K_M", "stable"))
 
 
@@ -58,6 +59,7 @@ def test_custom_tag_patterns(tmp_path):
     ({"hf-repo": "a/b", "ollama-model": "me/m"}, "ollama-key", "ollama.com needs ollama-key"),
     ({"hf-repo": "a/b", "ollama-model": "me/m", "ollama-key": "ssh-ed25519 AAAA"}, "ollama-key", "OpenSSH private key"),
     ({"hf-repo": "a/b", "ollama-model": "me/m", "push": "maybe"}, "push", "boolean"),
+    ({"hf-repo": "a/b", "ollama-model": "me/m", "push": "false", "template": "llama9"}, "template", "catalog template"),
     ({"hf-repo": "a/b", "ollama-model": "me/m", "push": "false", "parameters": "temprature 0.1"}, "parameters",
      "Unknown parameter"),
     ({"hf-repo": "a/b", "ollama-model": "me/m", "push": "false", "parameters": "num_ctx big"}, "parameters", "int"),

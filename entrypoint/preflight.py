@@ -1,6 +1,6 @@
-"""Disk preflight: estimate the peak space the run needs on each filesystem, from the checkpoint's
-size and the requested quantizations, following the same plan as the pipeline, and stop before
-any download when it does not fit."""
+"""Preflight: estimate the peak disk the run needs on each filesystem and the memory its checks
+need, from the checkpoint's size and the requested quantizations (following the same plan as the
+pipeline), and stop before any download when either does not fit."""
 
 from __future__ import annotations
 
@@ -23,11 +23,14 @@ MARGIN = 1.25
 CHECKPOINT_BYTES_PER_WEIGHT = 2
 
 
+def quantized_bytes(checkpoint_bytes: int, quantization: str) -> int:
+    return int(checkpoint_bytes / CHECKPOINT_BYTES_PER_WEIGHT * BITS_PER_WEIGHT[quantization] / 8 * MARGIN)
+
+
 def estimate(checkpoint_bytes: int, quantizations: tuple[str, ...], intermediate: str,
              downloaded: bool) -> list[dict[str, int]]:
     """Bytes held at each phase by role: 'work' (scratch), 'outputs' (GGUFs kept) and 'ollama' (its blobs)."""
-    weights = checkpoint_bytes / CHECKPOINT_BYTES_PER_WEIGHT
-    size = {q: int(weights * BITS_PER_WEIGHT[q] / 8 * MARGIN) for q in (*quantizations, intermediate)}
+    size = {q: quantized_bytes(checkpoint_bytes, q) for q in (*quantizations, intermediate)}
     checkpoint = checkpoint_bytes if downloaded else 0
     quantized = sum(size[q] for q in quantizations if q != intermediate)
     kept = sum(size[q] for q in quantizations)
@@ -44,7 +47,7 @@ def _filesystem(path: Path) -> int:
     return os.stat(path).st_dev
 
 
-def check(phases: list[dict[str, int]], folders: dict[str, Path]) -> None:
+def check_disk(phases: list[dict[str, int]], folders: dict[str, Path]) -> None:
     """Raise if any filesystem has less free space than the largest phase puts on it."""
     by_fs: dict[int, list[str]] = {}
     for role, folder in folders.items():
@@ -61,5 +64,40 @@ def check(phases: list[dict[str, int]], folders: dict[str, Path]) -> None:
                 f"Not enough disk: this run needs about {need / 1e9:.2f} GB on the filesystem of {folder} "
                 f"({', '.join(names[r] for r in roles)}), which has {free / 1e9:.2f} GB free. Free space (on hosted "
                 "runners, remove preinstalled SDKs such as /usr/share/dotnet and /usr/local/lib/android), request "
-                "fewer quantizations, or set disk-check: false to try anyway.",
-                input_name="disk-check", title="Not enough disk")
+                "fewer quantizations, or set resource-check: false to try anyway.",
+                input_name="resource-check", title="Not enough disk")
+
+
+# Loading a model for the smoke test and parity check holds its weights plus the KV cache and
+# runtime buffers at Ollama's default context; 1 GB covers those for models up to ~10B parameters.
+RUNTIME_BYTES = 10**9
+
+
+def available_memory(meminfo: str, cgroup_max: str = "max", cgroup_current: str = "0") -> int:
+    """Bytes a new process can use: MemAvailable, capped by a cgroup (container) limit when one is set."""
+    available = next(int(line.split()[1]) * 1024 for line in meminfo.splitlines() if line.startswith("MemAvailable:"))
+    if cgroup_max.strip() != "max":
+        available = min(available, int(cgroup_max) - int(cgroup_current))
+    return available
+
+
+def _read(path: str, default: str) -> str:
+    try:
+        with open(path, encoding="ascii") as file:
+            return file.read()
+    except OSError:
+        return default
+
+
+def check_memory(checkpoint_bytes: int, quantizations: tuple[str, ...]) -> None:
+    """Raise if the largest quantization cannot be loaded for its checks (converting and quantizing
+    stream tensors and need far less)."""
+    largest = max(quantizations, key=lambda q: BITS_PER_WEIGHT[q])
+    need = quantized_bytes(checkpoint_bytes, largest) + RUNTIME_BYTES
+    free = available_memory(_read("/proc/meminfo", "MemAvailable: 0 kB"), _read("/sys/fs/cgroup/memory.max", "max"),
+                            _read("/sys/fs/cgroup/memory.current", "0"))
+    if need > free:
+        raise PublishError(
+            f"Not enough memory: checking the {largest} model needs about {need / 1e9:.2f} GB of RAM, and "
+            f"{free / 1e9:.2f} GB is available. Use a runner with more memory, drop {largest} from quantizations, "
+            "or set resource-check: false to try anyway.", input_name="resource-check", title="Not enough memory")

@@ -1,0 +1,37 @@
+"""What the failure-mode tests proved, printed at the end of the test session (conftest's
+pytest_terminal_summary): bad inputs tried, faults injected, runs that recovered, and checks that
+the registry held the whole release or nothing of it. Counted only when a test reaches that point,
+that is after its assertions passed."""
+
+from __future__ import annotations
+
+import collections
+
+from tests.conftest import registry_tags
+
+COUNTS: collections.Counter[str] = collections.Counter()
+ORDER = ("bad inputs tried", "faults injected", "runs recovered", "nothing-lost checks passed")
+
+
+def bad_input_refused() -> None:
+    COUNTS["bad inputs tried"] += 1
+
+
+def fault_injected() -> None:
+    COUNTS["faults injected"] += 1
+
+
+def run_recovered() -> None:
+    COUNTS["runs recovered"] += 1
+
+
+def assert_all_or_nothing(registry: str, repository: str, release_tags: set[str]) -> set[str]:
+    """The registry holds every tag of the release or none of them. Returns the tags present."""
+    present = set(registry_tags(registry, repository))
+    assert present in (set(), release_tags), f"{repository} holds part of the release: {sorted(present)}"
+    COUNTS["nothing-lost checks passed"] += 1
+    return present
+
+
+def lines() -> list[str]:
+    return [f"{name}: {COUNTS[name]}" for name in ORDER]

@@ -1,0 +1,53 @@
+"""Unit tests: the architecture check that refuses unconvertible checkpoints before any download."""
+
+from __future__ import annotations
+
+import pytest
+
+from entrypoint import convert, hub
+from entrypoint.errors import PublishError
+
+INIT = '''
+from .base import ModelBase
+TEXT_MODEL_MAP: dict[str, str] = {
+    "LlamaForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen",
+}
+MMPROJ_MODEL_MAP: dict[str, str] = {"LlavaForConditionalGeneration": "llava"}
+'''
+
+
+def test_text_architectures_are_read_from_the_converter_source():
+    assert convert.text_architectures(INIT) == {"LlamaForCausalLM", "Qwen2ForCausalLM"}
+
+
+def test_the_installed_converter_knows_common_architectures():
+    supported = convert.supported_architectures()
+    assert {"LlamaForCausalLM", "Qwen2ForCausalLM", "Gemma2ForCausalLM", "MistralForCausalLM"} <= supported
+    assert len(supported) > 100
+
+
+def test_architecture_prefers_the_text_config():
+    assert convert.architecture({"architectures": ["LlamaForCausalLM"]}) == "LlamaForCausalLM"
+    assert convert.architecture({"architectures": ["X"], "text_config": {"architectures": ["Y"]}}) == "Y"
+    assert convert.architecture({}) == ""
+
+
+@pytest.mark.parametrize("config, phrase", [
+    ({"architectures": ["FrobnicatorForCausalLM"]}, "architecture 'FrobnicatorForCausalLM'"),
+    ({"model_type": "llama"}, "no architecture"),
+])
+def test_unsupported_architecture_is_refused_with_the_supported_list(config, phrase):
+    supported = convert.text_architectures(INIT)
+    with pytest.raises(PublishError) as caught:
+        convert.check_architecture(config, supported, input_name="hf-repo")
+    assert caught.value.input_name == "hf-repo"
+    assert phrase in caught.value.message and "LlamaForCausalLM, Qwen2ForCausalLM" in caught.value.message
+    convert.check_architecture({"architectures": ["LlamaForCausalLM"]}, supported, input_name="hf-repo")
+
+
+@pytest.mark.parametrize("name", ["../outside.safetensors", "/etc/passwd", "sub/../../x.json"])
+def test_repository_file_names_may_not_leave_the_download_folder(name):
+    with pytest.raises(PublishError) as caught:
+        hub.check_files(["model.safetensors", "config.json", "tokenizer.json", name], "a/b@main")
+    assert "leave the repository folder" in caught.value.message

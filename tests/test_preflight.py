@@ -1,0 +1,48 @@
+"""Unit tests: the disk and memory preflight follows the pipeline's plan."""
+
+from __future__ import annotations
+
+import pytest
+
+from entrypoint import preflight
+from entrypoint.errors import PublishError
+
+GB = 10**9
+
+
+def test_peak_phases_for_a_16_bit_8b_checkpoint():
+    phases = preflight.estimate(16 * GB, ("Q4_K_M", "Q8_0"), "F16", downloaded=True)
+    work, quantizing, creating = phases
+    assert work["work"] == 16 * GB + int(8e9 * 2 * 1.25)  # checkpoint + f16 intermediate
+    assert quantizing["outputs"] == int(8e9 * 4.9 / 8 * 1.25) + int(8e9 * 8.5 / 8 * 1.25)
+    assert creating["ollama"] == creating["outputs"] == quantizing["outputs"]
+
+
+def test_a_local_checkpoint_is_not_counted_and_a_direct_conversion_keeps_its_output():
+    (converting, quantizing, creating) = preflight.estimate(2 * GB, ("Q8_0",), "Q8_0", downloaded=False)
+    assert converting["work"] == int(1e9 * 8.5 / 8 * 1.25)
+    assert quantizing["outputs"] == 0 and creating["outputs"] == int(1e9 * 8.5 / 8 * 1.25)
+
+
+def test_check_names_the_need_and_the_free_space(tmp_path):
+    phases = [{"work": 10**18}]
+    with pytest.raises(PublishError) as caught:
+        preflight.check_disk(phases, {"work": tmp_path / "not-yet", "outputs": tmp_path})
+    assert caught.value.input_name == "resource-check"
+    assert "GB free" in caught.value.message and "the work directory, output-dir" in caught.value.message
+    preflight.check_disk([{"work": 1}], {"work": tmp_path})
+
+
+def test_available_memory_is_capped_by_a_container_limit():
+    meminfo = "MemTotal: 16000000 kB\nMemFree: 1000 kB\nMemAvailable: 8000000 kB\n"
+    assert preflight.available_memory(meminfo) == 8000000 * 1024
+    assert preflight.available_memory(meminfo, "4000000000\n", "1000000000\n") == 3 * GB
+
+
+def test_memory_check_names_the_largest_quantization(monkeypatch):
+    # 10**15 bytes of checkpoint: no machine has the memory to load its Q8_0.
+    with pytest.raises(PublishError) as caught:
+        preflight.check_memory(10**15, ("Q4_K_M", "Q8_0"))
+    assert caught.value.input_name == "resource-check"
+    assert "checking the Q8_0 model needs about" in caught.value.message and "GB is available" in caught.value.message
+    preflight.check_memory(10**6, ("Q4_K_M",))  # a tiny model fits anywhere
