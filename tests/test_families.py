@@ -1,0 +1,91 @@
+"""End to end for three chat families, against real servers: a ChatML model (Qwen2), a Llama 3 model and
+a Gemma model, each with its real tokenizer and chat template and tiny scripted weights that answer
+'Paris' and then end their turn (tests/material/scripted.py). Each is committed to the test Hub and
+published by the action with its defaults: derived template, prompt parity, smoke test, push."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from entrypoint.checks import CONVERSATIONS
+from tests import servers
+from tests.conftest import action_runner, registry_tags
+from tests.material import scripted
+
+pytestmark = pytest.mark.servers
+RELEASE_TAGS = {"1.0.0-q8_0", "1.0.0", "latest"}  # v1.0.0, Q8_0, default tag patterns
+
+
+@pytest.fixture(scope="module", params=sorted(scripted.FAMILIES))
+def published(request, stack, tmp_path_factory):
+    """Build the family's checkpoint, commit it to the Hub at v1.0.0 and run the action on it once."""
+    family = scripted.FAMILIES[request.param]
+    folder = scripted.build(family.name, tmp_path_factory.mktemp(f"tiny-{family.name}"))
+    servers.add_model_repo(stack.mirrors, f"test-org/tiny-{family.name}", folder, tags=("v1.0.0",))
+    run = action_runner(tmp_path_factory.mktemp(f"publish-{family.name}"))({
+        "hf-repo": f"test-org/tiny-{family.name}", "hf-revision": "v1.0.0",
+        "ollama-model": f"{stack.registry}/families/{family.name}", "insecure-registry": "true",
+        "quantizations": "Q8_0",
+    }, env={"HF_ENDPOINT": stack.hub_endpoint})
+    print(run.stdout[-3000:], run.stderr[-1500:])
+    return family, run
+
+
+def _excerpt(run) -> str:
+    """The log lines a failure needs: template and stop tokens, parity, smoke test, the error (decoded)."""
+    wanted = re.compile(r"^(chat template:|prompt parity of |  .*: (same \d+ tokens|DIFFERENT)$|.*\(done_reason: )")
+    lines = [line for line in run.stdout.splitlines() if wanted.match(line)]
+    errors = [line.replace("%0A", "\n")[:2500] for line in run.errors()]
+    tail = [] if errors else run.stdout.splitlines()[-15:] + [run.stderr[-1500:]]
+    return "\n".join([f"exit code {run.returncode}", *lines, *errors, *tail])
+
+
+def test_action_succeeds(published):
+    family, run = published
+    assert run.returncode == 0 and not run.errors(), _excerpt(run)
+
+
+def test_prompt_parity_passes_for_every_conversation(published):
+    family, run = published
+    assert "prompt parity of " in run.stdout, _excerpt(run)
+    for label in CONVERSATIONS:
+        assert re.search(rf"^  {re.escape(label)}: same \d+ tokens$", run.stdout, re.MULTILINE), \
+            f"{family.name}: no parity for '{label}'\n" + _excerpt(run)
+    assert "DIFFERENT" not in run.stdout and "Prompt parity failed" not in run.stdout
+
+
+def test_smoke_test_answers_the_scripted_word_and_stops(published):
+    family, run = published
+    models = json.loads(run.outputs.get("models") or "[]")
+    assert {m["tag"] for m in models} == RELEASE_TAGS, _excerpt(run)
+    assert all(m["answer"] == family.answer for m in models), models
+    for model in models:
+        assert f"{model['name']}: {family.answer!r} (done_reason: stop)" in run.stdout, _excerpt(run)
+    assert "did not stop by itself" not in run.stdout
+
+
+def test_every_tag_is_in_the_registry(published, stack):
+    family, run = published
+    models = json.loads(run.outputs.get("models") or "[]")
+    assert models and all(m["pushed"] for m in models), _excerpt(run)
+    assert set(registry_tags(stack.registry, f"families/{family.name}")) == RELEASE_TAGS
+
+
+def test_stop_tokens_are_the_end_of_turn_and_eos_tokens(published):
+    """The token that closes the family's turns comes first; the tokenizer's and generation config's EOS
+    tokens follow; no token that opens a turn (it would cut answers short)."""
+    family, run = published
+    found = re.search(r"^chat template: (.*); stop tokens: (.*)$", run.stdout, re.MULTILINE)
+    assert found, _excerpt(run)
+    assert found.group(1).startswith("derived"), found.group(0)
+    stops = found.group(2).split(", ")
+    assert stops[0] == family.end_of_turn
+    assert set(stops) == {family.end_of_turn, family.eos, *family.generation_eos}
+    assert not set(stops) & set(family.begin_of_turn)
+    # The Modelfile is written before the models are created and checked, so it is there even if a check failed.
+    modelfile = (run.workspace / run.outputs.get("modelfile", "ollama-publish-out/Modelfile")).read_text()
+    assert f'PARAMETER stop "{family.end_of_turn}"' in modelfile
+    assert not any(f'PARAMETER stop "{token}"' in modelfile for token in family.begin_of_turn)
