@@ -1,7 +1,7 @@
 """End to end for three chat families, against real servers: a ChatML model (Qwen2), a Llama 3 model and
 a Gemma model, each with its real tokenizer and chat template and tiny scripted weights that answer
 'Paris' and then end their turn (tests/material/scripted.py). Each is committed to the test Hub and
-published by the action with its defaults: derived template, prompt parity, smoke test, push."""
+published by the action with its defaults (template auto, prompt parity fail) to the test registry."""
 
 from __future__ import annotations
 
@@ -62,9 +62,11 @@ def test_smoke_test_answers_the_scripted_word_and_stops(published):
     models = json.loads(run.outputs.get("models") or "[]")
     assert {m["tag"] for m in models} == RELEASE_TAGS, _excerpt(run)
     assert all(m["answer"] == family.answer for m in models), models
-    for model in models:
-        assert f"{model['name']}: {family.answer!r} (done_reason: stop)" in run.stdout, _excerpt(run)
-    assert "did not stop by itself" not in run.stdout
+    # The smoke test logs "<model>: '<answer>' (done_reason: <reason>)" for each model it asks.
+    replies = re.findall(r"^(\S+): (.*) \(done_reason: (\w*)\)$", run.stdout, re.MULTILINE)
+    assert replies, _excerpt(run)
+    assert {name for name, _, _ in replies} <= {m["name"] for m in models}
+    assert all(answer == repr(family.answer) and reason == "stop" for _, answer, reason in replies), replies
 
 
 def test_every_tag_is_in_the_registry(published, stack):
@@ -80,7 +82,6 @@ def test_stop_tokens_are_the_end_of_turn_and_eos_tokens(published):
     family, run = published
     found = re.search(r"^chat template: (.*); stop tokens: (.*)$", run.stdout, re.MULTILINE)
     assert found, _excerpt(run)
-    assert found.group(1).startswith("derived"), found.group(0)
     stops = found.group(2).split(", ")
     assert stops[0] == family.end_of_turn
     assert set(stops) == {family.end_of_turn, family.eos, *family.generation_eos}
