@@ -105,11 +105,14 @@ def _dated_pieces(run, messages, markers: list[str]) -> list[str]:
     return pieces
 
 
-def derive(template: str, *, bos_token: str, eos_token: str, special_tokens: tuple[str, ...]) -> Derived:
+def derive(template: str, *, bos_token: str, eos_token: str, special_tokens: tuple[str, ...],
+           bos_added: bool = False) -> Derived:
     """Read a Go template off a Jinja chat template by rendering marker conversations.
 
     Every piece of text between two messages must depend only on the roles on either side; the
     pieces are checked for that across three conversations (and the parity check proves the result).
+    With bos_added (the GGUF's tokenizer prepends BOS itself), a BOS the template writes first is
+    left out, or the model would see it twice.
     """
     def run(messages, today):
         return render(template, [{"role": r, "content": c} for r, c in messages], bos_token=bos_token,
@@ -134,6 +137,10 @@ def derive(template: str, *, bos_token: str, eos_token: str, special_tokens: tup
             raise CannotDerive("a system message changes how the other turns are rendered")
     except jinja2.TemplateError:  # the template refuses system messages: Ollama's are dropped
         start_system, system_to_user = None, None
+
+    if bos_added and bos_token:
+        start_user = start_user.removeprefix(bos_token)
+        start_system = start_system.removeprefix(bos_token) if start_system is not None else None
 
     default_system = ""
     if start_system is not None and start_user != start_system + system_to_user:

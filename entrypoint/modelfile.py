@@ -15,7 +15,7 @@ from typing import Any
 
 import jinja2
 
-from . import chat_jinja
+from . import chat_jinja, github
 from .errors import PublishError
 
 TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
@@ -30,6 +30,7 @@ class ChatFormat:
     end_of_turn: tuple[str, ...]
     begin_of_turn: tuple[str, ...]
     default_system: str = ""
+    family: str = ""  # the catalog family it is or resembles, "" if none
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,8 +48,9 @@ class Family:
     def chat_format(self) -> ChatFormat:
         text = (TEMPLATES_DIR / "chat" / f"{self.name}.gotmpl").read_text(encoding="utf-8")
         # Files end with a newline for editors; the template must not emit it after the last turn.
-        return ChatFormat(name=self.name, template=text.removesuffix("\n"), end_of_turn=self.end_of_turn,
-                          begin_of_turn=self.begin_of_turn, default_system=self.default_system)
+        return ChatFormat(name=f"{self.name} (catalog)", template=text.removesuffix("\n"),
+                          end_of_turn=self.end_of_turn, begin_of_turn=self.begin_of_turn,
+                          default_system=self.default_system, family=self.name)
 
 
 def _load_catalog() -> dict[str, Family]:
@@ -74,6 +76,18 @@ class TokenizerInfo:
     eos_tokens: tuple[str, ...]  # from tokenizer_config and generation_config, in that order
     bos_token: str
     special_tokens: tuple[str, ...] = ()
+    model_type: str = ""  # config.json's model_type
+
+
+def detect_family(info: TokenizerInfo, families: dict[str, Family] | None = None) -> Family | None:
+    """The catalog family of a checkpoint, from its own files only: every marker of the family appears
+    in its Jinja chat template. Among several, the most specific (most markers, then most text) wins,
+    then one that lists config.json's model_type."""
+    candidates = [f for f in (families or FAMILIES).values()
+                  if f.markers and all(marker in info.chat_template for marker in f.markers)]
+    if not candidates:
+        return None
+    return max(candidates, key=lambda f: (len(f.markers), sum(map(len, f.markers)), info.model_type in f.model_types))
 
 
 def _token_text(value: Any) -> str:
@@ -122,11 +136,13 @@ def read_tokenizer_info(checkpoint: Path) -> TokenizerInfo:
         if token_id is not None and token_id in id_to_token:
             eos.append(id_to_token[token_id])
     return TokenizerInfo(chat_template=str(template), eos_tokens=tuple(dict.fromkeys(eos)),
-                         bos_token=_token_text(config.get("bos_token")), special_tokens=tuple(dict.fromkeys(special)))
+                         bos_token=_token_text(config.get("bos_token")), special_tokens=tuple(dict.fromkeys(special)),
+                         model_type=str(_read_json(checkpoint / "config.json").get("model_type", "")))
 
 
-def choose_format(template_input: str, info: TokenizerInfo, workspace: Path) -> ChatFormat:
-    """`template` input: 'auto' detects from the checkpoint, a family name picks one, a path loads a Go template."""
+def choose_format(template_input: str, info: TokenizerInfo, workspace: Path, bos_added: bool = False) -> ChatFormat:
+    """`template` input: 'auto' detects from the checkpoint, a family name picks one, a path loads a Go template.
+    bos_added: the GGUF's tokenizer prepends BOS itself (then a derived template must not write it)."""
     if template_input in FAMILIES:
         return load_family(template_input)
     if template_input != "auto":  # settings checked that the file exists
@@ -138,25 +154,27 @@ def choose_format(template_input: str, info: TokenizerInfo, workspace: Path) -> 
         raise PublishError("The checkpoint has no chat template (chat_template in tokenizer_config.json or "
                            "chat_template.jinja). Set the template input to a known template or a Go template file.",
                            input_name="template", title="No chat template")
+    family = detect_family(info)
     try:
         derived = chat_jinja.derive(info.chat_template, bos_token=info.bos_token,
-                                    eos_token=(info.eos_tokens or ("",))[0], special_tokens=info.special_tokens)
+                                    eos_token=(info.eos_tokens or ("",))[0], special_tokens=info.special_tokens,
+                                    bos_added=bos_added)
     except chat_jinja.CannotDerive as exc:
-        if _is_chatml(info.chat_template):
-            return load_family("chatml")
-        raise PublishError(f"The checkpoint's chat template matches no known template ({', '.join(FAMILIES)}) and "
-                           f"no Ollama template can be derived from it: {exc}. Set the template input to a Go "
-                           "template file in your repository.", input_name="template",
+        if family is not None:  # the catalog's template for the family; the parity check proves it
+            github.log(f"no Ollama template can be derived from the checkpoint's chat template ({exc}); it has "
+                       f"the markers of the {family.name} family")
+            return family.chat_format()
+        raise PublishError(f"The checkpoint's chat template matches no catalog family ({', '.join(FAMILIES)}) and "
+                           f"no Ollama template can be derived from it: {exc}. Set the template input to a catalog "
+                           "template or a Go template file in your repository.", input_name="template",
                            title="Unknown chat template") from exc
     # Derived from the checkpoint's own template (and proven by the parity check) beats a catalog
-    # entry: real templates of one family differ in details (thinking tags, tool preambles, dates).
-    return ChatFormat(name="derived from the checkpoint's chat template", template=derived.go_template,
+    # entry: real templates of one family differ in details (thinking tags, tool preambles, dates,
+    # a fine-tune's own default system prompt). `template: <family>` picks the catalog entry instead.
+    detected = f" ({family.name} family)" if family is not None else ""
+    return ChatFormat(name=f"derived from the checkpoint's chat template{detected}", template=derived.go_template,
                       end_of_turn=derived.end_of_turn, begin_of_turn=derived.begin_of_turn,
-                      default_system=derived.default_system)
-
-
-def _is_chatml(jinja: str) -> bool:
-    return "<|im_start|>" in jinja and "<|im_end|>" in jinja
+                      default_system=derived.default_system, family=family.name if family else "")
 
 
 def stop_tokens(chat_format: ChatFormat, info: TokenizerInfo) -> tuple[str, ...]:

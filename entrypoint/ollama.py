@@ -72,12 +72,33 @@ class OllamaClient:
         if self._send("HEAD", f"/api/blobs/{digest}", "blob check", timeout=30).status_code == 200:
             github.log(f"blob {digest[:19]}… already on the server")
             return digest
+        if self._hand_over(path, digest):
+            return digest
         size = path.stat().st_size
         github.log(f"uploading {path.name} ({size / 1e6:.1f} MB) as {digest[:19]}…")
         with path.open("rb") as f:  # a file object is streamed with its Content-Length, not read into memory
             response = self._send("POST", f"/api/blobs/{digest}", "blob upload", data=f)
         self._check(response, "blob upload")
         return digest
+
+    def _hand_over(self, path: Path, digest: str) -> bool:
+        """Give our own server the file without copying it: a hard link where it keeps blobs, when that
+        is on the same filesystem. Saves the disk of a second copy of every GGUF."""
+        if self.models_dir is None:
+            return False
+        blob = self.models_dir / "blobs" / digest.replace(":", "-")
+        try:
+            blob.parent.mkdir(parents=True, exist_ok=True)
+            os.link(path, blob)
+        except FileExistsError:
+            pass
+        except OSError:  # another filesystem, or links not allowed: upload instead
+            return False
+        if self._send("HEAD", f"/api/blobs/{digest}", "blob check", timeout=30).status_code != 200:
+            blob.unlink(missing_ok=True)
+            return False
+        github.log(f"{path.name} handed to Ollama as {digest[:19]}… (hard link, no copy)")
+        return True
 
     def stream(self, path: str, body: dict[str, Any], what: str) -> Iterator[dict[str, Any]]:
         """POST a streaming request and yield its status lines; raise on any error line."""
@@ -179,8 +200,9 @@ def _port_is_free(bind: str) -> bool:
 
 
 @contextlib.contextmanager
-def serve(log_path: Path, ollama_key: str = "") -> Iterator[OllamaClient]:
-    """Run `ollama serve` for the duration of the block (bound to $OLLAMA_HOST or 127.0.0.1:11434).
+def serve(log_path: Path, models_dir: Path, ollama_key: str = "") -> Iterator[OllamaClient]:
+    """Run `ollama serve` for the duration of the block (bound to $OLLAMA_HOST or 127.0.0.1:11434),
+    keeping its models in `models_dir`.
 
     The push key is written to $HOME/.ollama/id_ed25519 before start (the server signs registry
     requests with it and only generates one when absent) and removed afterwards.
@@ -207,10 +229,9 @@ def serve(log_path: Path, ollama_key: str = "") -> Iterator[OllamaClient]:
             key_path.with_name("id_ed25519.pub").unlink(missing_ok=True)
             wrote_key = True
         log_file = log_path.open("ab")
-        env = {**os.environ, "OLLAMA_HOST": bind}
+        env = {**os.environ, "OLLAMA_HOST": bind, "OLLAMA_MODELS": str(models_dir)}
         process = subprocess.Popen([binary, "serve"], stdout=log_file, stderr=subprocess.STDOUT, env=env)
         log_file.close()
-        models_dir = Path(os.environ.get("OLLAMA_MODELS") or Path.home() / ".ollama" / "models")
         client = OllamaClient(f"http://{bind}", models_dir=models_dir)
         deadline = time.monotonic() + HEALTH_TIMEOUT_S
         while not client.is_healthy():

@@ -40,9 +40,10 @@ class Report:
 
 def run(settings: Settings, environ: Mapping[str, str]) -> Report:
     settings.output_dir.mkdir(parents=True, exist_ok=True)
-    # GitHub passes the runner's RUNNER_TEMP path into containers without always mounting it.
-    runner_temp = environ.get("RUNNER_TEMP", "")
-    scratch = Path(tempfile.mkdtemp(prefix="ollama-publish-", dir=runner_temp if os.path.isdir(runner_temp) else None))
+    # Scratch space (checkpoint, intermediate GGUF, our Ollama's models) on the same mount as output-dir:
+    # finished GGUFs are then renamed into output-dir and handed to Ollama as hard links, never copied.
+    # In a container, RUNNER_TEMP and HOME are other mounts, where renames and links would be copies.
+    scratch = Path(tempfile.mkdtemp(prefix=".ollama-publish-", dir=settings.output_dir))
     try:
         with contextlib.ExitStack() as stack:
             with github.group("1. Start Ollama"):
@@ -55,11 +56,16 @@ def run(settings: Settings, environ: Mapping[str, str]) -> Report:
             with github.group("2. Download the checkpoint"):
                 checkpoint = _fetch_checkpoint(settings, scratch, client)
                 info = modelfile.read_tokenizer_info(checkpoint.path)
-                spec = _describe_model(settings, checkpoint, info, environ)
+                workspace = Path(environ.get("GITHUB_WORKSPACE") or os.getcwd())
+                modelfile.choose_format(settings.template, info, workspace)  # a template that cannot work fails now
+                license_text = modelfile.read_license(checkpoint.path)
                 tokenizer_json = _keep_tokenizer(checkpoint, scratch)
             with github.group("3. Convert to GGUF and quantize"):
                 ggufs = _build_ggufs(settings, checkpoint, scratch)
             with github.group("4. Render the Modelfile"):
+                # Only the GGUF tells whether its tokenizer prepends BOS, which the template must then leave out.
+                bos_added = convert.adds_bos(ggufs[settings.quantizations[0]])
+                spec = _describe_model(settings, info, license_text, workspace, bos_added)
                 modelfile_path = _write_modelfile(settings, spec, ggufs)
             with github.group("5. Create the models and prove they work"):
                 digests = {q: client.upload_blob(path) for q, path in ggufs.items()}
@@ -86,7 +92,9 @@ def _ollama(settings: Settings, scratch: Path) -> Iterator[OllamaClient]:
         github.log(f"Using the Ollama server at {settings.ollama_host} (version {client.version()})")
         yield client
     else:
-        with serve(scratch / "ollama-server.log", settings.ollama_key) as client:
+        # A private server's models live in the scratch space unless OLLAMA_MODELS says otherwise.
+        models_dir = Path(os.environ.get("OLLAMA_MODELS") or scratch / "models")
+        with serve(scratch / "ollama-server.log", models_dir, settings.ollama_key) as client:
             yield client
 
 
@@ -104,11 +112,13 @@ def _fetch_checkpoint(settings: Settings, scratch: Path, client: OllamaClient) -
     convert.check_architecture(config, convert.supported_architectures(),
                                input_name="model-path" if settings.model_path else "hf-repo")
     if settings.resource_check:
-        phases = preflight.estimate(size, settings.quantizations, _intermediate_type(settings.quantizations),
-                                    downloaded=not settings.model_path)
         folders = {"work": scratch, "outputs": settings.output_dir}
         if client.models_dir is not None:
             folders["ollama"] = client.models_dir
+        # Our own server gets the GGUFs as hard links (OllamaClient.upload_blob) when it can.
+        linked = client.models_dir is not None and preflight.same_filesystem(client.models_dir, settings.output_dir)
+        phases = preflight.estimate(size, settings.quantizations, _intermediate_type(settings.quantizations),
+                                    downloaded=not settings.model_path, ollama_copies=not linked)
         preflight.check_disk(phases, folders)
         preflight.check_memory(size, settings.quantizations)
     if settings.model_path:
@@ -116,18 +126,17 @@ def _fetch_checkpoint(settings: Settings, scratch: Path, client: OllamaClient) -
     return hub.download(remote, settings.hf_token, destination)
 
 
-def _describe_model(settings: Settings, checkpoint: hub.Checkpoint, info: modelfile.TokenizerInfo,
-                    environ: Mapping[str, str]) -> modelfile.ModelSpec:
-    """Decide template, stops, system prompt and license now, so a bad template fails before conversion."""
-    workspace = Path(environ.get("GITHUB_WORKSPACE") or os.getcwd())
-    chat_format = modelfile.choose_format(settings.template, info, workspace)
+def _describe_model(settings: Settings, info: modelfile.TokenizerInfo, license_text: str, workspace: Path,
+                    bos_added: bool) -> modelfile.ModelSpec:
+    """Template, stop tokens, system prompt, parameters and license of every tag."""
+    chat_format = modelfile.choose_format(settings.template, info, workspace, bos_added)
     stops = modelfile.stop_tokens(chat_format, info)
     system = settings.system or chat_format.default_system
     github.log(f"chat template: {chat_format.name}; stop tokens: {', '.join(stops) or '(none)'}")
     user_stops = [v for n, v in settings.parameters if n == "stop"]
     parameters = tuple(("stop", s) for s in stops if s not in user_stops) + settings.parameters
     return modelfile.ModelSpec(template=chat_format.template, system=system, parameters=parameters,
-                               license=modelfile.read_license(checkpoint.path), source=settings.source_label)
+                               license=license_text, source=settings.source_label)
 
 
 def _keep_tokenizer(checkpoint: hub.Checkpoint, scratch: Path) -> Path | None:

@@ -27,9 +27,10 @@ def quantized_bytes(checkpoint_bytes: int, quantization: str) -> int:
     return int(checkpoint_bytes / CHECKPOINT_BYTES_PER_WEIGHT * BITS_PER_WEIGHT[quantization] / 8 * MARGIN)
 
 
-def estimate(checkpoint_bytes: int, quantizations: tuple[str, ...], intermediate: str,
-             downloaded: bool) -> list[dict[str, int]]:
-    """Bytes held at each phase by role: 'work' (scratch), 'outputs' (GGUFs kept) and 'ollama' (its blobs)."""
+def estimate(checkpoint_bytes: int, quantizations: tuple[str, ...], intermediate: str, downloaded: bool,
+             ollama_copies: bool) -> list[dict[str, int]]:
+    """Bytes held at each phase by role: 'work' (scratch), 'outputs' (GGUFs kept) and 'ollama' (its blobs;
+    nothing when the GGUFs are handed to Ollama as hard links, i.e. ollama_copies is False)."""
     size = {q: quantized_bytes(checkpoint_bytes, q) for q in (*quantizations, intermediate)}
     checkpoint = checkpoint_bytes if downloaded else 0
     quantized = sum(size[q] for q in quantizations if q != intermediate)
@@ -37,8 +38,12 @@ def estimate(checkpoint_bytes: int, quantizations: tuple[str, ...], intermediate
     return [
         {"work": checkpoint + size[intermediate]},  # converting: the checkpoint and the intermediate GGUF
         {"work": size[intermediate], "outputs": quantized},  # quantizing: the intermediate and the results
-        {"outputs": kept, "ollama": kept},  # creating: each GGUF and Ollama's copy of it
+        {"outputs": kept, "ollama": kept if ollama_copies else 0},  # creating: each GGUF and Ollama's blob
     ]
+
+
+def same_filesystem(a: Path, b: Path) -> bool:
+    return _filesystem(a) == _filesystem(b)
 
 
 def _filesystem(path: Path) -> int:

@@ -125,14 +125,15 @@ def test_cancelled_run_cleans_up_and_pushes_nothing(stack, run_action, tmp_path,
     assert seen, f"{tool} never started"
     assert run.returncode == 128 + signal.SIGTERM
     assert not (run.home / ".ollama" / "id_ed25519").exists()
-    assert list(run.runner_temp.glob("ollama-publish-*")) == []
-    assert list((run.workspace / "ollama-publish-out").glob("*.gguf*")) == []
-    # No process may still name the scratch folder under RUNNER_TEMP (an orphaned converter usually dies
-    # of a broken pipe anyway, so this catches only tools that linger silently).
+    outputs = run.workspace / "ollama-publish-out"
+    assert list(outputs.glob(".ollama-publish-*")) == []  # the scratch folder
+    assert list(outputs.glob("*.gguf*")) == []
+    # No process may still name the output folder (an orphaned converter usually dies of a broken pipe
+    # anyway, so this catches only tools that linger silently).
     leftovers = []
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
-            if str(run.runner_temp).encode() in cmdline.read_bytes():
+            if str(outputs).encode() in cmdline.read_bytes():
                 leftovers.append(cmdline.parent.name)
         except OSError:
             pass  # the process ended while we looked

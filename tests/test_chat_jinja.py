@@ -72,3 +72,12 @@ def test_an_iso_date_becomes_ollamas_current_date():
                                 bos_token="", eos_token="", special_tokens=())
     assert "Date: {{ currentDate }}\n<user>" in derived.go_template
     assert derived.default_system == ""
+
+
+@pytest.mark.parametrize("template, bos", [(LLAMA3, "<|begin_of_text|>"), (GEMMA, "<bos>")])
+def test_a_bos_the_tokenizer_adds_is_not_written_again(template, bos):
+    kept = chat_jinja.derive(template, bos_token=bos, eos_token="", special_tokens=())
+    left_out = chat_jinja.derive(template, bos_token=bos, eos_token="", special_tokens=(), bos_added=True)
+    assert bos in kept.go_template
+    assert bos not in left_out.go_template
+    assert left_out.go_template == kept.go_template.replace(bos, "")

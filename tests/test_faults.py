@@ -62,10 +62,11 @@ def test_hub_stopped_mid_download_then_restarted(tmp_path, stack):
     servers.add_model_repo(mirrors, HF_REPO, Path(os.environ["SMOLLM2_CHECKPOINT"]), tags=("v1.0.0",))
     state: dict = {}
 
-    def stop_when_weights_arrive(runner_temp: Path):
+    def stop_when_weights_arrive(outputs: Path):
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and "stopped" not in state:
-            if any(p.stat().st_size > 0 for p in runner_temp.glob("ollama-publish-*/checkpoint/.cache/**/*.incomplete")):
+            partial = outputs.glob(".ollama-publish-*/checkpoint/.cache/**/*.incomplete")
+            if any(p.stat().st_size > 0 for p in partial):
                 hub.stop(crash_marker=str(root / "olah.toml"))
                 state["stopped"] = True
                 fault_report.fault_injected()
@@ -75,7 +76,8 @@ def test_hub_stopped_mid_download_then_restarted(tmp_path, stack):
 
     def watch(line, process, env):
         if "files to download" in line and "watcher" not in state:
-            state["watcher"] = _in_background(lambda: stop_when_weights_arrive(Path(env["RUNNER_TEMP"])))
+            outputs = Path(env["GITHUB_WORKSPACE"]) / "ollama-publish-out"
+            state["watcher"] = _in_background(lambda: stop_when_weights_arrive(outputs))
 
     repository = "faults/hub-restarted"
     try:

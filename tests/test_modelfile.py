@@ -42,14 +42,14 @@ def test_derives_from_the_checkpoint_and_never_stops_on_a_turn_start(checkpoint,
     info = m.read_tokenizer_info(checkpoint)
     assert info.special_tokens == ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
     chat = m.choose_format("auto", info, tmp_path)
-    assert chat.name.startswith("derived")
+    assert chat.name == "derived from the checkpoint's chat template (chatml family)" and chat.family == "chatml"
     assert chat.begin_of_turn == ("<|im_start|>",)
     assert m.stop_tokens(chat, info) == ("<|im_end|>", "<|endoftext|>")
 
 
 def test_chatml_catalog_by_name(checkpoint, tmp_path):
     chat = m.choose_format("chatml", m.read_tokenizer_info(checkpoint), tmp_path)
-    assert chat.name == "chatml" and chat.end_of_turn == ("<|im_end|>",)
+    assert chat.name == "chatml (catalog)" and chat.end_of_turn == ("<|im_end|>",)
 
 
 def test_default_system_prompt_comes_from_the_jinja_template(checkpoint, tmp_path):
@@ -108,3 +108,48 @@ def test_unrepresentable_values_are_refused(system):
 def test_quantization_names(given, canonical, suffix):
     assert normalize(given) == canonical
     assert tag_suffix(canonical) == suffix
+
+
+def _family(name, markers, model_types=()):
+    return m.Family(name=name, applies_to="", end_of_turn=(), begin_of_turn=(), markers=markers,
+                    model_types=model_types, verified_with=(), default_system="")
+
+
+CATALOG = {f.name: f for f in (
+    _family("chatml", ("<|im_start|>", "<|im_end|>"), ("qwen2",)),
+    _family("qwen3", ("<|im_start|>", "<|im_end|>", "<think>"), ("qwen3",)),
+    _family("llama3", ("<|start_header_id|>", "<|eot_id|>"), ("llama",)),
+    _family("mistral", ("[INST]",), ("mistral",)),
+    _family("llama2", ("[INST]", "<<SYS>>"), ("llama",)),
+)}
+
+
+@pytest.mark.parametrize("jinja, model_type, family", [
+    ("{{ '<|im_start|>' + m.role }}{{ '<|im_end|>' }}", "qwen2", "chatml"),
+    ("{{ '<|im_start|>' }}{% if think %}<think>{% endif %}{{ '<|im_end|>' }}", "qwen3", "qwen3"),  # most specific
+    ("<|start_header_id|>{{ role }}<|end_header_id|>{{ content }}<|eot_id|>", "llama", "llama3"),
+    ("[INST] <<SYS>>{{ system }}<</SYS>>", "llama", "llama2"),
+    ("[INST] {{ content }} [/INST]", "mistral", "mistral"),
+    ("<start_of_turn>user", "gemma", None),
+    ("", "qwen2", None),  # no chat template: model_type alone decides nothing
+])
+def test_family_detection_reads_the_template_not_the_repo_name(jinja, model_type, family):
+    info = m.TokenizerInfo(chat_template=jinja, eos_tokens=(), bos_token="", model_type=model_type)
+    detected = m.detect_family(info, CATALOG)
+    assert (detected.name if detected else None) == family
+
+
+def test_model_type_breaks_a_tie():
+    catalog = {f.name: f for f in (_family("a", ("[X]",), ("foo",)), _family("b", ("[Y]",), ("bar",)))}
+    for model_type, expected in (("foo", "a"), ("bar", "b")):
+        info = m.TokenizerInfo(chat_template="[X][Y]", eos_tokens=(), bos_token="", model_type=model_type)
+        assert m.detect_family(info, catalog).name == expected
+
+
+def test_an_underivable_template_of_a_known_family_falls_back_to_the_catalog(tmp_path):
+    # ChatML text, but a turn that depends on its position: cannot be derived, can be recognised.
+    jinja = ("{% for m in messages %}{% if loop.index == 3 %} {% endif %}<|im_start|>{{ m.role }}\n{{ m.content }}"
+             "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    info = m.TokenizerInfo(chat_template=jinja, eos_tokens=("<|im_end|>",), bos_token="")
+    chat = m.choose_format("auto", info, tmp_path)
+    assert chat.name == "chatml (catalog)" and chat.template == m.load_family("chatml").template

@@ -11,7 +11,7 @@ GB = 10**9
 
 
 def test_peak_phases_for_a_16_bit_8b_checkpoint():
-    phases = preflight.estimate(16 * GB, ("Q4_K_M", "Q8_0"), "F16", downloaded=True)
+    phases = preflight.estimate(16 * GB, ("Q4_K_M", "Q8_0"), "F16", downloaded=True, ollama_copies=True)
     work, quantizing, creating = phases
     assert work["work"] == 16 * GB + int(8e9 * 2 * 1.25)  # checkpoint + f16 intermediate
     assert quantizing["outputs"] == int(8e9 * 4.9 / 8 * 1.25) + int(8e9 * 8.5 / 8 * 1.25)
@@ -19,9 +19,11 @@ def test_peak_phases_for_a_16_bit_8b_checkpoint():
 
 
 def test_a_local_checkpoint_is_not_counted_and_a_direct_conversion_keeps_its_output():
-    (converting, quantizing, creating) = preflight.estimate(2 * GB, ("Q8_0",), "Q8_0", downloaded=False)
+    phases = preflight.estimate(2 * GB, ("Q8_0",), "Q8_0", downloaded=False, ollama_copies=False)
+    converting, quantizing, creating = phases
     assert converting["work"] == int(1e9 * 8.5 / 8 * 1.25)
     assert quantizing["outputs"] == 0 and creating["outputs"] == int(1e9 * 8.5 / 8 * 1.25)
+    assert creating["ollama"] == 0  # handed to Ollama as hard links
 
 
 def test_check_names_the_need_and_the_free_space(tmp_path):

@@ -10,7 +10,10 @@ import time
 from pathlib import Path
 
 import pytest
+import requests
 
+from entrypoint.ollama import file_sha256
+from entrypoint.quantize import tag_suffix
 from tests import servers
 from tests.conftest import HF_REPO, action_runner, registry_manifest, registry_tags
 
@@ -57,17 +60,26 @@ def test_q8_model_answers_paris_and_stops(release):
     assert run.stdout.count("(done_reason: stop)") == 4
 
 
-def test_registry_manifests_match_the_local_ones(release, stack):
+def test_registry_holds_exactly_the_published_files(release, stack):
+    """Each tag's manifest: the model layer is the GGUF left in output-dir, byte for byte; the template
+    and parameters layers are the Modelfile's."""
     run, _ = release
-    manifests = run.home / ".ollama" / "models" / "manifests" / stack.registry / "test-team" / "smollm2"
+    ggufs = {Path(p).name: run.workspace / p for p in run.outputs["gguf-paths"].splitlines()}
+    modelfile = (run.workspace / run.outputs["modelfile"]).read_text()
     for model in json.loads(run.outputs["models"]):
         digest, remote = registry_manifest(stack.registry, "test-team/smollm2", model["tag"])
-        local = json.loads((manifests / model["tag"]).read_text())
         assert digest == model["registry_digest"]
-        remote_layers = {layer["mediaType"]: layer["digest"] for layer in remote["layers"]}
-        local_layers = {layer["mediaType"]: layer["digest"] for layer in local["layers"]}
-        assert OLLAMA_LAYERS <= set(remote_layers)
-        assert remote_layers == local_layers
+        layers = {layer["mediaType"]: layer["digest"] for layer in remote["layers"]}
+        assert OLLAMA_LAYERS <= set(layers)
+        gguf = ggufs[f"smollm2-{tag_suffix(model['quantization'])}.gguf"]
+        assert layers["application/vnd.ollama.image.model"] == "sha256:" + file_sha256(gguf)
+        blob = f"http://{stack.registry}/v2/test-team/smollm2/blobs/"
+        template = requests.get(blob + layers["application/vnd.ollama.image.template"], timeout=10).text
+        assert f'TEMPLATE """{template}"""' in modelfile
+        params = requests.get(blob + layers["application/vnd.ollama.image.params"], timeout=10).json()
+        assert params["stop"] == ["<|im_end|>"]
+    # The GGUFs were handed to the action's Ollama as hard links, not uploaded as copies.
+    assert run.stdout.count("(hard link, no copy)") == 2
     # Aliases point at the same manifest as the version tag they alias.
     by_tag = {m["tag"]: m["digest"] for m in json.loads(run.outputs["models"])}
     assert by_tag["1.0.0"] == by_tag["latest"] == by_tag["1.0.0-q4_K_M"] != by_tag["1.0.0-q8_0"]
@@ -115,7 +127,8 @@ def test_no_secret_leaks_and_the_key_file_is_gone(release):
         for path in folder.rglob("*"):
             if path.is_file() and not path.is_symlink():
                 places[str(path)] = path.read_bytes().decode("latin-1")
-    assert len(places) > 10  # the walk saw the models, GGUFs, Modelfile, caches ...
+    scanned = {Path(p).name for p in places}
+    assert {"smollm2-q4_K_M.gguf", "smollm2-q8_0.gguf", "Modelfile", "step_summary"} <= scanned, scanned
     for secret in secrets:
         leaked = [where for where, text in places.items() if secret in text]
         assert not leaked, f"secret found in {leaked}"
