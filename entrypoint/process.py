@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import signal
 import subprocess
 from collections.abc import Sequence
 
@@ -14,13 +15,18 @@ def run_logged(command: Sequence[str], *, what: str) -> None:
     """Run `command`, echoing each output line; raise PublishError with the last lines if it fails."""
     github.log(f"$ {' '.join(command)}")
     tail: collections.deque[str] = collections.deque(maxlen=30)
+    # A cancellation (SIGTERM) that lands while Popen runs would leave a started tool nobody stops:
+    # hold it until `proc` exists. (The tool inherits the held signal; it is stopped with SIGKILL.)
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     try:
         proc = subprocess.Popen(list(command), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, errors="replace", bufsize=1)
     except OSError as exc:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
         raise PublishError(f"Could not start {what}: {exc}", title=f"{what} failed") from exc
     assert proc.stdout is not None
     try:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)  # a held cancellation lands here, where it is handled
         for line in proc.stdout:
             line = line.rstrip("\n")
             tail.append(line)

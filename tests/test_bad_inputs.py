@@ -134,7 +134,7 @@ def test_cancelled_run_cleans_up_and_pushes_nothing(stack, run_action, tmp_path,
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
             if str(outputs).encode() in cmdline.read_bytes():
-                leftovers.append(cmdline.parent.name)
+                leftovers.append(f"{cmdline.parent.name}: {cmdline.read_bytes()[:300]!r}")
         except OSError:
             pass  # the process ended while we looked
     assert leftovers == [], f"processes still running: {leftovers}"
