@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
+import re
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -101,12 +102,16 @@ REFERENCES: dict[str, Reference] = {
     "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B": dataclasses.replace(DEEPSEEK, variables=(("enable_thinking", True),)),
 }
 
-# Templates of a family that match only some conversations, with the ones that must differ and why.
-PARTIAL: dict[tuple[str, str], tuple[frozenset[str], str]] = {
-    ("granite", "ibm-granite-granite-4.0"): (
-        frozenset({"user", "multi-turn"}), "Granite 4.0 inserts its own default system prompt (4.1 has none)"),
-    ("granite", "ibm-granite-granite-3.3-2B-Instruct"): (
-        frozenset({"user", "multi-turn"}), "Granite 3.3's default system prompt holds today's date as 'July 26, 2024'"),
+# Templates a family's template matches only in chats that carry a system prompt: without one they
+# write their own default system turn (the catalog entry has none, as Granite 4.1), given here for a
+# date (Granite 3.3 writes today's date as 'July 26, 2024', which Ollama cannot format).
+PARTIAL: dict[tuple[str, str], Any] = {
+    ("granite", "ibm-granite-granite-4.0"): lambda today: (
+        "<|start_of_role|>system<|end_of_role|>You are a helpful assistant. Please ensure responses are "
+        "professional, accurate, and safe.<|end_of_text|>\n"),
+    ("granite", "ibm-granite-granite-3.3-2B-Instruct"): lambda today: (
+        "<|start_of_role|>system<|end_of_role|>Knowledge Cutoff Date: April 2024. Today's Date: "
+        f"{today:%B %d, %Y}. You are Granite, developed by IBM. You are a helpful AI assistant.<|end_of_text|>\n"),
 }
 
 
@@ -190,6 +195,20 @@ def test_catalog_entry(family):
     assert "{{" not in entry.default_system
 
 
+def test_each_reference_template_is_detected_as_its_family():
+    """Markers pick the family: every template an entry is verified with is detected as that entry
+    (the most specific family whose markers all appear wins), not as a more generic one."""
+    detect = getattr(modelfile, "detect_family", None)
+    if detect is None:
+        pytest.skip("modelfile.detect_family (marker detection) is not in entrypoint yet")
+    for family in modelfile.FAMILIES.values():
+        for name in family.verified_with:
+            info = modelfile.TokenizerInfo(chat_template=jinja_path(name).read_text(encoding="utf-8"),
+                                           eos_tokens=(), bos_token="")
+            detected = detect(info)
+            assert detected is not None and detected.name == family.name, (name, detected)
+
+
 def test_reference_templates_are_unambiguous_and_material_names_its_model():
     names = {name for family in modelfile.FAMILIES.values() for name in family.verified_with}
     names |= {name for _, name in PARTIAL}
@@ -209,6 +228,25 @@ def test_tool_cases_cover_every_template_that_writes_tools():
     assert with_tools == {family for family, _ in TOOL_CASES}
     for family, name in TOOL_CASES:
         assert name in modelfile.FAMILIES[family].verified_with or (family, name) in PARTIAL, (family, name)
+
+
+# The text a model writes to call a tool, which Ollama 0.11 reads off the template: the first text
+# inside the first `{{ if .ToolCalls }}` (dot being the message). Without one it falls back to "{" and
+# parses a tool call only from an answer that starts with a JSON object (as Llama 3.1 answers).
+TOOL_CALL_TAGS = {"qwen2.5": "<tool_call>", "qwen3": "<tool_call>", "qwen3-thinking": "<tool_call>",
+                  "granite": "<tool_call>", "mistral-v3": "[TOOL_CALLS] [", "mistral-tekken": "[TOOL_CALLS][",
+                  "mistral-small": "[TOOL_CALLS]", "llama3.1": "{"}
+
+
+@pytest.mark.parametrize("family", sorted(TOOL_CALL_TAGS))
+def test_tool_call_tag_ollama_infers(family):
+    template = modelfile.load_family(family).template
+    if TOOL_CALL_TAGS[family] == "{":
+        assert "if .ToolCalls" not in template
+        return
+    after = template.split("if .ToolCalls }}", 1)[1]
+    text = re.sub(r"\{\{[^}]*\}\}", "", after.split("{{ \"{\" }}", 1)[0])  # the text up to the JSON
+    assert text.strip().startswith(TOOL_CALL_TAGS[family]), text[:80]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -244,24 +282,22 @@ def server(tmp_path_factory) -> Iterator[Server]:
             yield Server(client, digest, log, checkpoint / "tokenizer.json")
 
 
-def model_name(family: str, suffix: str = "") -> str:
-    return f"catalog.local/catalog/{family.replace('.', '-')}{suffix}:latest"
+def model_name(family: str) -> str:
+    return f"catalog.local/catalog/{family.replace('.', '-')}:latest"
 
 
-def create_family_model(server: Server, family: str, template: str | None = None,
-                        system: str | None = None) -> tuple[str, dict[str, Any]]:
+def create_family_model(server: Server, family: str, template: str | None = None) -> tuple[str, dict[str, Any]]:
     """A model with the catalog template, its default system prompt and no parameters (as the action makes it)."""
     chat = modelfile.load_family(family)
-    spec = modelfile.ModelSpec(template=chat.template if template is None else template,
-                               system=chat.default_system if system is None else system, parameters=(),
-                               license="", source="catalog test")
+    spec = modelfile.ModelSpec(template=chat.template if template is None else template, system=chat.default_system,
+                               parameters=(), license="", source="catalog test")
     name = model_name(family)
     body = modelfile.create_request(spec, name, server.digest, "model.gguf")
     server.client.create(body, quiet=True)
     return name, body
 
 
-def parity_failures(server: Server, family: str, reference: str, **model: Any) -> set[str]:
+def parity_failures(server: Server, family: str, reference: str, template: str | None = None) -> set[str]:
     """checks.prompt_parity of the family's template against a reference template: the conversations
     that differ.
 
@@ -275,7 +311,7 @@ def parity_failures(server: Server, family: str, reference: str, **model: Any) -
     compares the whole rendering, BOS text included if the Jinja wrote one.
     """
     ref = REFERENCES[reference]
-    name, body = create_family_model(server, family, **model)
+    name, body = create_family_model(server, family, template)
     info = modelfile.TokenizerInfo(chat_template=reference_jinja(reference), eos_tokens=(ref.eos,), bos_token=ref.bos)
     try:
         failures = checks.prompt_parity(server.client, name, body, info, adds_bos=ref.adds_bos,
@@ -295,22 +331,11 @@ def test_family_prompt_parity(server, family, reference):
     assert parity_failures(server, family, reference) == set()
 
 
-@pytest.mark.parametrize(("family", "reference"), sorted(PARTIAL), ids=[f"{f}-{r}" for f, r in sorted(PARTIAL)])
-def test_partly_matching_templates_differ_only_where_documented(server, family, reference):
-    expected, _why = PARTIAL[(family, reference)]
-    assert parity_failures(server, family, reference) == expected
-
-
 def test_parity_catches_a_template_that_writes_bos(server):
     # The Llama 3 template with <|begin_of_text|> written into it: a real model would get BOS twice.
     template = "<|begin_of_text|>" + modelfile.load_family("llama3").template
     assert parity_failures(server, "llama3", "meta-llama-Meta-Llama-3-8B-Instruct", template=template) == set(
         checks.CONVERSATIONS)
-
-
-def test_parity_catches_a_missing_default_system_prompt(server):
-    # Qwen 2.5's template without its default system prompt: chats without one must differ.
-    assert parity_failures(server, "qwen2.5", "Qwen-Qwen2.5-7B-Instruct", system="") == {"user", "multi-turn"}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -379,20 +404,19 @@ TOOLS = [WEATHER, CLOCK]
 
 ASK = {"role": "user", "content": "What is the weather in Paris?"}
 SYSTEM = {"role": "system", "content": checks.SYSTEM}
-CALL = {"role": "assistant", "content": "", "tool_calls": [
-    {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}}]}
-RESULT = {"role": "tool", "content": "18 C, sunny"}
+CALL_ID = "call00001"  # Mistral's templates need a 9-character id; Ollama 0.11's messages carry none
+CALL = {"role": "assistant", "content": "", "tool_calls": [{"id": CALL_ID, "type": "function", "function": {
+    "name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}}]}
+RESULT = {"role": "tool", "content": "18 C, sunny", "tool_call_id": CALL_ID}
 TOOL_CONVERSATIONS = {
     "tools + user": [ASK],
     "tools + system + user": [SYSTEM, ASK],
     "tools + multi-turn": [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi!"}, ASK],
     "tools + call + result": [ASK, CALL, RESULT],
-    "tools + call + two results": [SYSTEM, ASK, CALL, RESULT, {"role": "tool", "content": "and windy"}],
+    "tools + call + two results": [SYSTEM, ASK, CALL, RESULT, {**RESULT, "content": "and windy"}],
 }
 ALL = tuple(TOOL_CONVERSATIONS)
-NO_CALLS = ("tools + user", "tools + system + user", "tools + multi-turn")
-# Mistral's templates need a 9-character id on every tool call and result, which Ollama's messages
-# do not carry: only the tool list is compared. Llama 3.1 takes one tool call per turn (as here).
+# Llama 3.1 takes one tool call per assistant turn (as here).
 TOOL_CASES: dict[tuple[str, str], tuple[str, ...]] = {
     ("qwen2.5", "Qwen-Qwen2.5-7B-Instruct"): ALL,
     ("qwen3", "Qwen-Qwen3-0.6B"): ALL,
@@ -400,18 +424,27 @@ TOOL_CASES: dict[tuple[str, str], tuple[str, ...]] = {
     ("qwen3-thinking", "Qwen-Qwen3-4B-Thinking-2507"): ALL,
     ("llama3.1", "meta-llama-Llama-3.1-8B-Instruct"): ALL,
     ("llama3.1", "meta-llama-Llama-3.3-70B-Instruct"): ALL,
-    ("mistral-v3", "mistralai-Mistral-7B-Instruct-v0.3"): NO_CALLS,
-    ("mistral-tekken", "mistralai-Mistral-Nemo-Instruct-2407"): NO_CALLS,
-    ("mistral-small", "Mistral-Small-3.2-24B-Instruct-2506"): NO_CALLS,
+    ("mistral-v3", "mistralai-Mistral-7B-Instruct-v0.3"): ALL,
+    ("mistral-tekken", "mistralai-Mistral-Nemo-Instruct-2407"): ALL,
+    ("mistral-small", "Mistral-Small-3.2-24B-Instruct-2506"): ALL,
     ("granite", "ibm-granite-granite-4.1"): ALL,
     # Granite 4.0 adds its default system prompt only when there are neither a system prompt nor tools.
     ("granite", "ibm-granite-granite-4.0"): ALL,
 }
+# Mistral's templates write the id of each tool call and result, and refuse calls without one; Ollama
+# 0.11's tool calls carry no id. Its templates write the calls and results as Mistral's do, without
+# the ids: the Jinja rendering with exactly this text removed must equal Ollama's prompt.
+CALL_ID_TEXT = {
+    "mistral-v3": (f', "id": "{CALL_ID}"', f', "call_id": "{CALL_ID}"'),
+    "mistral-tekken": (f', "id": "{CALL_ID}"', f', "call_id": "{CALL_ID}"'),
+    "mistral-small": (f"[CALL_ID]{CALL_ID}", f"{CALL_ID}[TOOL_CONTENT]"),
+}
 
 
 def for_ollama(message: dict[str, Any]) -> dict[str, Any]:
-    """The same message as Ollama's API takes it: tool calls without "type", thinking as "thinking"."""
-    out = {k: v for k, v in message.items() if k != "reasoning_content"}
+    """The same message as Ollama's API takes it: tool calls as {"function": ...} (no id, no type),
+    no tool_call_id, thinking as "thinking" (transformers' reasoning_content)."""
+    out = {k: v for k, v in message.items() if k not in ("reasoning_content", "tool_call_id")}
     if "reasoning_content" in message:
         out["thinking"] = message["reasoning_content"]
     if "tool_calls" in message:
@@ -436,10 +469,15 @@ TOOL_PARAMS = [(family, reference, label) for (family, reference), labels in TOO
 
 
 @pytest.mark.parametrize(("family", "reference", "conversation"), TOOL_PARAMS,
-                         ids=[f"{f}-{r}-{c}" for f, r, c in TOOL_PARAMS])
+                         ids=[f"{f}-{r}-{c.replace(' ', '')}" for f, r, c in TOOL_PARAMS])
 def test_tool_prompt_parity(server, family, reference, conversation):
-    expected, actual = chat_parity(server, family, reference, TOOL_CONVERSATIONS[conversation], tools=TOOLS)
+    messages = TOOL_CONVERSATIONS[conversation]
+    expected, actual = chat_parity(server, family, reference, messages, tools=TOOLS)
     assert "get_weather" in actual and "get_time" in actual
+    if family in CALL_ID_TEXT and any("tool_calls" in m for m in messages):
+        for text in CALL_ID_TEXT[family]:
+            assert text in expected
+            expected = expected.replace(text, "")
     assert actual == expected
 
 
@@ -475,6 +513,22 @@ def test_llama_3_2_differs_only_by_its_date(server, conversation):
     assert actual == same_day
     other_day = render_jinja("meta-llama-Llama-3.2-3B-Instruct", messages, today=datetime.datetime(2025, 3, 9))
     assert other_day == same_day.replace("Today Date: 26 Jul 2024", "Today Date: 09 Mar 2025") != same_day
+
+
+PARTIAL_PARAMS = [(f, r, c) for f, r in sorted(PARTIAL) for c in checks.CONVERSATIONS]
+
+
+@pytest.mark.parametrize(("family", "reference", "conversation"), PARTIAL_PARAMS,
+                         ids=[f"{f}-{r}-{c.replace(' ', '')}" for f, r, c in PARTIAL_PARAMS])
+def test_partly_matching_templates_differ_only_by_their_default_system_turn(server, family, reference,
+                                                                            conversation):
+    messages = checks.CONVERSATIONS[conversation]
+    today = datetime.datetime(2025, 3, 9)
+    expected, actual = chat_parity(server, family, reference, messages, today=today)
+    if messages[0]["role"] == "system":
+        assert actual == expected
+    else:
+        assert expected == PARTIAL[(family, reference)](today) + actual
 
 
 def test_ollama_log_prompts_are_read_exactly(server):
