@@ -1,0 +1,59 @@
+"""Disk, the resource that decides what CI can publish: on a filesystem too small for the by-hand
+recipe (bench.recipes.baseline: whole-repo snapshot, f16 GGUF, every quantization and Ollama's copy
+of each, all kept), the action publishes the same release. Every directory either run writes (HOME
+with Ollama's models, the Hub cache, the work dir, the workspace) lives in one size-capped tmpfs."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from bench import recipes
+from tests import fault_report
+from tests.conftest import HF_REPO, action_runner
+
+pytestmark = pytest.mark.servers
+QUANTIZATIONS = ("Q4_K_M", "Q8_0")
+CAP_MB = 700  # SmolLM2's checkpoint S is 269 MB: 2.6 x S. The recipe needs about 3.9 x S.
+
+
+@contextlib.contextmanager
+def capped_filesystem(path: Path, megabytes: int):
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={megabytes}M", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "--lazy", str(path)], check=True)
+
+
+def checkpoint_mb() -> float:
+    checkpoint = Path(os.environ["SMOLLM2_CHECKPOINT"])
+    return sum(p.stat().st_size for p in checkpoint.iterdir()) / 1e6
+
+
+def test_the_recipe_runs_out_of_space_where_the_action_publishes(stack, tmp_path):
+    release = {f"1.0.0-{recipes.tag_suffix(q)}" for q in QUANTIZATIONS} | {"1.0.0", "latest"}
+    with capped_filesystem(tmp_path / "recipe", CAP_MB) as disk:
+        setup = recipes.Setup(hub_endpoint=stack.hub_endpoint, registry=stack.registry, quantizations=QUANTIZATIONS,
+                              interval=1.0, exclude=frozenset())
+        with pytest.raises(RuntimeError) as failure:
+            recipes.baseline(setup, HF_REPO, "capped/recipe", disk / "run", tmp_path / "recipe.log", 0, "SmolLM2")
+        # Tools word it differently (llama-quantize: "iostream error"); the filesystem being full is the proof.
+        free_mb = shutil.disk_usage(disk).free / 1e6
+        assert free_mb < 16, f"the recipe failed with {free_mb:.0f} MB still free: {failure.value}"
+    fault_report.assert_all_or_nothing(stack.registry, "capped/recipe", release)
+
+    with capped_filesystem(tmp_path / "action", CAP_MB) as disk:
+        run = action_runner(disk)({
+            "hf-repo": HF_REPO, "ollama-model": f"{stack.registry}/capped/action", "insecure-registry": "true",
+            "quantizations": ", ".join(QUANTIZATIONS)}, env={"HF_ENDPOINT": stack.hub_endpoint})
+        assert run.returncode == 0, run.stdout[-3000:]
+    assert fault_report.assert_all_or_nothing(stack.registry, "capped/action", release) == release
+    print(f"capped filesystem: {CAP_MB} MB = {CAP_MB / checkpoint_mb():.1f} x the checkpoint; the recipe ran out of "
+          "space, the action published")
