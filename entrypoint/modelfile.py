@@ -143,34 +143,40 @@ def read_tokenizer_info(checkpoint: Path) -> TokenizerInfo:
 def choose_format(template_input: str, info: TokenizerInfo, workspace: Path, bos_added: bool = False) -> ChatFormat:
     """`template` input: 'auto' detects from the checkpoint, a family name picks one, a path loads a Go template.
     bos_added: the GGUF's tokenizer prepends BOS itself (then a derived template must not write it)."""
-    if template_input in FAMILIES:
-        return load_family(template_input)
-    if template_input != "auto":  # settings checked that the file exists
+    if template_input != "auto" and template_input not in FAMILIES:  # settings checked that the file exists
         path = workspace / template_input
         # A user's own template: stop on the checkpoint's EOS tokens only.
         return ChatFormat(name=f"file:{template_input}", template=path.read_text(encoding="utf-8").removesuffix("\n"),
                           end_of_turn=(), begin_of_turn=())
-    if not info.chat_template:
-        raise PublishError("The checkpoint has no chat template (chat_template in tokenizer_config.json or "
-                           "chat_template.jinja). Set the template input to a known template or a Go template file.",
-                           input_name="template", title="No chat template")
-    family = detect_family(info)
     try:
         derived = chat_jinja.derive(info.chat_template, bos_token=info.bos_token,
                                     eos_token=(info.eos_tokens or ("",))[0], special_tokens=info.special_tokens,
-                                    bos_added=bos_added)
+                                    bos_added=bos_added) if info.chat_template else None
+        why_not = "the checkpoint has no chat template"
     except chat_jinja.CannotDerive as exc:
+        derived, why_not = None, str(exc)
+    if template_input in FAMILIES:
+        chosen = load_family(template_input)
+        # The checkpoint's own default system prompt (a fine-tune's, say) beats the family's.
+        return dataclasses.replace(chosen, default_system=derived.default_system) if derived else chosen
+    if not info.chat_template:
+        raise PublishError("The checkpoint has no chat template (chat_template in tokenizer_config.json or "
+                           "chat_template.jinja). Set the template input to a catalog template or a Go template "
+                           "file.", input_name="template", title="No chat template")
+    family = detect_family(info)
+    if derived is None:
         if family is not None:  # the catalog's template for the family; the parity check proves it
-            github.log(f"no Ollama template can be derived from the checkpoint's chat template ({exc}); it has "
+            github.log(f"no Ollama template can be derived from the checkpoint's chat template ({why_not}); it has "
                        f"the markers of the {family.name} family")
             return family.chat_format()
         raise PublishError(f"The checkpoint's chat template matches no catalog family ({', '.join(FAMILIES)}) and "
-                           f"no Ollama template can be derived from it: {exc}. Set the template input to a catalog "
-                           "template or a Go template file in your repository.", input_name="template",
-                           title="Unknown chat template") from exc
+                           f"no Ollama template can be derived from it: {why_not}. Set the template input to a "
+                           "catalog template or a Go template file in your repository.", input_name="template",
+                           title="Unknown chat template")
     # Derived from the checkpoint's own template (and proven by the parity check) beats a catalog
     # entry: real templates of one family differ in details (thinking tags, tool preambles, dates,
-    # a fine-tune's own default system prompt). `template: <family>` picks the catalog entry instead.
+    # a fine-tune's own default system prompt). `template: <family>` picks the catalog entry instead,
+    # with tool calling where the family has it.
     detected = f" ({family.name} family)" if family is not None else ""
     return ChatFormat(name=f"derived from the checkpoint's chat template{detected}", template=derived.go_template,
                       end_of_turn=derived.end_of_turn, begin_of_turn=derived.begin_of_turn,

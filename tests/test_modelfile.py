@@ -153,3 +153,8 @@ def test_an_underivable_template_of_a_known_family_falls_back_to_the_catalog(tmp
     info = m.TokenizerInfo(chat_template=jinja, eos_tokens=("<|im_end|>",), bos_token="")
     chat = m.choose_format("auto", info, tmp_path)
     assert chat.name == "chatml (catalog)" and chat.template == m.load_family("chatml").template
+
+
+def test_a_catalog_template_takes_the_checkpoints_default_system_prompt(checkpoint, tmp_path):
+    chat = m.choose_format("chatml", m.read_tokenizer_info(checkpoint), tmp_path)
+    assert chat.template == m.load_family("chatml").template and chat.default_system == "You are SmolLM"
