@@ -19,6 +19,7 @@ from tests.conftest import HF_REPO, action_runner, registry_manifest, registry_t
 
 pytestmark = pytest.mark.servers
 HF_TOKEN = "hf_TestTokenThatMustNeverBeLogged0123456789"
+TEMPLATES = Path(__file__).resolve().parent.parent / "templates" / "chat"
 OLLAMA_LAYERS = {"application/vnd.ollama.image.model", "application/vnd.ollama.image.template",
                  "application/vnd.ollama.image.params"}
 
@@ -148,23 +149,25 @@ def test_failing_smoke_test_pushes_nothing(stack, run_action):
     assert "ollama-publish failed" in run.summary
 
 
-ZEPHYR_STYLE = """{{- range .Messages }}<|{{ .Role }}|>
-{{ .Content }}</s>
-{{ end }}<|assistant|>
-"""
-
-
-def test_wrong_template_fails_prompt_parity_and_pushes_nothing(stack, run_action):
-    (run_action.workspace / "zephyr.gotmpl").write_text(ZEPHYR_STYLE)
+@pytest.mark.parametrize("template", ["llama3", "zephyr-file"])
+def test_wrong_template_fails_prompt_parity_and_pushes_nothing(stack, run_action, template):
+    """A ChatML model given another family's template, from the catalog or from a file in the workspace."""
+    if template == "zephyr-file":
+        (run_action.workspace / "zephyr.gotmpl").write_text((TEMPLATES / "zephyr.gotmpl").read_text())
+        template, marker = "zephyr.gotmpl", "<|user|>"
+    else:
+        marker = "<|start_header_id|>user<|end_header_id|>"
+    repository = f"test-team/wrong-template-{template.split('.')[0]}"
     run = run_action({
-        "hf-repo": HF_REPO, "ollama-model": f"{stack.registry}/test-team/wrong-template", "quantizations": "Q8_0",
-        "insecure-registry": "true", "template": "zephyr.gotmpl",
+        "hf-repo": HF_REPO, "ollama-model": f"{stack.registry}/{repository}", "quantizations": "Q8_0",
+        "insecure-registry": "true", "template": template,
     }, env={"HF_ENDPOINT": stack.hub_endpoint})
     assert run.returncode == 1
     assert len(run.errors()) == 1 and "Prompt parity failed" in run.errors()[0]
     assert "4 of 4 conversations" in run.errors()[0]
-    assert "<|user|>" in run.errors()[0] and "<|im_start|>user" in run.errors()[0]  # both renderings shown
-    assert registry_tags(stack.registry, "test-team/wrong-template") == []
+    assert marker in run.errors()[0] and "<|im_start|>user" in run.errors()[0]  # both renderings shown
+    assert "6. Push" not in run.stdout
+    assert registry_tags(stack.registry, repository) == []
 
 
 def test_prompt_parity_passed_for_every_conversation(release):
