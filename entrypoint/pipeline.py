@@ -70,10 +70,9 @@ def run(settings: Settings, environ: Mapping[str, str]) -> Report:
             with github.group("5. Create the models and prove they work"):
                 digests = {q: client.upload_blob(path) for q, path in ggufs.items()}
                 results = _create(client, settings, spec, ggufs, digests)
-                _check_prompt_parity(client, settings, spec, info, ggufs, digests, results, tokenizer_json)
-                for result in results:
-                    result.answer = checks.smoke_test(client, result.name, settings.smoke_test_prompt,
-                                                      settings.parameters)
+                if settings.prompt_parity != "off":
+                    _check_prompt_parity(client, settings, spec, info, ggufs, digests, results, tokenizer_json)
+                _smoke_test(client, settings, results)
             if settings.push:
                 with github.group("6. Push"):
                     _push(client, settings, results)
@@ -218,9 +217,22 @@ def _check_prompt_parity(client: OllamaClient, settings: Settings, spec: modelfi
                    f"chat template for {len(failures)} of {len(checks.CONVERSATIONS)} conversations. Set the template "
                    "input to the right template (or prompt-parity: warn to publish anyway).\n"
                    + checks.explain(failures))
-        if settings.parity_is_fatal:
+        if settings.prompt_parity == "fail":
             raise PublishError(message, input_name="template", title="Prompt parity failed")
         github.warning(message)
+
+
+def _smoke_test(client: OllamaClient, settings: Settings, results: list[TagResult]) -> None:
+    """Once per quantization: the tags of one quantization are the same model (equal digests)."""
+    if not settings.smoke_test:
+        github.warning("smoke test skipped (smoke-test: false): nothing proves the models answer and stop")
+        return
+    answers: dict[str, str] = {}
+    for result in results:
+        if result.digest not in answers:
+            answers[result.digest] = checks.smoke_test(client, result.name, settings.smoke_test_prompt,
+                                                       settings.parameters)
+        result.answer = answers[result.digest]
 
 
 def _layers(manifest: dict[str, Any]) -> list[str]:

@@ -25,6 +25,7 @@ INPUTS: dict[str, str] = {
     "template": "auto",
     "system": "",
     "parameters": "",
+    "smoke-test": "true",
     "smoke-test-prompt": "What is the capital of France?",
     "prompt-parity": "fail",
     "push": "true",
@@ -64,8 +65,9 @@ class Settings:
     template: str
     system: str
     parameters: tuple[tuple[str, str | int | float | bool], ...]
+    smoke_test: bool
     smoke_test_prompt: str
-    parity_is_fatal: bool  # prompt-parity: fail (default) or warn
+    prompt_parity: str  # fail (default), warn or off
     push: bool
     overwrite: bool  # replace immutable tags that already exist with other content
     immutable_tags: frozenset[str]  # tags made from a {version} pattern: a published version never changes
@@ -232,9 +234,9 @@ def build_settings(values: Mapping[str, str], environ: Mapping[str, str]) -> Set
                            input_name="tags")
 
     parity = values["prompt-parity"].strip().lower()
-    if parity not in ("fail", "warn"):
+    if parity not in ("fail", "warn", "off"):
         raise PublishError(f"'{parity}' is not a prompt-parity mode. Use fail (default: a prompt that differs from "
-                           "the checkpoint's own template stops the release) or warn.", input_name="prompt-parity")
+                           "the checkpoint's own template stops the release), warn or off.", input_name="prompt-parity")
     push = parse_bool("push", values["push"])
     insecure = parse_bool("insecure-registry", values["insecure-registry"])
     ollama_host = values["ollama-host"].strip()
@@ -267,7 +269,7 @@ def build_settings(values: Mapping[str, str], environ: Mapping[str, str]) -> Set
         hf_repo=hf_repo, hf_revision=revision, hf_token=values["hf-token"].strip(), model_path=model_path,
         model_name=model_name, quantizations=tuple(quantizations), tags=tags, template=template,
         system=values["system"], parameters=parse_parameters(values["parameters"]),
-        smoke_test_prompt=values["smoke-test-prompt"].strip(), parity_is_fatal=parity == "fail", push=push,
+        smoke_test=parse_bool("smoke-test", values["smoke-test"]), smoke_test_prompt=values["smoke-test-prompt"].strip(), prompt_parity=parity, push=push,
         overwrite=parse_bool("overwrite", values["overwrite"]),
         immutable_tags=frozenset(tag for _, tag in expand_tags([p for p in patterns if "{version}" in p],
                                                                tuple(quantizations), version)), ollama_key=key,
