@@ -79,7 +79,9 @@ def export_action(ref: str, root: Path) -> tuple[Path, str]:
     archive = subprocess.run(["git", "-C", str(REPO_ROOT), "archive", commit, "entrypoint", "templates"],
                              capture_output=True, check=True).stdout
     subprocess.run(["tar", "-x", "-C", str(target)], input=archive, check=True)
-    return target, f"commit {commit[:7]}"
+    changed = _command_output(["git", "-C", str(REPO_ROOT), "log", "-1", "--format=%h", commit, "--",
+                               "entrypoint", "templates"])
+    return target, f"commit {commit[:7]} (entrypoint/ last changed in {changed})"
 
 
 def machine_header(args: argparse.Namespace, root: Path, action: str) -> list[str]:
@@ -119,8 +121,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--quantizations", default="Q4_K_M, Q5_K_M, Q8_0")
     parser.add_argument("--interval", type=float, default=0.1, help="sampling interval in seconds (default 0.1)")
     parser.add_argument("--checks-off-input", action="append", default=[], metavar="NAME=VALUE",
-                        help="an action input that switches the checks off; when given, a third variant "
-                             "'ours, checks off' runs with these inputs (the action has none today)")
+                        help="an action input that switches the checks off, e.g. smoke-test=false and "
+                             "prompt-parity=off; when given, a third variant 'ours, checks off' runs with them")
     parser.add_argument("--markdown", type=Path, help="write the final table as markdown to this file")
     parser.add_argument("--json", type=Path, help="write every run's figures as JSON to this file")
     parser.add_argument("--report-only", type=Path, metavar="JSON", help="print the table from a --json file, run nothing")
@@ -160,8 +162,18 @@ def main(argv: list[str]) -> int:
     print(f"bench: working in {root}", flush=True)
     action_root, action = export_action(args.action, root)
     header = machine_header(args, root, action)
+    if checks_off:
+        header += ["", "'ours, checks off' is the action run with inputs "
+                   + ", ".join(f"`{k}: {v}`" for k, v in checks_off.items()) + "."]
     variants = ["baseline", "ours"] + (["ours, checks off"] if checks_off else [])
     runs: list[RunResult] = []
+
+    def save(path: Path) -> None:  # after every run, so a failure later keeps the figures so far
+        path.write_text(json.dumps({
+            "header": header, "models": list(checkpoints), "params": params, "checkpoint_bytes": sizes,
+            "checks_off": bool(checks_off), "quantizations": list(args.quantizations),
+            "runs": [dataclasses.asdict(r) for r in runs]}, indent=1))
+
     with servers.hub(root / "hub") as (endpoint, mirrors), servers.registry(root / "registry") as registry:
         for name, path in checkpoints.items():
             servers.add_model_repo(mirrors, f"bench/{name.lower()}", path, tags=(recipes.REVISION,))
@@ -184,6 +196,7 @@ def main(argv: list[str]) -> int:
                         result = recipes.ours(setup, hf_repo, repository, run_dir, log, index, name, variant,
                                               checks_off if variant != "ours" else None)
                     runs.append(result)
+                    save(logs / "results.json")
                     print(f"bench: {name} run {index}/{plan[name]} {variant:>16}: {result.total:6.1f} s, "
                           f"peak disk {result.peak_disk / 1e6:7,.0f} MB, peak RSS {result.peak_rss / 1e6:6,.0f} MB, "
                           f"CPU {result.cpu:6.1f} s, others' load {result.foreign_load:.2f} cores",
@@ -194,12 +207,8 @@ def main(argv: list[str]) -> int:
     print("\n" + text)
     if args.markdown:
         args.markdown.write_text(text)
-    raw = json.dumps({"header": header, "models": list(checkpoints), "params": params, "checkpoint_bytes": sizes,
-                      "checks_off": bool(checks_off), "quantizations": list(args.quantizations),
-                      "runs": [dataclasses.asdict(r) for r in runs]}, indent=1)
-    (logs / "results.json").write_text(raw)
     if args.json:
-        args.json.write_text(raw)
+        save(args.json)
     if not args.keep:
         for item in root.iterdir():
             if item != logs:

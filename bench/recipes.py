@@ -73,12 +73,13 @@ class RunResult:
     peak_rss_parts: dict[str, int] = dataclasses.field(default_factory=dict)  # RSS per kind of process at the peak
     files: dict[str, int] = dataclasses.field(default_factory=dict)  # bytes on disk of the checkpoint and each GGUF
     cpu: float = 0.0  # CPU seconds (user+sys) of every process of the run
-    machine_cpu: float = 0.0  # CPU seconds the whole machine used meanwhile (the rest is other people's work)
+    machine_cpu: float = 0.0  # CPU seconds the whole machine used meanwhile
+    shared_cpu: float = 0.0  # of which the shared Hub and registry serving this run (not counted in cpu)
 
     @property
     def foreign_load(self) -> float:
-        """Cores busy with work that is not this run's, on average over the run."""
-        return max(0.0, self.machine_cpu - self.cpu) / self.total if self.total else 0.0
+        """Cores busy with other people's work (not this run's, nor the Hub's and registry's), on average."""
+        return max(0.0, self.machine_cpu - self.cpu - self.shared_cpu) / self.total if self.total else 0.0
 
     def without_checks(self) -> RunResult:
         """The same run with its check stages taken out: the 'same work' as the baseline."""
@@ -92,7 +93,7 @@ class RunResult:
                          peak_rss=max(s.peak_rss for s in kept.values()),
                          peak_disk_parts=self.peak_disk_parts, stages=kept,
                          cpu=self.cpu - sum(s.cpu for k, s in self.stages.items() if k in CHECK_STAGES),
-                         machine_cpu=self.machine_cpu)
+                         machine_cpu=self.machine_cpu, shared_cpu=self.shared_cpu)
 
 
 def children_cpu() -> float:
@@ -167,7 +168,8 @@ def summarize(variant: str, model: str, index: int, timeline: Timeline, samples:
     return RunResult(variant=variant, model=model, index=index, total=t1 - t0, peak_disk=top.disk,
                      peak_rss=top_rss.rss, peak_disk_parts=dict(top.disk_by_part),
                      peak_rss_parts=dict(top_rss.rss_by_process),
-                     stages={k: stages[k] for k in STAGES if k in stages}, cpu=cpu, machine_cpu=machine_cpu)
+                     stages={k: stages[k] for k in STAGES if k in stages}, cpu=cpu, machine_cpu=machine_cpu,
+                     shared_cpu=max(0.0, run_samples[-1].shared_cpu - run_samples[0].shared_cpu))
 
 
 def _tool_env(run_dir: Path, setup: Setup) -> dict[str, str]:
@@ -356,8 +358,9 @@ def stages_from_log(lines: list[tuple[float, str]], t0: float, t1: float) -> Tim
             timeline.add("create", start, end)
         elif "create" in lowered:
             # The smoke test logs nothing before its first answer: it starts after the line before that.
-            answered = first(body, lambda text: "(done_reason:" in text, end)
-            smoke = max([start] + [t for t, _ in body if t < answered])
+            # Checks switched off (smoke-test: false, prompt-parity: off) print neither line.
+            answered = first(body, lambda text: "(done_reason:" in text, end + 1)
+            smoke = max([start] + [t for t, _ in body if t < answered]) if answered <= end else end
             parity = first(body, lambda text: text.startswith("prompt parity of"), smoke)
             timeline.add("create", start, min(parity, smoke))
             timeline.add("prompt parity", parity, smoke)

@@ -22,6 +22,7 @@ class Sample:
     processes: int
     cpu: float  # CPU seconds (user+sys) of the run's live processes and the children they have reaped
     rss_by_process: dict[str, int]  # RSS summed per kind of process ("python convert_hf_to_gguf.py", ...)
+    shared_cpu: float = 0.0  # CPU seconds so far of the shared servers (Hub, registry) and their children
 
     @property
     def runner_rss(self) -> int:
@@ -137,12 +138,16 @@ class Sampler(threading.Thread):
         disk, parts = disk_usage(self.folder)
         table = process_table()
         pids = tree(os.getpid(), table, self.exclude)
+        shared = [p for p in self.exclude if p in table]
+        for root in self.exclude:
+            shared += tree(root, table, frozenset())
         by_process: dict[str, int] = {}
         for pid in pids:
             name = label(pid)
             by_process[name] = by_process.get(name, 0) + table[pid][1]
         return Sample(t=t, disk=disk, disk_by_part=parts, rss=sum(table[p][1] for p in pids), processes=len(pids),
-                      cpu=sum(table[p][2] for p in pids), rss_by_process=by_process)
+                      cpu=sum(table[p][2] for p in pids), rss_by_process=by_process,
+                      shared_cpu=sum(table[p][2] for p in set(shared)))
 
     def run(self) -> None:
         while True:
