@@ -27,6 +27,7 @@ from pathlib import Path
 import requests
 
 from bench.sampler import Sample, Sampler, machine_busy
+from entrypoint.quantize import tag_suffix
 from tests import servers
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -120,12 +121,6 @@ class Timeline:
     def add(self, name: str, start: float, end: float, cpu: float | None = None) -> None:
         if end > start:
             self.intervals.append((name, start, end, cpu))
-
-
-def tag_suffix(quantization: str) -> str:
-    """Ollama's tag spelling of a quantization (Q4_K_M -> q4_K_M), as the action writes it."""
-    head, _, rest = quantization.partition("_")
-    return head.lower() + ("_" + rest if rest else "")
 
 
 def release_tags(quantizations: tuple[str, ...]) -> list[tuple[str, str]]:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from bench import recipes
+from entrypoint.quantize import tag_suffix
 from tests import fault_report
 from tests.conftest import HF_REPO, action_runner
 
@@ -38,7 +39,7 @@ def checkpoint_mb() -> float:
 
 
 def test_the_recipe_runs_out_of_space_where_the_action_publishes(stack, tmp_path):
-    release = {f"1.0.0-{recipes.tag_suffix(q)}" for q in QUANTIZATIONS} | {"1.0.0", "latest"}
+    release = {f"1.0.0-{tag_suffix(q)}" for q in QUANTIZATIONS} | {"1.0.0", "latest"}
     with capped_filesystem(tmp_path / "recipe", CAP_MB) as disk:
         setup = recipes.Setup(hub_endpoint=stack.hub_endpoint, registry=stack.registry, quantizations=QUANTIZATIONS,
                               interval=1.0, exclude=frozenset())
