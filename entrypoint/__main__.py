@@ -11,7 +11,7 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import github, pipeline
+from . import github, pipeline, process
 from .errors import PublishError
 from .settings import INPUTS, SECRET_INPUTS, build_settings, read_inputs
 
@@ -68,13 +68,9 @@ def _fail(title: str, message: str) -> int:
     return 1
 
 
-def _terminate(signum, frame):  # GitHub cancels a job with SIGTERM: unwind so cleanup runs
-    raise SystemExit(128 + signum)
-
-
 def main() -> int:
     environ = os.environ
-    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGTERM, process.on_cancel)
     values = read_inputs(environ, parse_args(sys.argv[1:]))
     for name in SECRET_INPUTS:
         if values[name]:

@@ -22,7 +22,7 @@ import requests
 
 from . import github
 from .errors import PublishError
-from .process import stop
+from .process import running
 
 DEFAULT_BIND = "127.0.0.1:11434"
 HEALTH_TIMEOUT_S = 60.0
@@ -218,7 +218,6 @@ def serve(log_path: Path, models_dir: Path, ollama_key: str = "") -> Iterator[Ol
                            "Stop it, or set ollama-host to use that server.", input_name="ollama-host")
     key_path = Path.home() / ".ollama" / "id_ed25519"
     wrote_key = False
-    process = None
     try:
         if ollama_key:
             key_path.parent.mkdir(parents=True, exist_ok=True)
@@ -228,32 +227,30 @@ def serve(log_path: Path, models_dir: Path, ollama_key: str = "") -> Iterator[Ol
                 f.write(ollama_key)
             key_path.with_name("id_ed25519.pub").unlink(missing_ok=True)
             wrote_key = True
-        log_file = log_path.open("ab")
         env = {**os.environ, "OLLAMA_HOST": bind, "OLLAMA_MODELS": str(models_dir)}
-        process = subprocess.Popen([binary, "serve"], stdout=log_file, stderr=subprocess.STDOUT, env=env)
-        log_file.close()
-        client = OllamaClient(f"http://{bind}", models_dir=models_dir)
-        deadline = time.monotonic() + HEALTH_TIMEOUT_S
-        while not client.is_healthy():
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise PublishError(
-                    f"The Ollama server did not become healthy on {bind} within {HEALTH_TIMEOUT_S:.0f} s. "
-                    f"Last lines of its log:\n{_tail(log_path)}", title="Ollama server failed to start")
-            time.sleep(0.2)
-        github.log(f"Ollama {client.version()} is running on {bind}")
-        try:
-            yield client
-        except PublishError as exc:
-            if exc.title == "Ollama unreachable":  # did the server crash? It may take a moment to exit
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    process.wait(timeout=5)
-            if process.poll() is None:
-                raise
-            raise PublishError(f"{exc.message}\nThe Ollama server had exited (code {process.returncode}). Last lines "
-                               f"of its log:\n{_tail(log_path)}", title="Ollama server stopped") from exc
+        with log_path.open("ab") as log_file, \
+                running([binary, "serve"], what="The Ollama server", stdout=log_file, stderr=subprocess.STDOUT,
+                        env=env) as server:
+            client = OllamaClient(f"http://{bind}", models_dir=models_dir)
+            deadline = time.monotonic() + HEALTH_TIMEOUT_S
+            while not client.is_healthy():
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise PublishError(
+                        f"The Ollama server did not become healthy on {bind} within {HEALTH_TIMEOUT_S:.0f} s. "
+                        f"Last lines of its log:\n{_tail(log_path)}", title="Ollama server failed to start")
+                time.sleep(0.2)
+            github.log(f"Ollama {client.version()} is running on {bind}")
+            try:
+                yield client
+            except PublishError as exc:
+                if exc.title == "Ollama unreachable":  # did the server crash? It may take a moment to exit
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        server.wait(timeout=5)
+                if server.poll() is None:
+                    raise
+                raise PublishError(f"{exc.message}\nThe Ollama server had exited (code {server.returncode}). Last "
+                                   f"lines of its log:\n{_tail(log_path)}", title="Ollama server stopped") from exc
     finally:
-        if process is not None:
-            stop(process)
         if wrote_key:
             key_path.unlink(missing_ok=True)
             key_path.with_name("id_ed25519.pub").unlink(missing_ok=True)

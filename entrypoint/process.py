@@ -1,41 +1,70 @@
-"""Run external tools with their output streamed to the log and a readable error on failure."""
+"""Start external tools so that none outlives the run, stream their output, and handle cancellation.
+
+GitHub cancels a job with SIGTERM. `on_cancel` turns it into SystemExit so every `finally` (stop the
+tools and the server, remove the key and the scratch folder) runs. While a tool is being started it only
+takes note: unwinding inside Popen, after the fork, would lose the tool's handle and orphan it. Blocking
+the signal is not enough for that, because the kernel hands a process-wide signal to any thread that does
+not block it (tqdm's monitor thread, for one), and Python then runs the handler in the main thread
+wherever it happens to be.
+"""
 
 from __future__ import annotations
 
 import collections
-import signal
+import contextlib
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from . import github
 from .errors import PublishError
+
+_starting_tool = False
+_cancelled_by: int | None = None  # the first cancellation signal received
+
+
+def on_cancel(signum, frame) -> None:
+    """SIGTERM handler: unwind with exit code 128+signum, once; later signals must not cut cleanup short."""
+    global _cancelled_by
+    if _cancelled_by is not None:
+        return
+    _cancelled_by = signum
+    if not _starting_tool:
+        raise SystemExit(128 + signum)
+
+
+@contextlib.contextmanager
+def running(command: Sequence[str], *, what: str, **popen_options) -> Iterator[subprocess.Popen]:
+    """Start `command` for the duration of the block; whatever ends the block, the tool does not outlive it."""
+    global _starting_tool
+    _starting_tool = True
+    try:
+        proc = subprocess.Popen(list(command), **popen_options)
+    except BaseException as exc:
+        _starting_tool = False
+        if isinstance(exc, OSError):
+            raise PublishError(f"Could not start {what}: {exc}", title=f"{what} failed") from exc
+        raise
+    try:
+        _starting_tool = False  # only here, where an unwinding run is sure to stop the tool
+        if _cancelled_by is not None:  # cancelled while starting
+            raise SystemExit(128 + _cancelled_by)
+        yield proc
+    finally:
+        stop(proc)
 
 
 def run_logged(command: Sequence[str], *, what: str) -> None:
     """Run `command`, echoing each output line; raise PublishError with the last lines if it fails."""
     github.log(f"$ {' '.join(command)}")
     tail: collections.deque[str] = collections.deque(maxlen=30)
-    # A cancellation (SIGTERM) that lands while Popen runs would leave a started tool nobody stops:
-    # hold it until `proc` exists. (The tool inherits the held signal; it is stopped with SIGKILL.)
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-    try:
-        proc = subprocess.Popen(list(command), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, errors="replace", bufsize=1)
-    except OSError as exc:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
-        raise PublishError(f"Could not start {what}: {exc}", title=f"{what} failed") from exc
-    assert proc.stdout is not None
-    try:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)  # a held cancellation lands here, where it is handled
+    with running(command, what=what, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                 errors="replace", bufsize=1) as proc:
+        assert proc.stdout is not None
         for line in proc.stdout:
             line = line.rstrip("\n")
             tail.append(line)
             github.log(line)
         code = proc.wait()
-    finally:
-        if proc.poll() is None:  # interrupted (e.g. the job was cancelled): do not leave the tool running
-            proc.kill()
-            proc.wait()
     if code != 0:
         last = "\n".join(tail)
         raise PublishError(f"{what} exited with code {code}. Last output:\n{last}", title=f"{what} failed")

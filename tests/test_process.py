@@ -1,0 +1,67 @@
+"""Starting and stopping tools (real child processes), and cancellation landing at the worst moment."""
+
+from __future__ import annotations
+
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+from entrypoint import process
+from entrypoint.errors import PublishError
+
+
+@pytest.fixture
+def cancel_handler(monkeypatch):
+    monkeypatch.setattr(process, "_cancelled_by", None)
+    previous = signal.signal(signal.SIGTERM, process.on_cancel)
+    yield
+    signal.signal(signal.SIGTERM, previous)
+
+
+def test_cancellation_inside_popen_still_stops_the_tool(cancel_handler):
+    """SIGTERM handled right after the fork, before Popen returns: the tool must not be orphaned."""
+    started: list[int] = []
+
+    def cancel_once_forked(frame, event, arg):
+        if event == "return" and frame.f_code.co_name == "_execute_child" and not started:
+            started.append(frame.f_locals["self"].pid)
+            signal.raise_signal(signal.SIGTERM)
+
+    sys.setprofile(cancel_once_forked)
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            with process.running(["sleep", "300"], what="sleep"):
+                sys.setprofile(None)
+                pytest.fail("the block ran although the run was cancelled")
+    finally:
+        sys.setprofile(None)
+    assert started, "the profile hook never saw the fork"
+    assert exit_info.value.code == 128 + signal.SIGTERM
+    assert not Path(f"/proc/{started[0]}").exists(), "the tool still runs (or was never reaped)"
+
+
+def test_later_signals_do_not_cut_cleanup_short(cancel_handler):
+    with pytest.raises(SystemExit):
+        process.on_cancel(signal.SIGTERM, None)
+    assert process.on_cancel(signal.SIGTERM, None) is None
+
+
+def test_tool_stopped_when_the_block_fails():
+    with pytest.raises(RuntimeError):
+        with process.running(["sleep", "300"], what="sleep") as proc:
+            raise RuntimeError("the step failed")
+    assert proc.returncode == -signal.SIGTERM
+
+
+def test_failed_tool_reports_its_code_and_last_output():
+    with pytest.raises(PublishError) as error:
+        process.run_logged(["sh", "-c", "echo converting; echo out of cheese; exit 3"], what="the converter")
+    assert "the converter exited with code 3" in error.value.message
+    assert error.value.message.endswith("converting\nout of cheese")
+
+
+def test_missing_tool_is_a_publish_error():
+    with pytest.raises(PublishError, match="Could not start the converter"):
+        process.run_logged(["/nonexistent/convert"], what="the converter")
