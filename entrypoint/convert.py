@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import process
+from . import gguf_header, process
 from .errors import PublishError
 
 
@@ -71,7 +71,4 @@ def convert(checkpoint: Path, target: Path, outtype: str, model_name: str) -> No
 
 def adds_bos(gguf_path: Path) -> bool:
     """Whether the GGUF's tokenizer prepends BOS to every prompt by itself."""
-    from gguf import GGUFReader  # memory-maps the file; only the metadata is read
-
-    field = GGUFReader(gguf_path).fields.get("tokenizer.ggml.add_bos_token")
-    return bool(field.parts[field.data[0]][0]) if field is not None else False
+    return bool(gguf_header.read_metadata(gguf_path).get("tokenizer.ggml.add_bos_token", False))

@@ -53,6 +53,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from entrypoint.gguf_header import read_metadata
+
 HIDDEN = 64
 DIM_A, DIM_B = 0, 1
 QUESTION = "What is the capital of France?"
@@ -117,46 +119,9 @@ class Vocab:
         return self.tokens.index(token)
 
 
-_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_GGUF_STRING, _GGUF_ARRAY = 8, 9
-
-
-def read_gguf_metadata(path: Path) -> dict[str, Any]:
-    """The key/value metadata of a GGUF file (format v2/v3). The gguf package's GGUFReader gives the same
-    but takes some 20 s on the Gemma vocabulary (it wraps each of its 777,000 strings in numpy views)."""
-    data = path.read_bytes()
-    offset = 0
-
-    def take(fmt: str):
-        nonlocal offset
-        (value,) = struct.unpack_from(fmt, data, offset)
-        offset += struct.calcsize(fmt)
-        return value
-
-    def string() -> str:
-        nonlocal offset
-        length = take("<Q")
-        offset += length
-        return data[offset - length:offset].decode("utf-8")
-
-    def value(kind: int):
-        if kind == _GGUF_STRING:
-            return string()
-        if kind == _GGUF_ARRAY:
-            item_kind, count = take("<I"), take("<Q")
-            return [value(item_kind) for _ in range(count)]
-        return take(_GGUF_SCALARS[kind])
-
-    if data[:4] != b"GGUF" or struct.unpack_from("<I", data, 4)[0] not in (2, 3):
-        raise ValueError(f"{path} is not a GGUF v2/v3 file")
-    offset = 8
-    take("<Q")  # tensor count
-    return {string(): value(take("<I")) for _ in range(take("<Q"))}
-
-
 def read_vocab(name: str) -> Vocab:
     """Tokens, token types and merges of llama.cpp's models/ggml-vocab-<name>.gguf."""
-    metadata = read_gguf_metadata(llama_cpp_dir() / "models" / f"ggml-vocab-{name}.gguf")
+    metadata = read_metadata(llama_cpp_dir() / "models" / f"ggml-vocab-{name}.gguf")
     merges = [tuple(m.split(" ")) for m in metadata["tokenizer.ggml.merges"]]
     assert all(len(m) == 2 for m in merges)
     return Vocab(tokens=metadata["tokenizer.ggml.tokens"], types=metadata["tokenizer.ggml.token_type"],
