@@ -52,6 +52,7 @@ def summary_markdown(report: pipeline.Report, source: str, workspace: Path) -> s
     lines = [f"## Ollama models from {source}", ""]
     if report.commit:
         lines += [f"Checkpoint commit `{report.commit}`, Ollama {report.ollama_version}.", ""]
+    lines += [f"Path taken: {report.path_taken}.", ""]
     lines += ["| Model | Quantization | Size | Digest | Smoke test answer | Pushed |",
               "|---|---|---:|---|---|---|"]
     for r in report.results:

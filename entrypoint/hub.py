@@ -7,6 +7,7 @@ import dataclasses
 import fnmatch
 import json
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from . import github, retry
+from . import github, quantize, retry
 from .errors import PublishError
 
 # What llama.cpp's converter and the Modelfile need: weights, config, tokenizer, chat template, license.
@@ -30,27 +31,95 @@ NEEDED_FILES = (
     "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json",
     "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json", "LICENSE*", "LICENCE*", "README.md",
 )
+# A repo of ready GGUF files: the chosen ones, plus what the Modelfile takes from the repo.
+GGUF_EXTRAS = ("LICENSE*", "LICENCE*", "README.md")
+REPO_KINDS = ("auto", "safetensors", "gguf")
 TIMEOUT_S = 60
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What a repo is and which of its files the run needs."""
+
+    kind: str  # "safetensors": convert and quantize; "gguf": publish the repo's own GGUF files
+    why: str  # one line for the log and the job summary
+    files: tuple[str, ...]  # to download
+    ggufs: dict[str, str] = dataclasses.field(default_factory=dict)  # gguf kind: quantization -> file
 
 
 @dataclasses.dataclass(frozen=True)
 class Checkpoint:
     path: Path
     commit: str  # resolved commit sha, or "" for a local folder
-    files: tuple[str, ...]
+    plan: Plan
 
 
-def needed(files: list[str]) -> list[str]:
-    """The subset of a repo's files that will be downloaded (top-level and in subfolders)."""
-    return [f for f in files if any(fnmatch.fnmatch(Path(f).name, pattern) for pattern in NEEDED_FILES)]
+def needed(files: list[str], patterns: tuple[str, ...] = NEEDED_FILES) -> list[str]:
+    """The subset of a repo's files that match `patterns` (top-level and in subfolders)."""
+    return [f for f in files if any(fnmatch.fnmatch(Path(f).name, pattern) for pattern in patterns)]
 
 
-def check_files(files: list[str], where: str, input_name: str = "hf-repo") -> None:
-    """Refuse early a repo the converter cannot use, naming what is missing."""
+def plan(files: list[str], repo_kind: str, quantizations: tuple[str, ...], where: str,
+         input_name: str = "hf-repo") -> Plan:
+    """Decide from the repo's file names how to publish it (`repo_kind` 'auto'), or check the forced kind."""
     escaping = [f for f in files if Path(f).is_absolute() or ".." in Path(f).parts]
     if escaping:  # names come from the repository: never let one point outside the download folder
         raise PublishError(f"{where} has file names that leave the repository folder: {escaping[:3]}.",
                            input_name=input_name, title="Unsafe file names")
+    has_safetensors = any(f.endswith(".safetensors") for f in files)
+    has_gguf = any(f.endswith(".gguf") for f in files)
+    if repo_kind == "gguf" or (repo_kind == "auto" and has_gguf and not has_safetensors):
+        if not has_gguf:
+            raise PublishError(f"{where} has no *.gguf files, but repo-kind is gguf. Set repo-kind to auto.",
+                               input_name="repo-kind")
+        ggufs = pick_ggufs(files, quantizations, where)
+        why = "forced by repo-kind: gguf" if repo_kind == "gguf" else "it has *.gguf files and no *.safetensors"
+        return Plan(kind="gguf", why=f"publish the repo's GGUF files without conversion ({why})",
+                    files=tuple(ggufs.values()) + tuple(needed(files, GGUF_EXTRAS)), ggufs=ggufs)
+    check_files(files, where, input_name)
+    why = "forced by repo-kind: safetensors" if repo_kind == "safetensors" else "it has *.safetensors weights"
+    return Plan(kind="safetensors", why=f"convert the checkpoint with llama.cpp and quantize ({why})",
+                files=tuple(needed(files)))
+
+
+def _quant_in_name(name: str) -> str | None:
+    """The llama-quantize type a GGUF file name carries, e.g. 'model-Q4_K_M.gguf' -> 'Q4_K_M'."""
+    stem = Path(name).name.removesuffix(".gguf")
+    by_upper = {t.upper(): t for t in quantize.QUANTIZATION_TYPES}
+    # The longest match wins, so Q4_K_M is not read as Q4_K_S's prefix or Q4_0 as Q4_0_4_4.
+    found = [by_upper[t] for t in by_upper if re.search(rf"(?<![A-Za-z0-9]){t}(?![A-Za-z0-9])", stem.upper())]
+    return max(found, key=len) if found else None
+
+
+def pick_ggufs(files: list[str], quantizations: tuple[str, ...], where: str) -> dict[str, str]:
+    """The one GGUF file of each requested quantization; clear errors for missing, ambiguous or split ones."""
+    models = [f for f in files if f.endswith(".gguf") and "mmproj" not in Path(f).name.lower()]
+    offered: dict[str, list[str]] = {}
+    for name in models:
+        quant = _quant_in_name(name)
+        if quant:
+            offered.setdefault(quant, []).append(name)
+    listing = ", ".join(f"{q} ({', '.join(names)})" for q, names in sorted(offered.items())) or "none"
+    chosen = {}
+    for quant in quantizations:
+        candidates = offered.get(quant, [])
+        if not candidates:
+            raise PublishError(f"{where} has no GGUF file for {quant}. It offers: {listing}. Set quantizations to "
+                               "some of these.", input_name="quantizations", title="Quantization not in the repo")
+        if any(re.search(r"-\d{5}-of-\d{5}\.gguf$", c) for c in candidates):
+            raise PublishError(f"{where} has {quant} only as split GGUF parts ({', '.join(candidates)}). Merge "
+                               "them with llama.cpp's llama-gguf-split --merge into one file and publish that.",
+                               input_name="quantizations", title="Split GGUF")
+        if len(candidates) > 1:
+            raise PublishError(f"{where} has several GGUF files for {quant}: {', '.join(candidates)}. Keep one per "
+                               "quantization in the repo (or in the revision you publish).",
+                               input_name="hf-repo", title="Ambiguous GGUF files")
+        chosen[quant] = candidates[0]
+    return chosen
+
+
+def check_files(files: list[str], where: str, input_name: str = "hf-repo") -> None:
+    """Refuse early a checkpoint the converter cannot use, naming what is missing."""
     names = {Path(f).name for f in files}
     if not any(n.endswith(".safetensors") for n in names):
         pickles = sorted(n for n in names if n.endswith((".bin", ".pt", ".pth")))
@@ -71,6 +140,7 @@ def check_files(files: list[str], where: str, input_name: str = "hf-repo") -> No
 class RemoteCheckpoint:
     repo: str
     commit: str
+    plan: Plan
     sizes: dict[str, int]  # the files to download and their sizes in bytes
 
 
@@ -110,24 +180,23 @@ def _retry_if_unreachable(exc: PublishError) -> bool:
     return exc.title == "Hub unreachable"
 
 
-def inspect(repo: str, revision: str, token: str) -> RemoteCheckpoint:
-    """Resolve `revision` to a commit, check the repo is convertible, and size the files to download."""
+def inspect(repo: str, revision: str, token: str, repo_kind: str, quantizations: tuple[str, ...]) -> RemoteCheckpoint:
+    """Resolve `revision` to a commit, decide how to publish the repo, and size the files to download."""
     api = _api(token)
 
     def query():
         with _hub_errors(api, repo, revision, token):
             info = api.model_info(repo, revision=revision, timeout=TIMEOUT_S)
             files = [s.rfilename for s in info.siblings or []]
-            check_files(files, f"{repo}@{revision}")
-            wanted = set(needed(files))
+            repo_plan = plan(files, repo_kind, quantizations, f"{repo}@{revision}")
             tree = api.list_repo_tree(repo, revision=info.sha, recursive=True)
-            return info, files, {entry.path: entry.size or 0 for entry in tree
-                                 if entry.path in wanted and hasattr(entry, "size")}
+            return info, files, repo_plan, {entry.path: entry.size or 0 for entry in tree
+                                            if entry.path in repo_plan.files and hasattr(entry, "size")}
 
-    info, files, sizes = retry.retrying(query, f"querying {repo}", retry_if=_retry_if_unreachable)
+    info, files, repo_plan, sizes = retry.retrying(query, f"querying {repo}", retry_if=_retry_if_unreachable)
     github.log(f"{repo}@{revision} is commit {info.sha}: {len(sizes)} of {len(files)} files to download, "
                f"{sum(sizes.values()) / 1e9:.2f} GB")
-    return RemoteCheckpoint(repo=repo, commit=info.sha or "", sizes=sizes)
+    return RemoteCheckpoint(repo=repo, commit=info.sha or "", plan=repo_plan, sizes=sizes)
 
 
 def download(remote: RemoteCheckpoint, token: str, destination: Path) -> Checkpoint:
@@ -141,7 +210,7 @@ def download(remote: RemoteCheckpoint, token: str, destination: Path) -> Checkpo
                               etag_timeout=TIMEOUT_S)
 
     retry.retrying(fetch, f"downloading {remote.repo}", retry_if=_retry_if_unreachable)
-    return Checkpoint(path=destination, commit=remote.commit, files=tuple(remote.sizes))
+    return Checkpoint(path=destination, commit=remote.commit, plan=remote.plan)
 
 
 def read_config(remote: RemoteCheckpoint, token: str, destination: Path) -> dict[str, Any]:
@@ -171,9 +240,8 @@ def _exists(api: HfApi, repo: str) -> bool:
         return False
 
 
-def local(path: Path) -> tuple[Checkpoint, int]:
-    """A local checkpoint folder, and the size of its needed files."""
+def local(path: Path, repo_kind: str, quantizations: tuple[str, ...]) -> tuple[Checkpoint, dict[str, int]]:
+    """A local checkpoint folder, and the sizes of the files the run reads."""
     files = [str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()]
-    check_files(files, str(path), input_name="model-path")
-    kept = needed(files)
-    return Checkpoint(path=path, commit="", files=tuple(kept)), sum((path / f).stat().st_size for f in kept)
+    folder_plan = plan(files, repo_kind, quantizations, str(path), input_name="model-path")
+    return Checkpoint(path=path, commit="", plan=folder_plan), {f: (path / f).stat().st_size for f in folder_plan.files}

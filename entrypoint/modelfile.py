@@ -140,6 +140,27 @@ def read_tokenizer_info(checkpoint: Path) -> TokenizerInfo:
                          model_type=str(_read_json(checkpoint / "config.json").get("model_type", "")))
 
 
+# llama.cpp's token types (gguf-py TokenType): CONTROL marks the tokenizer's special tokens.
+_CONTROL_TOKEN = 3
+
+
+def tokenizer_info_from_gguf(metadata: dict[str, Any]) -> TokenizerInfo:
+    """The same facts as read_tokenizer_info, from a GGUF's metadata (gguf_header.read_metadata)."""
+    tokens: list[str] = metadata.get("tokenizer.ggml.tokens", [])
+    types: list[int] = metadata.get("tokenizer.ggml.token_type", [])
+
+    def token(key: str) -> str:
+        token_id = metadata.get(f"tokenizer.ggml.{key}_token_id")
+        return tokens[token_id] if isinstance(token_id, int) and 0 <= token_id < len(tokens) else ""
+
+    # EOS first (as in tokenizer_config), then the end-of-turn and end-of-message tokens when set apart.
+    eos = [t for t in (token("eos"), token("eot"), token("eom")) if t]
+    return TokenizerInfo(chat_template=str(metadata.get("tokenizer.chat_template", "")),
+                         eos_tokens=tuple(dict.fromkeys(eos)), bos_token=token("bos"),
+                         special_tokens=tuple(t for t, k in zip(tokens, types) if k == _CONTROL_TOKEN),
+                         model_type=str(metadata.get("general.architecture", "")))
+
+
 def choose_format(template_input: str, info: TokenizerInfo, workspace: Path, bos_added: bool = False) -> ChatFormat:
     """`template` input: 'auto' detects from the checkpoint, a family name picks one, a path loads a Go template.
     bos_added: the GGUF's tokenizer prepends BOS itself (then a derived template must not write it)."""

@@ -227,7 +227,8 @@ def serve(log_path: Path, models_dir: Path, ollama_key: str = "") -> Iterator[Ol
                 f.write(ollama_key)
             key_path.with_name("id_ed25519.pub").unlink(missing_ok=True)
             wrote_key = True
-        env = {**os.environ, "OLLAMA_HOST": bind, "OLLAMA_MODELS": str(models_dir)}
+        # The checks use one model at a time: runners of models already checked would only hold memory.
+        env = {"OLLAMA_MAX_LOADED_MODELS": "1", **os.environ, "OLLAMA_HOST": bind, "OLLAMA_MODELS": str(models_dir)}
         with log_path.open("ab") as log_file, \
                 running([binary, "serve"], what="The Ollama server", stdout=log_file, stderr=subprocess.STDOUT,
                         env=env) as server:

@@ -11,7 +11,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from . import checks, convert, github, hub, modelfile, preflight, quantize, registry, retry
+from . import checks, convert, github, gguf_header, hub, modelfile, preflight, quantize, registry, retry
 from .errors import PublishError
 from .ollama import OllamaClient, serve
 from .settings import Settings
@@ -36,6 +36,7 @@ class Report:
     modelfile: Path
     commit: str
     ollama_version: str
+    path_taken: str  # how the repo was published, and why (hub.Plan.why)
 
 
 def run(settings: Settings, environ: Mapping[str, str]) -> Report:
@@ -55,13 +56,17 @@ def run(settings: Settings, environ: Mapping[str, str]) -> Report:
                                    retry_if=lambda exc: True)
             with github.group("2. Download the checkpoint"):
                 checkpoint = _fetch_checkpoint(settings, scratch, client)
-                info = modelfile.read_tokenizer_info(checkpoint.path)
+                info = _tokenizer_info(checkpoint)
                 workspace = Path(environ.get("GITHUB_WORKSPACE") or os.getcwd())
                 modelfile.choose_format(settings.template, info, workspace)  # a template that cannot work fails now
                 license_text = modelfile.read_license(checkpoint.path)
                 tokenizer_json = _keep_tokenizer(checkpoint, scratch)
-            with github.group("3. Convert to GGUF and quantize"):
-                ggufs = _build_ggufs(settings, checkpoint, scratch)
+            if checkpoint.plan.kind == "gguf":
+                with github.group("3. Take the repo's GGUF files (no conversion)"):
+                    ggufs = _take_ggufs(settings, checkpoint)
+            else:
+                with github.group("3. Convert to GGUF and quantize"):
+                    ggufs = _build_ggufs(settings, checkpoint, scratch)
             with github.group("4. Render the Modelfile"):
                 # Only the GGUF tells whether its tokenizer prepends BOS, which the template must then leave out.
                 bos_added = convert.adds_bos(ggufs[settings.quantizations[0]])
@@ -77,7 +82,7 @@ def run(settings: Settings, environ: Mapping[str, str]) -> Report:
                 with github.group("6. Push"):
                     _push(client, settings, results)
             return Report(results=results, modelfile=modelfile_path, commit=checkpoint.commit,
-                          ollama_version=client.version())
+                          ollama_version=client.version(), path_taken=checkpoint.plan.why)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -98,31 +103,56 @@ def _ollama(settings: Settings, scratch: Path) -> Iterator[OllamaClient]:
 
 
 def _fetch_checkpoint(settings: Settings, scratch: Path, client: OllamaClient) -> hub.Checkpoint:
-    """Check the checkpoint, and that the whole run fits on disk and in memory, then download it."""
+    """Decide how to publish the repo, check that the whole run fits on disk and in memory, then download."""
     destination = scratch / "checkpoint"
     if settings.model_path:
         github.log(f"Using the local checkpoint in {settings.model_path}")
-        checkpoint, size = hub.local(settings.model_path)
-        config = hub.read_json(settings.model_path / "config.json")
+        checkpoint, sizes = hub.local(settings.model_path, settings.repo_kind, settings.quantizations)
+        repo_plan = checkpoint.plan
     else:
-        remote = hub.inspect(settings.hf_repo, settings.hf_revision, settings.hf_token)
-        size = sum(remote.sizes.values())
-        config = hub.read_config(remote, settings.hf_token, destination)
-    convert.check_architecture(config, convert.supported_architectures(),
-                               input_name="model-path" if settings.model_path else "hf-repo")
+        remote = hub.inspect(settings.hf_repo, settings.hf_revision, settings.hf_token, settings.repo_kind,
+                             settings.quantizations)
+        sizes, repo_plan = remote.sizes, remote.plan
+    github.log(f"Path: {repo_plan.why}")
+    if repo_plan.kind == "safetensors":
+        config = (hub.read_json(settings.model_path / "config.json") if settings.model_path
+                  else hub.read_config(remote, settings.hf_token, destination))
+        convert.check_architecture(config, convert.supported_architectures(),
+                                   input_name="model-path" if settings.model_path else "hf-repo")
     if settings.resource_check:
-        folders = {"work": scratch, "outputs": settings.output_dir}
-        if client.models_dir is not None:
-            folders["ollama"] = client.models_dir
-        # Our own server gets the GGUFs as hard links (OllamaClient.upload_blob) when it can.
-        linked = client.models_dir is not None and preflight.same_filesystem(client.models_dir, settings.output_dir)
-        phases = preflight.estimate(size, settings.quantizations, _intermediate_type(settings.quantizations),
-                                    downloaded=not settings.model_path, ollama_copies=not linked)
-        preflight.check_disk(phases, folders)
-        preflight.check_memory(size, settings.quantizations)
+        _check_resources(settings, client, scratch, repo_plan, sizes)
     if settings.model_path:
         return checkpoint
     return hub.download(remote, settings.hf_token, destination)
+
+
+def _check_resources(settings: Settings, client: OllamaClient, scratch: Path, repo_plan: hub.Plan,
+                     sizes: dict[str, int]) -> None:
+    folders = {"work": scratch, "outputs": settings.output_dir}
+    if client.models_dir is not None:
+        folders["ollama"] = client.models_dir
+    # Our own server gets the GGUFs as hard links (OllamaClient.upload_blob) when it can.
+    linked = client.models_dir is not None and preflight.same_filesystem(client.models_dir, settings.output_dir)
+    downloaded = not settings.model_path
+    if repo_plan.kind == "gguf":
+        gguf_sizes = {q: sizes[f] for q, f in repo_plan.ggufs.items()}
+        phases = preflight.estimate_gguf(sum(gguf_sizes.values()), downloaded, ollama_copies=not linked)
+        largest = max(gguf_sizes, key=gguf_sizes.__getitem__)
+        model_bytes = gguf_sizes[largest]
+    else:
+        size = sum(sizes.values())
+        phases = preflight.estimate(size, settings.quantizations, _intermediate_type(settings.quantizations),
+                                    downloaded=downloaded, ollama_copies=not linked)
+        largest, model_bytes = preflight.largest_quantized(size, settings.quantizations)
+    preflight.check_disk(phases, folders)
+    preflight.check_memory(model_bytes, largest)
+
+
+def _tokenizer_info(checkpoint: hub.Checkpoint) -> modelfile.TokenizerInfo:
+    if checkpoint.plan.kind == "gguf":  # a GGUF carries its chat template and special tokens in its metadata
+        first = checkpoint.path / next(iter(checkpoint.plan.ggufs.values()))
+        return modelfile.tokenizer_info_from_gguf(gguf_header.read_metadata(first))
+    return modelfile.read_tokenizer_info(checkpoint.path)
 
 
 def _describe_model(settings: Settings, info: modelfile.TokenizerInfo, license_text: str, workspace: Path,
@@ -179,6 +209,25 @@ def _build_ggufs(settings: Settings, checkpoint: hub.Checkpoint, scratch: Path) 
     return {q: ggufs[q] for q in quants}
 
 
+def _take_ggufs(settings: Settings, checkpoint: hub.Checkpoint) -> dict[str, Path]:
+    """The repo's own GGUF files under the names converted ones get: moved when downloaded, else linked
+    (or copied, across filesystems) so that a local model-path folder is left as it was."""
+    ggufs = {}
+    for quant, name in checkpoint.plan.ggufs.items():
+        source, target = checkpoint.path / name, _gguf_path(settings, quant)
+        target.unlink(missing_ok=True)
+        if not settings.model_path:
+            os.replace(source, target)
+        else:
+            try:
+                os.link(source, target)
+            except OSError:
+                shutil.copyfile(source, target)
+        github.log(f"{name} -> {target.name}: {target.stat().st_size / 1e6:.1f} MB")
+        ggufs[quant] = target
+    return ggufs
+
+
 def _write_modelfile(settings: Settings, spec: modelfile.ModelSpec, ggufs: dict[str, Path]) -> Path:
     default_gguf = ggufs[settings.quantizations[0]]
     path = settings.output_dir / "Modelfile"
@@ -202,24 +251,25 @@ def _create(client: OllamaClient, settings: Settings, spec: modelfile.ModelSpec,
 def _check_prompt_parity(client: OllamaClient, settings: Settings, spec: modelfile.ModelSpec,
                          info: modelfile.TokenizerInfo, ggufs: dict[str, Path], digests: dict[str, str],
                          results: list[TagResult], tokenizer_json: Path | None) -> None:
-    """Once per quantization (the tags of one quantization share every layer)."""
+    """Once per release, on the smallest quantization (the quickest to load): every quantization has the
+    same template and the same tokenizer (llama-quantize copies the metadata), so the same prompt tokens."""
     if not info.chat_template:
         github.warning("prompt parity not checked: the checkpoint has no chat template to compare with")
         return
-    for quant, gguf in ggufs.items():
-        name = next(r.name for r in results if r.quantization == quant)
-        github.log(f"prompt parity of {name} with the checkpoint's chat template:")
-        body = modelfile.create_request(spec, name, digests[quant], gguf.name)
-        failures = checks.prompt_parity(client, name, body, info, convert.adds_bos(gguf), tokenizer_json)
-        if not failures:
-            continue
-        message = (f"Prompt parity failed for {name}: Ollama builds a different prompt than the checkpoint's own "
-                   f"chat template for {len(failures)} of {len(checks.CONVERSATIONS)} conversations. Set the template "
-                   "input to the right template (or prompt-parity: warn to publish anyway).\n"
-                   + checks.explain(failures))
-        if settings.prompt_parity == "fail":
-            raise PublishError(message, input_name="template", title="Prompt parity failed")
-        github.warning(message)
+    quant = min(ggufs, key=lambda q: ggufs[q].stat().st_size)
+    name = next(r.name for r in results if r.quantization == quant)
+    github.log(f"prompt parity of {name} with the checkpoint's chat template (the same for every quantization):")
+    body = modelfile.create_request(spec, name, digests[quant], ggufs[quant].name)
+    failures = checks.prompt_parity(client, name, body, info, convert.adds_bos(ggufs[quant]), tokenizer_json)
+    if not failures:
+        return
+    message = (f"Prompt parity failed for {name}: Ollama builds a different prompt than the checkpoint's own "
+               f"chat template for {len(failures)} of {len(checks.CONVERSATIONS)} conversations. Set the template "
+               "input to the right template (or prompt-parity: warn to publish anyway).\n"
+               + checks.explain(failures))
+    if settings.prompt_parity == "fail":
+        raise PublishError(message, input_name="template", title="Prompt parity failed")
+    github.warning(message)
 
 
 def _smoke_test(client: OllamaClient, settings: Settings, results: list[TagResult]) -> None:

@@ -27,6 +27,12 @@ def quantized_bytes(checkpoint_bytes: int, quantization: str) -> int:
     return int(checkpoint_bytes / CHECKPOINT_BYTES_PER_WEIGHT * BITS_PER_WEIGHT[quantization] / 8 * MARGIN)
 
 
+def largest_quantized(checkpoint_bytes: int, quantizations: tuple[str, ...]) -> tuple[str, int]:
+    """The quantization that needs the most memory to load, and its estimated size."""
+    largest = max(quantizations, key=lambda q: BITS_PER_WEIGHT[q])
+    return largest, quantized_bytes(checkpoint_bytes, largest)
+
+
 def estimate(checkpoint_bytes: int, quantizations: tuple[str, ...], intermediate: str, downloaded: bool,
              ollama_copies: bool) -> list[dict[str, int]]:
     """Bytes held at each phase by role: 'work' (scratch), 'outputs' (GGUFs kept) and 'ollama' (its blobs;
@@ -40,6 +46,12 @@ def estimate(checkpoint_bytes: int, quantizations: tuple[str, ...], intermediate
         {"work": size[intermediate], "outputs": quantized},  # quantizing: the intermediate and the results
         {"outputs": kept, "ollama": kept if ollama_copies else 0},  # creating: each GGUF and Ollama's blob
     ]
+
+
+def estimate_gguf(gguf_bytes: int, downloaded: bool, ollama_copies: bool) -> list[dict[str, int]]:
+    """The same for a repo's own GGUF files (exact sizes): downloaded to scratch, then moved to output-dir."""
+    return [{"work": gguf_bytes if downloaded else 0},
+            {"outputs": gguf_bytes, "ollama": gguf_bytes if ollama_copies else 0}]
 
 
 def same_filesystem(a: Path, b: Path) -> bool:
@@ -94,15 +106,15 @@ def _read(path: str, default: str) -> str:
         return default
 
 
-def check_memory(checkpoint_bytes: int, quantizations: tuple[str, ...]) -> None:
-    """Raise if the largest quantization cannot be loaded for its checks (converting and quantizing
-    stream tensors and need far less)."""
-    largest = max(quantizations, key=lambda q: BITS_PER_WEIGHT[q])
-    need = quantized_bytes(checkpoint_bytes, largest) + RUNTIME_BYTES
+def check_memory(model_bytes: int, quantization: str) -> None:
+    """Raise if the largest model (`model_bytes`, of type `quantization`) cannot be loaded for its checks
+    (converting and quantizing stream tensors and need far less)."""
+    need = model_bytes + RUNTIME_BYTES
     free = available_memory(_read("/proc/meminfo", "MemAvailable: 0 kB"), _read("/sys/fs/cgroup/memory.max", "max"),
                             _read("/sys/fs/cgroup/memory.current", "0"))
     if need > free:
         raise PublishError(
-            f"Not enough memory: checking the {largest} model needs about {need / 1e9:.2f} GB of RAM, and "
-            f"{free / 1e9:.2f} GB is available. Use a runner with more memory, drop {largest} from quantizations, "
-            "or set resource-check: false to try anyway.", input_name="resource-check", title="Not enough memory")
+            f"Not enough memory: checking the {quantization} model needs about {need / 1e9:.2f} GB of RAM, and "
+            f"{free / 1e9:.2f} GB is available. Use a runner with more memory, drop {quantization} from "
+            "quantizations, or set resource-check: false to try anyway.", input_name="resource-check",
+            title="Not enough memory")

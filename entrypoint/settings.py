@@ -8,7 +8,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
-from . import modelfile, quantize, registry
+from . import hub, modelfile, quantize, registry
 from .errors import PublishError
 from .registry import ModelName
 
@@ -18,6 +18,7 @@ INPUTS: dict[str, str] = {
     "hf-revision": "main",
     "hf-token": "",
     "model-path": "",
+    "repo-kind": "auto",
     "ollama-model": "",
     "quantizations": "Q4_K_M",
     "tags": "",
@@ -59,6 +60,7 @@ class Settings:
     hf_revision: str
     hf_token: str
     model_path: Path | None
+    repo_kind: str  # auto, safetensors or gguf (hub.plan)
     model_name: ModelName
     quantizations: tuple[str, ...]
     tags: tuple[tuple[str, str], ...]  # (quantization, tag), in push order
@@ -212,6 +214,12 @@ def build_settings(values: Mapping[str, str], environ: Mapping[str, str]) -> Set
     if not revision or any(c.isspace() for c in revision):
         raise PublishError(f"'{revision}' is not a revision. Use a branch, tag or commit sha.", input_name="hf-revision")
 
+    repo_kind = values["repo-kind"].strip().lower() or "auto"
+    if repo_kind not in hub.REPO_KINDS:
+        raise PublishError(f"'{repo_kind}' is not a repo kind. Use auto (decide from the files), safetensors "
+                           "(convert a transformers checkpoint) or gguf (publish the repo's GGUF files).",
+                           input_name="repo-kind")
+
     if not values["ollama-model"].strip():
         raise PublishError("ollama-model is required: the name to publish, e.g. 'yourname/mymodel' on ollama.com "
                            "or 'host:port/team/mymodel' on another registry.", input_name="ollama-model")
@@ -267,7 +275,7 @@ def build_settings(values: Mapping[str, str], environ: Mapping[str, str]) -> Set
                            "such as 'ollama-publish-out'.", input_name="output-dir")
     return Settings(
         hf_repo=hf_repo, hf_revision=revision, hf_token=values["hf-token"].strip(), model_path=model_path,
-        model_name=model_name, quantizations=tuple(quantizations), tags=tags, template=template,
+        repo_kind=repo_kind, model_name=model_name, quantizations=tuple(quantizations), tags=tags, template=template,
         system=values["system"], parameters=parse_parameters(values["parameters"]),
         smoke_test=parse_bool("smoke-test", values["smoke-test"]), smoke_test_prompt=values["smoke-test-prompt"].strip(), prompt_parity=parity, push=push,
         overwrite=parse_bool("overwrite", values["overwrite"]),

