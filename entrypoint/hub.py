@@ -31,9 +31,12 @@ NEEDED_FILES = (
     "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json",
     "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json", "LICENSE*", "LICENCE*", "README.md",
 )
+# Pickle weights, only with allow-pickle and only under the names the converter reads (never, say,
+# training_args.bin, which is a pickle too).
+PICKLE_WEIGHTS = ("pytorch_model*.bin", "pytorch_model.bin.index.json")
 # A repo of ready GGUF files: the chosen ones, plus what the Modelfile takes from the repo.
 GGUF_EXTRAS = ("LICENSE*", "LICENCE*", "README.md")
-REPO_KINDS = ("auto", "safetensors", "gguf")
+REPO_KINDS = ("auto", "transformers", "gguf")
 TIMEOUT_S = 60
 
 
@@ -41,7 +44,7 @@ TIMEOUT_S = 60
 class Plan:
     """What a repo is and which of its files the run needs."""
 
-    kind: str  # "safetensors": convert and quantize; "gguf": publish the repo's own GGUF files
+    kind: str  # "transformers": convert and quantize; "gguf": publish the repo's own GGUF files
     why: str  # one line for the log and the job summary
     files: tuple[str, ...]  # to download
     ggufs: dict[str, str] = dataclasses.field(default_factory=dict)  # gguf kind: quantization -> file
@@ -60,7 +63,7 @@ def needed(files: list[str], patterns: tuple[str, ...] = NEEDED_FILES) -> list[s
 
 
 def plan(files: list[str], repo_kind: str, quantizations: tuple[str, ...], where: str,
-         input_name: str = "hf-repo") -> Plan:
+         input_name: str = "hf-repo", allow_pickle: bool = False) -> Plan:
     """Decide from the repo's file names how to publish it (`repo_kind` 'auto'), or check the forced kind."""
     escaping = [f for f in files if Path(f).is_absolute() or ".." in Path(f).parts]
     if escaping:  # names come from the repository: never let one point outside the download folder
@@ -76,9 +79,12 @@ def plan(files: list[str], repo_kind: str, quantizations: tuple[str, ...], where
         why = "forced by repo-kind: gguf" if repo_kind == "gguf" else "it has *.gguf files and no *.safetensors"
         return Plan(kind="gguf", why=f"publish the repo's GGUF files without conversion ({why})",
                     files=tuple(ggufs.values()) + tuple(needed(files, GGUF_EXTRAS)), ggufs=ggufs)
-    check_files(files, where, input_name)
-    why = "forced by repo-kind: safetensors" if repo_kind == "safetensors" else "it has *.safetensors weights"
-    return Plan(kind="safetensors", why=f"convert the checkpoint with llama.cpp and quantize ({why})",
+    check_files(files, where, input_name, allow_pickle)
+    if not has_safetensors:  # check_files let pickle weights through: allow-pickle is set
+        return Plan(kind="transformers", why="convert the checkpoint's pickle weights with llama.cpp and quantize "
+                    "(no *.safetensors; allow-pickle: true)", files=tuple(needed(files, NEEDED_FILES + PICKLE_WEIGHTS)))
+    why = "forced by repo-kind: transformers" if repo_kind == "transformers" else "it has *.safetensors weights"
+    return Plan(kind="transformers", why=f"convert the checkpoint with llama.cpp and quantize ({why})",
                 files=tuple(needed(files)))
 
 
@@ -118,15 +124,19 @@ def pick_ggufs(files: list[str], quantizations: tuple[str, ...], where: str) -> 
     return chosen
 
 
-def check_files(files: list[str], where: str, input_name: str = "hf-repo") -> None:
+def check_files(files: list[str], where: str, input_name: str = "hf-repo", allow_pickle: bool = False) -> None:
     """Refuse early a checkpoint the converter cannot use, naming what is missing."""
     names = {Path(f).name for f in files}
     if not any(n.endswith(".safetensors") for n in names):
-        pickles = sorted(n for n in names if n.endswith((".bin", ".pt", ".pth")))
-        hint = (f" It has only pickle weights ({', '.join(pickles[:3])}); re-save them as safetensors "
-                "(model.save_pretrained(dir, safe_serialization=True)).") if pickles else ""
-        raise PublishError(f"{where} has no *.safetensors weights.{hint}", input_name=input_name,
-                           title="No usable weights")
+        pickles = sorted(needed(files, PICKLE_WEIGHTS))
+        if not pickles:
+            raise PublishError(f"{where} has no *.safetensors weights.", input_name=input_name,
+                               title="No usable weights")
+        if not allow_pickle:
+            raise PublishError(
+                f"{where} has only pickle weights ({', '.join(pickles[:3])}), which can run code when loaded. "
+                "Re-save them as safetensors (model.save_pretrained(dir, safe_serialization=True)), or set "
+                "allow-pickle: true if you trust the repo.", input_name=input_name, title="Pickle weights refused")
     if "config.json" not in names:
         raise PublishError(f"{where} has no config.json, so it is not a transformers checkpoint.",
                            input_name=input_name, title="Not a checkpoint")
@@ -180,7 +190,8 @@ def _retry_if_unreachable(exc: PublishError) -> bool:
     return exc.title == "Hub unreachable"
 
 
-def inspect(repo: str, revision: str, token: str, repo_kind: str, quantizations: tuple[str, ...]) -> RemoteCheckpoint:
+def inspect(repo: str, revision: str, token: str, repo_kind: str, quantizations: tuple[str, ...],
+            allow_pickle: bool) -> RemoteCheckpoint:
     """Resolve `revision` to a commit, decide how to publish the repo, and size the files to download."""
     api = _api(token)
 
@@ -188,7 +199,7 @@ def inspect(repo: str, revision: str, token: str, repo_kind: str, quantizations:
         with _hub_errors(api, repo, revision, token):
             info = api.model_info(repo, revision=revision, timeout=TIMEOUT_S)
             files = [s.rfilename for s in info.siblings or []]
-            repo_plan = plan(files, repo_kind, quantizations, f"{repo}@{revision}")
+            repo_plan = plan(files, repo_kind, quantizations, f"{repo}@{revision}", allow_pickle=allow_pickle)
             tree = api.list_repo_tree(repo, revision=info.sha, recursive=True)
             return info, files, repo_plan, {entry.path: entry.size or 0 for entry in tree
                                             if entry.path in repo_plan.files and hasattr(entry, "size")}
@@ -240,8 +251,10 @@ def _exists(api: HfApi, repo: str) -> bool:
         return False
 
 
-def local(path: Path, repo_kind: str, quantizations: tuple[str, ...]) -> tuple[Checkpoint, dict[str, int]]:
+def local(path: Path, repo_kind: str, quantizations: tuple[str, ...],
+          allow_pickle: bool) -> tuple[Checkpoint, dict[str, int]]:
     """A local checkpoint folder, and the sizes of the files the run reads."""
     files = [str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()]
-    folder_plan = plan(files, repo_kind, quantizations, str(path), input_name="model-path")
+    folder_plan = plan(files, repo_kind, quantizations, str(path), input_name="model-path",
+                       allow_pickle=allow_pickle)
     return Checkpoint(path=path, commit="", plan=folder_plan), {f: (path / f).stat().st_size for f in folder_plan.files}

@@ -107,14 +107,18 @@ def _fetch_checkpoint(settings: Settings, scratch: Path, client: OllamaClient) -
     destination = scratch / "checkpoint"
     if settings.model_path:
         github.log(f"Using the local checkpoint in {settings.model_path}")
-        checkpoint, sizes = hub.local(settings.model_path, settings.repo_kind, settings.quantizations)
+        checkpoint, sizes = hub.local(settings.model_path, settings.repo_kind, settings.quantizations,
+                                      settings.allow_pickle)
         repo_plan = checkpoint.plan
     else:
         remote = hub.inspect(settings.hf_repo, settings.hf_revision, settings.hf_token, settings.repo_kind,
-                             settings.quantizations)
+                             settings.quantizations, settings.allow_pickle)
         sizes, repo_plan = remote.sizes, remote.plan
     github.log(f"Path: {repo_plan.why}")
-    if repo_plan.kind == "safetensors":
+    if any(f.endswith(".bin") for f in repo_plan.files):
+        github.warning("Converting pickle weights because allow-pickle is true: the converter loads them with "
+                       "torch.load(weights_only=True). Publish safetensors to avoid this.")
+    if repo_plan.kind == "transformers":
         config = (hub.read_json(settings.model_path / "config.json") if settings.model_path
                   else hub.read_config(remote, settings.hf_token, destination))
         convert.check_architecture(config, convert.supported_architectures(),

@@ -19,6 +19,7 @@ INPUTS: dict[str, str] = {
     "hf-token": "",
     "model-path": "",
     "repo-kind": "auto",
+    "allow-pickle": "false",
     "ollama-model": "",
     "quantizations": "Q4_K_M",
     "tags": "",
@@ -60,7 +61,8 @@ class Settings:
     hf_revision: str
     hf_token: str
     model_path: Path | None
-    repo_kind: str  # auto, safetensors or gguf (hub.plan)
+    repo_kind: str  # auto, transformers or gguf (hub.plan)
+    allow_pickle: bool
     model_name: ModelName
     quantizations: tuple[str, ...]
     tags: tuple[tuple[str, str], ...]  # (quantization, tag), in push order
@@ -216,7 +218,7 @@ def build_settings(values: Mapping[str, str], environ: Mapping[str, str]) -> Set
 
     repo_kind = values["repo-kind"].strip().lower() or "auto"
     if repo_kind not in hub.REPO_KINDS:
-        raise PublishError(f"'{repo_kind}' is not a repo kind. Use auto (decide from the files), safetensors "
+        raise PublishError(f"'{repo_kind}' is not a repo kind. Use auto (decide from the files), transformers "
                            "(convert a transformers checkpoint) or gguf (publish the repo's GGUF files).",
                            input_name="repo-kind")
 
@@ -275,7 +277,7 @@ def build_settings(values: Mapping[str, str], environ: Mapping[str, str]) -> Set
                            "such as 'ollama-publish-out'.", input_name="output-dir")
     return Settings(
         hf_repo=hf_repo, hf_revision=revision, hf_token=values["hf-token"].strip(), model_path=model_path,
-        repo_kind=repo_kind, model_name=model_name, quantizations=tuple(quantizations), tags=tags, template=template,
+        repo_kind=repo_kind, allow_pickle=parse_bool("allow-pickle", values["allow-pickle"]), model_name=model_name, quantizations=tuple(quantizations), tags=tags, template=template,
         system=values["system"], parameters=parse_parameters(values["parameters"]),
         smoke_test=parse_bool("smoke-test", values["smoke-test"]), smoke_test_prompt=values["smoke-test-prompt"].strip(), prompt_parity=parity, push=push,
         overwrite=parse_bool("overwrite", values["overwrite"]),

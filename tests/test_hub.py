@@ -14,7 +14,7 @@ GGUF_REPO = ["README.md", "LICENSE", "model-Q4_K_M.gguf", "model-q8_0.gguf", "mo
 
 def test_a_checkpoint_is_converted():
     plan = hub.plan(CHECKPOINT, "auto", ("Q4_K_M",), "a/b@main")
-    assert plan.kind == "safetensors" and "has *.safetensors weights" in plan.why
+    assert plan.kind == "transformers" and "has *.safetensors weights" in plan.why
     assert ".gitattributes" not in plan.files and "model.safetensors" in plan.files and plan.ggufs == {}
 
 
@@ -27,7 +27,7 @@ def test_a_gguf_repo_is_published_as_it_is():
 
 
 def test_both_kinds_auto_converts_unless_forced():
-    assert hub.plan(CHECKPOINT + GGUF_REPO, "auto", ("Q8_0",), "a/b@main").kind == "safetensors"
+    assert hub.plan(CHECKPOINT + GGUF_REPO, "auto", ("Q8_0",), "a/b@main").kind == "transformers"
     forced = hub.plan(CHECKPOINT + GGUF_REPO, "gguf", ("Q8_0",), "a/b@main")
     assert forced.kind == "gguf" and "forced by repo-kind: gguf" in forced.why
 
@@ -54,9 +54,27 @@ def test_forced_kind_the_repo_does_not_have():
         hub.plan(CHECKPOINT, "gguf", ("Q4_K_M",), "a/b@main")
     assert caught.value.input_name == "repo-kind"
     with pytest.raises(PublishError, match="has no \\*.safetensors weights"):
-        hub.plan(GGUF_REPO, "safetensors", ("Q4_K_M",), "a/b@main")
+        hub.plan(GGUF_REPO, "transformers", ("Q4_K_M",), "a/b@main")
 
 
-def test_pickle_only_repo_is_refused():
-    with pytest.raises(PublishError, match="only pickle weights \\(pytorch_model.bin\\)"):
-        hub.plan(["config.json", "pytorch_model.bin", "tokenizer.json"], "auto", ("Q4_K_M",), "a/b@main")
+def test_pickle_only_repo_is_refused_unless_allowed():
+    files = ["config.json", "pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin",
+             "pytorch_model.bin.index.json", "training_args.bin", "optimizer.pt", "tokenizer.json"]
+    with pytest.raises(PublishError) as caught:
+        hub.plan(files, "auto", ("Q4_K_M",), "a/b@main")
+    assert caught.value.input_name == "hf-repo" and "allow-pickle: true" in caught.value.message
+    assert "only pickle weights (pytorch_model-00001-of-00002.bin, pytorch_model-00002-of-00002.bin" in caught.value.message
+    allowed = hub.plan(files, "auto", ("Q4_K_M",), "a/b@main", allow_pickle=True)
+    assert allowed.kind == "transformers" and "allow-pickle: true" in allowed.why
+    # Only the weights the converter reads: other pickles in the repo are never downloaded.
+    assert set(allowed.files) == {"config.json", "pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin",
+                                  "pytorch_model.bin.index.json", "tokenizer.json"}
+    # With safetensors present, pickles are not downloaded even when allowed.
+    both = hub.plan(files + ["model.safetensors"], "auto", ("Q4_K_M",), "a/b@main", allow_pickle=True)
+    assert not any(f.endswith(".bin") for f in both.files)
+
+
+def test_a_repo_without_any_weights():
+    with pytest.raises(PublishError, match="has no \\*.safetensors weights"):
+        hub.plan(["config.json", "tokenizer.json", "training_args.bin"], "auto", ("Q4_K_M",), "a/b@main",
+                 allow_pickle=True)

@@ -1,10 +1,12 @@
-"""Repos that are not a transformers checkpoint, through the real entrypoint, Hub, Ollama and registry:
-a repo of ready GGUF files is published as it is, without conversion."""
+"""Repos other than a safetensors checkpoint, through the real entrypoint, Hub, Ollama and registry: a
+repo of ready GGUF files is published as it is, without conversion; a pickle-only checkpoint is converted
+when allow-pickle is set (and refused otherwise: tests/test_bad_inputs.py)."""
 
 from __future__ import annotations
 
 import json
 import os
+import pathlib
 import shutil
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from tests.conftest import registry_manifest, registry_tags
 
 pytestmark = pytest.mark.servers
 GGUF_REPO = "gguf-org/SmolLM2-135M-Instruct-GGUF"
+PICKLE_REPO = "pickle-org/SmolLM2-135M-Instruct"
 
 
 @pytest.fixture(scope="module")
@@ -55,3 +58,47 @@ def test_gguf_repo_is_published_without_conversion(stack, gguf_repo, run_action)
     # The published weights are the repo's file, byte for byte.
     assert layers["application/vnd.ollama.image.model"] == "sha256:" + file_sha256(gguf_repo)
     assert run.outputs["gguf-paths"] == "ollama-publish-out/smollm2-q4_1.gguf"
+
+
+class _Tripwire:
+    """Unpickling this creates `marker`: proof that something loaded a pickle it should not have."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return pathlib.Path.touch, (pathlib.Path(self.marker),)
+
+
+@pytest.fixture(scope="module")
+def pickle_repo(stack, tmp_path_factory) -> Path:
+    """SmolLM2 with its weights as pytorch_model.bin (torch.save of the same tensors), plus a
+    training_args.bin that must never be downloaded or loaded. Returns that file's tripwire marker."""
+    import torch
+    from safetensors.torch import load_file
+
+    checkpoint = Path(os.environ["SMOLLM2_CHECKPOINT"])
+    folder = tmp_path_factory.mktemp("pickle-repo")
+    for item in checkpoint.iterdir():
+        if item.is_file() and item.suffix != ".safetensors":
+            shutil.copy(item, folder / item.name)
+    torch.save(load_file(checkpoint / "model.safetensors"), folder / "pytorch_model.bin")
+    marker = tmp_path_factory.mktemp("tripwire") / "training_args.bin was unpickled"
+    torch.save(_Tripwire(marker), folder / "training_args.bin")
+    servers.add_model_repo(stack.mirrors, PICKLE_REPO, folder)
+    return marker
+
+
+def test_pickle_weights_are_converted_only_when_allowed(stack, pickle_repo, run_action):
+    repository = "pickle-team/smollm2"
+    run = run_action({"hf-repo": PICKLE_REPO, "quantizations": "Q8_0", "allow-pickle": "true",
+                      "ollama-model": f"{stack.registry}/{repository}", "insecure-registry": "true"},
+                     env={"HF_ENDPOINT": stack.hub_endpoint})
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert "Path: convert the checkpoint's pickle weights with llama.cpp and quantize" in run.stdout
+    assert any(line.startswith("::warning") and "allow-pickle is true" in line for line in run.stdout.splitlines())
+    assert "pytorch_model.bin" in run.stdout and "training_args.bin" not in run.stdout + run.stderr
+    assert not pickle_repo.exists(), "training_args.bin was downloaded and unpickled"
+    assert sorted(registry_tags(stack.registry, repository)) == ["1.0.0", "1.0.0-q8_0", "latest"]  # the runner env is tag v1.0.0
+    models = json.loads(run.outputs["models"])
+    assert all(m["pushed"] and m["answer"].strip() for m in models)
