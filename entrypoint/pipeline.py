@@ -145,7 +145,7 @@ def _check_resources(settings: Settings, client: OllamaClient, scratch: Path, re
         model_bytes = gguf_sizes[largest]
     else:
         size = sum(sizes.values())
-        phases = preflight.estimate(size, settings.quantizations, _intermediate_type(settings.quantizations),
+        phases = preflight.estimate(size, settings.quantizations, _intermediate_type(settings),
                                     downloaded=downloaded, ollama_copies=not linked)
         largest, model_bytes = preflight.largest_quantized(size, settings.quantizations)
     preflight.check_disk(phases, folders)
@@ -182,29 +182,42 @@ def _gguf_path(settings: Settings, quantization: str) -> Path:
     return settings.output_dir / f"{settings.model_name.model}-{quantize.tag_suffix(quantization)}.gguf"
 
 
-def _intermediate_type(quants: tuple[str, ...]) -> str:
-    """Convert straight to the one type asked for when the converter writes it; else to a 16/32-bit
-    intermediate that every quantization reads."""
-    if len(quants) == 1 and quants[0] in quantize.CONVERTER_TYPES:
+def _intermediate_type(settings: Settings) -> str:
+    """Convert straight to the one type asked for when the converter writes it (and nothing asks for
+    llama-quantize's options); else to a 16/32-bit intermediate that every quantization reads."""
+    quants = settings.quantizations
+    if len(quants) == 1 and quants[0] in quantize.CONVERTER_TYPES and not _quantize_options_set(settings):
         return quants[0]
     return next((t for t in ("F32", "BF16") if t in quants), "F16")
+
+
+def _quantize_options_set(settings: Settings) -> bool:
+    return bool(settings.imatrix or settings.imatrix_calibration or settings.output_tensor_type
+                or settings.token_embedding_type)
 
 
 def _build_ggufs(settings: Settings, checkpoint: hub.Checkpoint, scratch: Path) -> dict[str, Path]:
     """Convert once, quantize to each requested type, and delete what is consumed as soon as it is."""
     quants = settings.quantizations
     model_label = settings.hf_repo.split("/")[-1] if settings.hf_repo else checkpoint.path.name
-    intermediate_type = _intermediate_type(quants)
+    intermediate_type = _intermediate_type(settings)
     intermediate = scratch / f"intermediate-{intermediate_type.lower()}.gguf"
     convert.convert(checkpoint.path, intermediate, quantize.CONVERTER_TYPES[intermediate_type], model_label)
     if not settings.model_path:
         shutil.rmtree(checkpoint.path, ignore_errors=True)  # the downloaded weights are no longer needed
+    to_quantize = [q for q in quants if q != intermediate_type]
+    imatrix = settings.imatrix
+    if settings.imatrix_calibration and to_quantize:
+        imatrix = scratch / "imatrix.gguf"
+        github.log(f"computing the importance matrix over {settings.imatrix_calibration.name}")
+        quantize.compute_imatrix(intermediate, settings.imatrix_calibration, imatrix)
+    options = quantize.Options(imatrix=imatrix, output_tensor_type=settings.output_tensor_type,
+                               token_embedding_type=settings.token_embedding_type)
     ggufs = {}
-    for quant in quants:
-        if quant != intermediate_type:
-            github.log(f"quantizing to {quant}")
-            quantize.quantize(intermediate, _gguf_path(settings, quant), quant)
-            ggufs[quant] = _gguf_path(settings, quant)
+    for quant in to_quantize:
+        github.log(f"quantizing to {quant}")
+        quantize.quantize(intermediate, _gguf_path(settings, quant), quant, options)
+        ggufs[quant] = _gguf_path(settings, quant)
     if intermediate_type in quants:
         ggufs[intermediate_type] = Path(shutil.move(intermediate, _gguf_path(settings, intermediate_type)))
     intermediate.unlink(missing_ok=True)
@@ -216,6 +229,9 @@ def _build_ggufs(settings: Settings, checkpoint: hub.Checkpoint, scratch: Path) 
 def _take_ggufs(settings: Settings, checkpoint: hub.Checkpoint) -> dict[str, Path]:
     """The repo's own GGUF files under the names converted ones get: moved when downloaded, else linked
     (or copied, across filesystems) so that a local model-path folder is left as it was."""
+    if _quantize_options_set(settings):
+        github.warning("imatrix, imatrix-calibration, output-tensor-type and token-embedding-type are ignored: the "
+                       "repo's GGUF files are published as they are.")
     ggufs = {}
     for quant, name in checkpoint.plan.ggufs.items():
         source, target = checkpoint.path / name, _gguf_path(settings, quant)

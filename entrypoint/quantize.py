@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from pathlib import Path
@@ -15,8 +16,11 @@ QUANTIZATION_TYPES = (
     "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0", "IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS",
     "IQ3_XS", "IQ3_S", "IQ3_M", "IQ4_NL", "IQ4_XS", "TQ1_0", "TQ2_0", "MXFP4_MOE", "F16", "BF16", "F32",
 )
-# These produce garbage without an importance matrix; support for one comes with its own input.
+# These produce garbage without an importance matrix (llama-quantize refuses most of them without one).
 NEEDS_IMATRIX = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M")
+# ggml tensor types llama-quantize takes for --output-tensor-type and --token-embedding-type.
+TENSOR_TYPES = ("f32", "f16", "bf16", "q8_0", "q6_K", "q5_K", "q5_1", "q5_0", "q4_K", "q4_1", "q4_0", "q3_K",
+                "q2_K", "iq4_nl", "iq4_xs")
 # Types the converter can write directly, so no llama-quantize pass is needed for them.
 CONVERTER_TYPES = {"F32": "f32", "F16": "f16", "BF16": "bf16", "Q8_0": "q8_0"}
 
@@ -31,12 +35,18 @@ def normalize(name: str) -> str:
             "(comma-separated, any case).",
             input_name="quantizations",
         )
-    if canonical in NEEDS_IMATRIX:
-        raise PublishError(
-            f"Quantization {canonical} needs an importance matrix, which this action does not build yet. "
-            "Choose a K-quant such as Q4_K_M or IQ4_XS instead.",
-            input_name="quantizations",
-        )
+    return canonical
+
+
+def normalize_tensor_type(name: str, input_name: str) -> str:
+    """A --output-tensor-type / --token-embedding-type value in llama-quantize's spelling ('' when unset)."""
+    if not name.strip():
+        return ""
+    by_lower = {t.lower(): t for t in TENSOR_TYPES}
+    canonical = by_lower.get(name.strip().lower())
+    if canonical is None:
+        raise PublishError(f"Unknown tensor type '{name}'. Use one of: {', '.join(TENSOR_TYPES)}.",
+                           input_name=input_name)
     return canonical
 
 
@@ -46,26 +56,52 @@ def tag_suffix(quantization: str) -> str:
     return head.lower() + ("_" + rest if rest else "")
 
 
-def find_llama_quantize() -> str:
-    """The llama-quantize binary: $LLAMA_QUANTIZE, else the one on PATH."""
-    path = os.environ.get("LLAMA_QUANTIZE") or shutil.which("llama-quantize")
+def find_tool(name: str) -> str:
+    """A llama.cpp tool (llama-quantize, llama-imatrix): $LLAMA_QUANTIZE's folder, else PATH."""
+    configured = os.environ.get("LLAMA_QUANTIZE")
+    path = str(Path(configured).with_name(name)) if configured else shutil.which(name)
     if not path or not os.access(path, os.X_OK):
         raise PublishError(
-            "llama-quantize was not found. Inside the action's image it is preinstalled; when running the "
-            "CLI elsewhere, run scripts/bootstrap or set LLAMA_QUANTIZE to the binary.",
-            title="llama-quantize missing",
-        )
+            f"{name} was not found. Inside the action's image it is preinstalled; when running the CLI "
+            "elsewhere, run scripts/bootstrap or set LLAMA_QUANTIZE to llama-quantize in llama.cpp's build/bin.",
+            title=f"{name} missing")
     return path
 
 
-def quantize(source: Path, target: Path, quantization: str) -> None:
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """What llama-quantize is given besides the type: an importance matrix, and the types of the
+    output and token-embedding tensors ('' leaves llama-quantize's choice)."""
+
+    imatrix: Path | None = None
+    output_tensor_type: str = ""
+    token_embedding_type: str = ""
+
+    def flags(self) -> list[str]:
+        flags = ["--imatrix", str(self.imatrix)] if self.imatrix else []
+        if self.output_tensor_type:
+            flags += ["--output-tensor-type", self.output_tensor_type]
+        if self.token_embedding_type:
+            flags += ["--token-embedding-type", self.token_embedding_type]
+        return flags
+
+
+def compute_imatrix(model: Path, calibration: Path, target: Path) -> None:
+    """Write `target`, the importance matrix of `model` (a 16/32-bit GGUF) over the calibration text."""
+    process.run_logged([find_tool("llama-imatrix"), "-m", str(model), "-f", str(calibration), "-o", str(target),
+                        "-t", str(os.cpu_count() or 1), "--no-ppl"], what="llama-imatrix")
+    if not target.is_file():
+        raise PublishError(f"llama-imatrix finished but wrote no {target.name}.", title="llama-imatrix failed")
+
+
+def quantize(source: Path, target: Path, quantization: str, options: Options = Options()) -> None:
     """Write `target` as `quantization` of `source` (a 16/32-bit GGUF). The file appears under its
     name only when complete, so an interrupted run never leaves a GGUF that looks finished."""
     threads = str(os.cpu_count() or 1)
     partial = target.with_name(target.name + ".partial")
     try:
-        process.run_logged([find_llama_quantize(), str(source), str(partial), quantization, threads],
-                           what=f"llama-quantize {quantization}")
+        process.run_logged([find_tool("llama-quantize"), *options.flags(), str(source), str(partial), quantization,
+                            threads], what=f"llama-quantize {quantization}")
         os.replace(partial, target)
     finally:
         partial.unlink(missing_ok=True)

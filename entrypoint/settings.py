@@ -22,6 +22,10 @@ INPUTS: dict[str, str] = {
     "allow-pickle": "false",
     "ollama-model": "",
     "quantizations": "Q4_K_M",
+    "imatrix-calibration": "",
+    "imatrix": "",
+    "output-tensor-type": "",
+    "token-embedding-type": "",
     "tags": "",
     "version": "",
     "template": "auto",
@@ -65,6 +69,10 @@ class Settings:
     allow_pickle: bool
     model_name: ModelName
     quantizations: tuple[str, ...]
+    imatrix_calibration: Path | None  # a text file: the action computes the importance matrix from it
+    imatrix: Path | None  # a ready importance matrix
+    output_tensor_type: str  # '' or a quantize.TENSOR_TYPES entry
+    token_embedding_type: str
     tags: tuple[tuple[str, str], ...]  # (quantization, tag), in push order
     template: str
     system: str
@@ -110,6 +118,18 @@ def parse_bool(name: str, text: str) -> bool:
     if lowered in ("false", "no", "0", "off"):
         return False
     raise PublishError(f"'{text}' is not a boolean. Use true or false.", input_name=name)
+
+
+def _workspace_file(values: Mapping[str, str], name: str, workspace: Path) -> Path | None:
+    """The file an input names, relative to the workspace; None when the input is empty."""
+    text = values[name].strip()
+    if not text:
+        return None
+    path = (workspace / text).resolve()
+    if not path.is_file():
+        raise PublishError(f"{name} '{text}' is not a file (relative paths start at the workspace).",
+                           input_name=name)
+    return path
 
 
 def split_list(text: str) -> list[str]:
@@ -235,6 +255,20 @@ def build_settings(values: Mapping[str, str], environ: Mapping[str, str]) -> Set
     if not quantizations:
         raise PublishError("quantizations is empty. Give at least one, e.g. 'Q4_K_M, Q8_0'.", input_name="quantizations")
 
+    output_tensor_type = quantize.normalize_tensor_type(values["output-tensor-type"], "output-tensor-type")
+    token_embedding_type = quantize.normalize_tensor_type(values["token-embedding-type"], "token-embedding-type")
+    calibration = _workspace_file(values, "imatrix-calibration", workspace)
+    imatrix = _workspace_file(values, "imatrix", workspace)
+    if calibration and imatrix:
+        raise PublishError("Set either imatrix-calibration (a text to compute the importance matrix from) or imatrix "
+                           "(a ready one), not both.", input_name="imatrix")
+    needs_imatrix = [q for q in quantizations if q in quantize.NEEDS_IMATRIX]
+    if needs_imatrix and not (calibration or imatrix) and repo_kind != "gguf":
+        raise PublishError(
+            f"{', '.join(needs_imatrix)} need an importance matrix: set imatrix-calibration to a text file in the "
+            "workspace (the action runs llama-imatrix over it) or imatrix to a ready one, or choose a K-quant such "
+            "as Q4_K_M. (To publish a repo's ready IQ files, set repo-kind: gguf.)", input_name="imatrix-calibration")
+
     version = values["version"].strip() or release_version(environ)
     patterns = split_list(values["tags"]) or list(DEFAULT_TAG_PATTERNS if version else UNVERSIONED_TAG_PATTERNS)
     tags = expand_tags(patterns, tuple(quantizations), version)
@@ -277,12 +311,13 @@ def build_settings(values: Mapping[str, str], environ: Mapping[str, str]) -> Set
                            "such as 'ollama-publish-out'.", input_name="output-dir")
     return Settings(
         hf_repo=hf_repo, hf_revision=revision, hf_token=values["hf-token"].strip(), model_path=model_path,
-        repo_kind=repo_kind, allow_pickle=parse_bool("allow-pickle", values["allow-pickle"]), model_name=model_name, quantizations=tuple(quantizations), tags=tags, template=template,
-        system=values["system"], parameters=parse_parameters(values["parameters"]),
-        smoke_test=parse_bool("smoke-test", values["smoke-test"]), smoke_test_prompt=values["smoke-test-prompt"].strip(), prompt_parity=parity, push=push,
-        overwrite=parse_bool("overwrite", values["overwrite"]),
+        repo_kind=repo_kind, allow_pickle=parse_bool("allow-pickle", values["allow-pickle"]),
+        model_name=model_name, quantizations=tuple(quantizations), imatrix_calibration=calibration, imatrix=imatrix,
+        output_tensor_type=output_tensor_type, token_embedding_type=token_embedding_type, tags=tags, template=template, system=values["system"], parameters=parse_parameters(values["parameters"]),
+        smoke_test=parse_bool("smoke-test", values["smoke-test"]), smoke_test_prompt=values["smoke-test-prompt"].strip(),
+        prompt_parity=parity, push=push, overwrite=parse_bool("overwrite", values["overwrite"]),
         immutable_tags=frozenset(tag for _, tag in expand_tags([p for p in patterns if "{version}" in p],
-                                                               tuple(quantizations), version)), ollama_key=key,
-        insecure_registry=insecure, ollama_host=ollama_host.rstrip("/"), output_dir=output_dir,
+                                                               tuple(quantizations), version)),
+        ollama_key=key, insecure_registry=insecure, ollama_host=ollama_host.rstrip("/"), output_dir=output_dir,
         resource_check=parse_bool("resource-check", values["resource-check"]),
     )

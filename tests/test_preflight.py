@@ -50,3 +50,9 @@ def test_memory_check_names_the_largest_quantization(monkeypatch):
     assert caught.value.input_name == "resource-check"
     assert "checking the Q8_0 model needs about" in caught.value.message and "GB is available" in caught.value.message
     preflight.check_memory(10**6, "Q4_K_M")  # a tiny model fits anywhere
+
+
+def test_every_quantization_has_a_size_estimate():
+    from entrypoint.quantize import QUANTIZATION_TYPES
+
+    assert set(QUANTIZATION_TYPES) <= set(preflight.BITS_PER_WEIGHT)

@@ -55,7 +55,14 @@ def test_custom_tag_patterns(tmp_path):
     ({"hf-repo": "a/b", "ollama-model": "model"}, "ollama-model", "namespace/model"),
     ({"hf-repo": "a/b", "ollama-model": "h:1/my.team/m"}, "ollama-model", "namespace"),
     ({"hf-repo": "a/b", "ollama-model": "me/m", "quantizations": "Q4_K_X"}, "quantizations", "Unknown quantization"),
-    ({"hf-repo": "a/b", "ollama-model": "me/m", "quantizations": "IQ2_XS"}, "quantizations", "importance matrix"),
+    ({"hf-repo": "a/b", "ollama-model": "me/m", "quantizations": "IQ2_XS"}, "imatrix-calibration",
+     "IQ2_XS need an importance matrix"),
+    ({"hf-repo": "a/b", "ollama-model": "me/m", "imatrix-calibration": "missing.txt"}, "imatrix-calibration",
+     "'missing.txt' is not a file"),
+    ({"hf-repo": "a/b", "ollama-model": "me/m", "output-tensor-type": "Q8"}, "output-tensor-type",
+     "Unknown tensor type 'Q8'"),
+    ({"hf-repo": "a/b", "ollama-model": "me/m", "token-embedding-type": "q4_k_m"}, "token-embedding-type",
+     "Unknown tensor type"),
     ({"hf-repo": "a/b", "ollama-model": "me/m"}, "ollama-key", "ollama.com needs ollama-key"),
     ({"hf-repo": "a/b", "ollama-model": "me/m", "ollama-key": "ssh-ed25519 AAAA"}, "ollama-key", "OpenSSH private key"),
     ({"hf-repo": "a/b", "ollama-model": "me/m", "push": "maybe"}, "push", "boolean"),
@@ -94,3 +101,20 @@ def test_model_names():
     name = parse_model_name("http://127.0.0.1:5000/team/smol.v2")
     assert (name.host, name.namespace, name.model, name.scheme) == ("127.0.0.1:5000", "team", "smol.v2", "http")
     assert name.with_tag("latest") == "127.0.0.1:5000/team/smol.v2:latest"
+
+
+def test_importance_matrix_inputs(tmp_path):
+    (tmp_path / "calibration.txt").write_text("Some text.\n")
+    (tmp_path / "imatrix.gguf").write_bytes(b"GGUF")
+    settings = build(tmp_path, **{"hf-repo": "a/b", "ollama-model": "me/m", "push": "false",
+                                  "quantizations": "iq2_xxs, Q4_K_M", "imatrix-calibration": "calibration.txt",
+                                  "output-tensor-type": "Q8_0", "token-embedding-type": "Q6_k"})
+    assert settings.quantizations == ("IQ2_XXS", "Q4_K_M") and settings.imatrix_calibration == tmp_path / "calibration.txt"
+    assert (settings.output_tensor_type, settings.token_embedding_type) == ("q8_0", "q6_K")
+    with pytest.raises(PublishError) as caught:
+        build(tmp_path, **{"hf-repo": "a/b", "ollama-model": "me/m", "push": "false",
+                           "imatrix-calibration": "calibration.txt", "imatrix": "imatrix.gguf"})
+    assert caught.value.input_name == "imatrix" and "not both" in caught.value.message
+    # A repo of ready GGUF files brings its own IQ files: no importance matrix needed.
+    assert build(tmp_path, **{"hf-repo": "a/b", "ollama-model": "me/m", "push": "false", "repo-kind": "gguf",
+                              "quantizations": "IQ2_XS"}).quantizations == ("IQ2_XS",)
