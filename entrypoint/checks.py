@@ -4,6 +4,7 @@ builds the same prompt, token for token, as the checkpoint's own chat template (
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,35 @@ def smoke_test(client: OllamaClient, model: str, prompt: str, parameters: tuple[
             "usually has the wrong template or stop tokens, or a num_predict parameter that is too small.",
             title="Smoke test failed")
     return answer.strip()
+
+
+# A sentence, the same with one word changed, and an unrelated one: any embedding model, even an untrained
+# one (through shared tokens), puts the first two closer together.
+EMBEDDING_PROBE = ("The cat sits on the mat.", "The dog sits on the mat.", "Quarterly revenue rose by four percent.")
+
+
+def embedding_smoke_test(client: OllamaClient, model: str, dimensions: int) -> str:
+    """The model must load and embed: one vector of `dimensions` per input, similar sentences closer
+    than unrelated ones. Returns a one-line account for the summary."""
+    vectors = client.embed(model, list(EMBEDDING_PROBE))
+    if len(vectors) != len(EMBEDDING_PROBE) or any(len(v) != dimensions for v in vectors):
+        raise PublishError(f"Smoke test failed: {model} returned {len(vectors)} embeddings of sizes "
+                           f"{sorted({len(v) for v in vectors})} for {len(EMBEDDING_PROBE)} inputs; expected "
+                           f"{dimensions} dimensions each.", title="Smoke test failed")
+    similar, unrelated = _cosine(vectors[0], vectors[1]), _cosine(vectors[0], vectors[2])
+    account = f"{dimensions} dimensions; similar sentences {similar:.3f} > unrelated {unrelated:.3f}"
+    github.log(f"{model}: {account.replace(' > ', ' vs ')}")
+    if not similar > unrelated:
+        raise PublishError(f"Smoke test failed: {model} puts {EMBEDDING_PROBE[0]!r} closer to the unrelated "
+                           f"{EMBEDDING_PROBE[2]!r} ({unrelated:.3f}) than to {EMBEDDING_PROBE[1]!r} ({similar:.3f}). "
+                           "The pooling or the weights are wrong.", title="Smoke test failed")
+    return account
+
+
+def _cosine(a: list[float], b: list[float]) -> float:
+    dot = sum(x * y for x, y in zip(a, b))
+    norms = math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b))
+    return dot / norms if norms else 0.0
 
 
 @dataclasses.dataclass(frozen=True)

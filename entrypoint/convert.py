@@ -23,12 +23,12 @@ def find_converter() -> Path:
     return script
 
 
-def text_architectures(converter_package_init: str) -> frozenset[str]:
-    """The architectures the converter registers for text models: the keys of TEXT_MODEL_MAP in its
-    conversion/__init__.py (read as source: importing the converter would import torch)."""
+def text_architectures(converter_package_init: str) -> dict[str, str]:
+    """The architectures the converter registers for text models, each with its conversion module: the
+    TEXT_MODEL_MAP of its conversion/__init__.py (read as source: importing it would import torch)."""
     for node in ast.parse(converter_package_init).body:
         if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", "") == "TEXT_MODEL_MAP":
-            return frozenset(ast.literal_eval(node.value))
+            return dict(ast.literal_eval(node.value))
     raise PublishError("llama.cpp's conversion/__init__.py has no TEXT_MODEL_MAP; the converter in LLAMA_CPP_DIR "
                        "is not the version this action expects.", title="llama.cpp converter missing")
 
@@ -42,7 +42,7 @@ def architecture(config: dict[str, Any]) -> str:
     return ""
 
 
-def check_architecture(config: dict[str, Any], supported: frozenset[str], input_name: str) -> None:
+def check_architecture(config: dict[str, Any], supported: dict[str, str], input_name: str) -> None:
     """Refuse, before any download, a checkpoint the converter cannot convert."""
     name = architecture(config)
     if name not in supported:
@@ -52,7 +52,38 @@ def check_architecture(config: dict[str, Any], supported: frozenset[str], input_
                            input_name=input_name, title="Unsupported architecture")
 
 
-def supported_architectures() -> frozenset[str]:
+# GGUF architectures of encoder models that Ollama 0.11.4 serves from /api/embed (its llama.cpp runner;
+# the converter also writes modern-bert, neo-bert, eurobert and jina-bert-v3, which that runner lacks).
+OLLAMA_EMBEDDING_ARCHITECTURES = ("bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2")
+
+
+def check_embedding_model(metadata: dict[str, Any], input_name: str) -> int:
+    """Refuse an embedding GGUF that Ollama cannot serve; return its embedding size."""
+    arch = str(metadata.get("general.architecture", ""))
+    if arch not in OLLAMA_EMBEDDING_ARCHITECTURES:
+        raise PublishError(f"The embedding model converts to the '{arch}' architecture, which Ollama 0.11.4 cannot "
+                           f"serve; it serves embeddings from {', '.join(OLLAMA_EMBEDDING_ARCHITECTURES)} models.",
+                           input_name=input_name, title="Unsupported embedding model")
+    if f"{arch}.pooling_type" not in metadata:
+        raise PublishError("The embedding model has no pooling: the converter takes it from the sentence-transformers "
+                           "files modules.json and 1_Pooling/config.json. Without it Ollama would return the last "
+                           "token's state instead of a sentence embedding. Add them (SentenceTransformer.save).",
+                           input_name=input_name, title="No pooling")
+    return int(metadata[f"{arch}.embedding_length"])
+
+
+def check_encoder_has_pooling(config: dict[str, Any], supported: dict[str, str], has_pooling: bool,
+                              input_name: str) -> None:
+    """An encoder (converted by the converter's bert module) can only be published as an embedding model,
+    and that needs the sentence-transformers pooling files."""
+    if supported.get(architecture(config)) == "bert" and not has_pooling:
+        raise PublishError(f"The checkpoint is an encoder ({architecture(config)}), which Ollama serves as an "
+                           "embedding model; that needs the pooling of sentence-transformers' modules.json and "
+                           "1_Pooling/config.json, which the repo lacks. Save it with SentenceTransformer.save.",
+                           input_name=input_name, title="No pooling")
+
+
+def supported_architectures() -> dict[str, str]:
     init = find_converter().parent / "conversion" / "__init__.py"
     return text_architectures(init.read_text(encoding="utf-8"))
 

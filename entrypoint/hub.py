@@ -29,7 +29,8 @@ from .errors import PublishError
 NEEDED_FILES = (
     "*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json",
     "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json",
-    "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json", "LICENSE*", "LICENCE*", "README.md",
+    "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja", "chat_template.json", "LICENSE*", "LICENCE*",
+    "README.md", "modules.json",  # sentence-transformers: with 1_Pooling/config.json, an embedding model's pooling
 )
 # Pickle weights, only with allow-pickle and only under the names the converter reads (never, say,
 # training_args.bin, which is a pickle too).
@@ -140,8 +141,8 @@ def check_files(files: list[str], where: str, input_name: str = "hf-repo", allow
     if "config.json" not in names:
         raise PublishError(f"{where} has no config.json, so it is not a transformers checkpoint.",
                            input_name=input_name, title="Not a checkpoint")
-    if not names & {"tokenizer.json", "tokenizer.model", "vocab.json"}:
-        raise PublishError(f"{where} has no tokenizer (tokenizer.json, tokenizer.model or vocab.json). "
+    if not names & {"tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt"}:
+        raise PublishError(f"{where} has no tokenizer (tokenizer.json, tokenizer.model, vocab.json or vocab.txt). "
                            "Save the tokenizer with the model (tokenizer.save_pretrained).",
                            input_name=input_name, title="No tokenizer")
 

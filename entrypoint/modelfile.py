@@ -247,7 +247,9 @@ def create_request(spec: ModelSpec, model: str, gguf_digest: str, gguf_name: str
             parameters.setdefault("stop", []).append(value)
         else:
             parameters[name] = value
-    body: dict[str, Any] = {"model": model, "files": {gguf_name: gguf_digest}, "template": spec.template}
+    body: dict[str, Any] = {"model": model, "files": {gguf_name: gguf_digest}}
+    if spec.template:  # an embedding model has none
+        body["template"] = spec.template
     if spec.system:
         body["system"] = spec.system
     if parameters:

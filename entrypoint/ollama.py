@@ -138,6 +138,10 @@ class OllamaClient:
         body = {"model": model, "prompt": prompt, "options": options, "stream": False}
         return self._check(self._send("POST", "/api/generate", "generate", json=body), "generate").json()
 
+    def embed(self, model: str, inputs: list[str]) -> list[list[float]]:
+        body = {"model": model, "input": inputs}
+        return self._check(self._send("POST", "/api/embed", "embed", json=body), "embed").json().get("embeddings", [])
+
     def delete(self, model: str) -> None:
         self._check(self._send("DELETE", "/api/delete", "delete", json={"model": model}, timeout=60), "delete")
 

@@ -7,7 +7,7 @@ import dataclasses
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -56,9 +56,11 @@ def run(settings: Settings, environ: Mapping[str, str]) -> Report:
                                    retry_if=lambda exc: True)
             with github.group("2. Download the checkpoint"):
                 checkpoint = _fetch_checkpoint(settings, scratch, client)
+                embedding = _is_embedding_model(checkpoint)
                 info = _tokenizer_info(checkpoint)
                 workspace = Path(environ.get("GITHUB_WORKSPACE") or os.getcwd())
-                modelfile.choose_format(settings.template, info, workspace)  # a template that cannot work fails now
+                if not embedding:  # a template that cannot work fails now
+                    modelfile.choose_format(settings.template, info, workspace)
                 license_text = modelfile.read_license(checkpoint.path)
                 tokenizer_json = _keep_tokenizer(checkpoint, scratch)
             if checkpoint.plan.kind == "gguf":
@@ -69,20 +71,33 @@ def run(settings: Settings, environ: Mapping[str, str]) -> Report:
                     ggufs = _build_ggufs(settings, checkpoint, scratch)
             with github.group("4. Render the Modelfile"):
                 # Only the GGUF tells whether its tokenizer prepends BOS, which the template must then leave out.
-                bos_added = convert.adds_bos(ggufs[settings.quantizations[0]])
-                spec = _describe_model(settings, info, license_text, workspace, bos_added)
+                if embedding:
+                    dimensions = convert.check_embedding_model(
+                        gguf_header.read_metadata(ggufs[settings.quantizations[0]]), _source_input(settings))
+                    github.log(f"embedding model ({dimensions} dimensions): no chat template, no stop tokens")
+                    spec = modelfile.ModelSpec(template="", system="", parameters=settings.parameters,
+                                               license=license_text, source=settings.source_label)
+                else:
+                    bos_added = convert.adds_bos(ggufs[settings.quantizations[0]])
+                    spec = _describe_model(settings, info, license_text, workspace, bos_added)
                 modelfile_path = _write_modelfile(settings, spec, ggufs)
             with github.group("5. Create the models and prove they work"):
                 digests = {q: client.upload_blob(path) for q, path in ggufs.items()}
                 results = _create(client, settings, spec, ggufs, digests)
-                if settings.prompt_parity != "off":
-                    _check_prompt_parity(client, settings, spec, info, ggufs, digests, results, tokenizer_json)
-                _smoke_test(client, settings, results)
+                if embedding:
+                    _smoke_test(client, settings, results,
+                                lambda name: checks.embedding_smoke_test(client, name, dimensions))
+                else:
+                    if settings.prompt_parity != "off":
+                        _check_prompt_parity(client, settings, spec, info, ggufs, digests, results, tokenizer_json)
+                    _smoke_test(client, settings, results, lambda name: checks.smoke_test(
+                        client, name, settings.smoke_test_prompt, settings.parameters))
             if settings.push:
                 with github.group("6. Push"):
                     _push(client, settings, results)
             return Report(results=results, modelfile=modelfile_path, commit=checkpoint.commit,
-                          ollama_version=client.version(), path_taken=checkpoint.plan.why)
+                          ollama_version=client.version(),
+                          path_taken=checkpoint.plan.why + ("; an embedding model" if embedding else ""))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -121,8 +136,10 @@ def _fetch_checkpoint(settings: Settings, scratch: Path, client: OllamaClient) -
     if repo_plan.kind == "transformers":
         config = (hub.read_json(settings.model_path / "config.json") if settings.model_path
                   else hub.read_config(remote, settings.hf_token, destination))
-        convert.check_architecture(config, convert.supported_architectures(),
-                                   input_name="model-path" if settings.model_path else "hf-repo")
+        architectures = convert.supported_architectures()
+        convert.check_architecture(config, architectures, input_name=_source_input(settings))
+        convert.check_encoder_has_pooling(config, architectures, "modules.json" in repo_plan.files,
+                                          input_name=_source_input(settings))
     if settings.resource_check:
         _check_resources(settings, client, scratch, repo_plan, sizes)
     if settings.model_path:
@@ -150,6 +167,19 @@ def _check_resources(settings: Settings, client: OllamaClient, scratch: Path, re
         largest, model_bytes = preflight.largest_quantized(size, settings.quantizations)
     preflight.check_disk(phases, folders)
     preflight.check_memory(model_bytes, largest)
+
+
+def _is_embedding_model(checkpoint: hub.Checkpoint) -> bool:
+    """A sentence-transformers checkpoint (its modules.json gives the converter the pooling), or a GGUF
+    with a pooling type."""
+    if checkpoint.plan.kind == "gguf":
+        metadata = gguf_header.read_metadata(checkpoint.path / next(iter(checkpoint.plan.ggufs.values())))
+        return f"{metadata.get('general.architecture')}.pooling_type" in metadata
+    return "modules.json" in checkpoint.plan.files
+
+
+def _source_input(settings: Settings) -> str:
+    return "model-path" if settings.model_path else "hf-repo"
 
 
 def _tokenizer_info(checkpoint: hub.Checkpoint) -> modelfile.TokenizerInfo:
@@ -292,16 +322,17 @@ def _check_prompt_parity(client: OllamaClient, settings: Settings, spec: modelfi
     github.warning(message)
 
 
-def _smoke_test(client: OllamaClient, settings: Settings, results: list[TagResult]) -> None:
-    """Once per quantization: the tags of one quantization are the same model (equal digests)."""
+def _smoke_test(client: OllamaClient, settings: Settings, results: list[TagResult],
+                test: Callable[[str], str]) -> None:
+    """Once per quantization (the tags of one quantization are the same model): `test(name)` raises or
+    returns the account shown in the summary."""
     if not settings.smoke_test:
-        github.warning("smoke test skipped (smoke-test: false): nothing proves the models answer and stop")
+        github.warning("smoke test skipped (smoke-test: false): nothing proves the models work")
         return
     answers: dict[str, str] = {}
     for result in results:
         if result.digest not in answers:
-            answers[result.digest] = checks.smoke_test(client, result.name, settings.smoke_test_prompt,
-                                                       settings.parameters)
+            answers[result.digest] = test(result.name)
         result.answer = answers[result.digest]
 
 

@@ -80,12 +80,10 @@ def registry(root: Path, address: str = "") -> Iterator[str]:
 
 
 def add_model_repo(mirrors: Path, repo_id: str, checkpoint: Path, tags: tuple[str, ...] = ()) -> Path:
-    """Commit a checkpoint folder as a git repository in olah's mirror layout (branch main)."""
+    """Commit a checkpoint folder (with its subfolders) as a git repository in olah's mirror layout (branch main)."""
     repo = mirrors / "models" / repo_id
     repo.mkdir(parents=True)
-    for item in checkpoint.iterdir():
-        if item.is_file():
-            shutil.copy2(item, repo / item.name)
+    shutil.copytree(checkpoint, repo, dirs_exist_ok=True)
     git = ["git", "-C", str(repo), "-c", "user.name=tests", "-c", "user.email=tests@localhost"]
     subprocess.run(git[:3] + ["init", "-q", "-b", "main"], check=True)
     subprocess.run(git + ["add", "-A"], check=True)

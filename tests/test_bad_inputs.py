@@ -15,6 +15,7 @@ import pytest
 
 from entrypoint.quantize import tag_suffix
 from tests import fault_report, servers
+from tests.material import bert
 from tests.conftest import HF_REPO, action_runner, registry_tags
 from tests.test_publish import make_ollama_key
 
@@ -50,6 +51,8 @@ CASES = {
     "GGUF repo without the quantization": ({"hf-repo": "test-org/gguf-only"}, {}, "quantizations",
                                            "no GGUF file for Q8_0. It offers: Q4_1 (SmolLM2-135M-Instruct.Q4_1.gguf)"),
     "unknown repo-kind": ({"repo-kind": "lora"}, {}, "repo-kind", "'lora' is not a repo kind"),
+    "encoder without pooling": ({"hf-repo": "test-org/bert-no-pooling"}, {}, "hf-repo",
+                                "an encoder (BertModel), which Ollama serves as an embedding model"),
 }
 
 
@@ -81,6 +84,8 @@ def bad_repos(stack, tmp_path_factory):
     gguf_only.mkdir()
     shutil.copy(os.environ["SMOLLM2_GGUF"], gguf_only)
     servers.add_model_repo(stack.mirrors, "test-org/gguf-only", gguf_only)
+    bert.build(folder / "bert-no-pooling", pooling=False)
+    servers.add_model_repo(stack.mirrors, "test-org/bert-no-pooling", folder / "bert-no-pooling")
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -18,13 +18,13 @@ MMPROJ_MODEL_MAP: dict[str, str] = {"LlavaForConditionalGeneration": "llava"}
 
 
 def test_text_architectures_are_read_from_the_converter_source():
-    assert convert.text_architectures(INIT) == {"LlamaForCausalLM", "Qwen2ForCausalLM"}
+    assert convert.text_architectures(INIT) == {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen"}
 
 
 def test_the_installed_converter_knows_common_architectures():
     supported = convert.supported_architectures()
-    assert {"LlamaForCausalLM", "Qwen2ForCausalLM", "Gemma2ForCausalLM", "MistralForCausalLM"} <= supported
-    assert len(supported) > 100
+    assert {"LlamaForCausalLM", "Qwen2ForCausalLM", "Gemma2ForCausalLM", "MistralForCausalLM"} <= set(supported)
+    assert len(supported) > 100 and supported["BertModel"] == "bert"
 
 
 def test_architecture_prefers_the_text_config():
@@ -51,3 +51,25 @@ def test_repository_file_names_may_not_leave_the_download_folder(name):
     with pytest.raises(PublishError) as caught:
         hub.plan(["model.safetensors", "config.json", "tokenizer.json", name], "auto", ("Q4_K_M",), "a/b@main")
     assert "leave the repository folder" in caught.value.message
+
+
+def test_an_encoder_needs_sentence_transformers_pooling():
+    supported = convert.supported_architectures()
+    bert = {"architectures": ["BertModel"]}
+    with pytest.raises(PublishError) as caught:
+        convert.check_encoder_has_pooling(bert, supported, has_pooling=False, input_name="hf-repo")
+    assert caught.value.input_name == "hf-repo" and "modules.json" in caught.value.message
+    convert.check_encoder_has_pooling(bert, supported, has_pooling=True, input_name="hf-repo")
+    convert.check_encoder_has_pooling({"architectures": ["LlamaForCausalLM"]}, supported, has_pooling=False,
+                                      input_name="hf-repo")
+
+
+@pytest.mark.parametrize("metadata, phrase", [
+    ({"general.architecture": "modern-bert", "modern-bert.pooling_type": 1}, "'modern-bert' architecture"),
+    ({"general.architecture": "bert", "bert.embedding_length": 64}, "has no pooling"),
+])
+def test_embedding_models_ollama_cannot_serve_are_refused(metadata, phrase):
+    with pytest.raises(PublishError, match=phrase):
+        convert.check_embedding_model(metadata, input_name="hf-repo")
+    assert convert.check_embedding_model({"general.architecture": "bert", "bert.pooling_type": 1,
+                                          "bert.embedding_length": 64}, input_name="hf-repo") == 64

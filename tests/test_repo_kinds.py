@@ -1,6 +1,7 @@
-"""Repos other than a safetensors checkpoint, through the real entrypoint, Hub, Ollama and registry: a
-repo of ready GGUF files is published as it is, without conversion; a pickle-only checkpoint is converted
-when allow-pickle is set (and refused otherwise: tests/test_bad_inputs.py)."""
+"""Repos other than a chat model's safetensors checkpoint, through the real entrypoint, Hub, Ollama and
+registry: a repo of ready GGUF files is published as it is, without conversion; a pickle-only checkpoint
+is converted when allow-pickle is set (and refused otherwise: tests/test_bad_inputs.py); a
+sentence-transformers checkpoint becomes an embedding model."""
 
 from __future__ import annotations
 
@@ -14,11 +15,13 @@ import pytest
 
 from entrypoint.ollama import file_sha256
 from tests import servers
+from tests.material import bert
 from tests.conftest import registry_manifest, registry_tags
 
 pytestmark = pytest.mark.servers
 GGUF_REPO = "gguf-org/SmolLM2-135M-Instruct-GGUF"
 PICKLE_REPO = "pickle-org/SmolLM2-135M-Instruct"
+EMBEDDING_REPO = "embed-org/tiny-bert"
 
 
 @pytest.fixture(scope="module")
@@ -102,3 +105,30 @@ def test_pickle_weights_are_converted_only_when_allowed(stack, pickle_repo, run_
     assert sorted(registry_tags(stack.registry, repository)) == ["1.0.0", "1.0.0-q8_0", "latest"]  # the runner env is tag v1.0.0
     models = json.loads(run.outputs["models"])
     assert all(m["pushed"] and m["answer"].strip() for m in models)
+
+
+@pytest.fixture(scope="module")
+def embedding_repo(stack, tmp_path_factory) -> str:
+    folder = tmp_path_factory.mktemp("embedding") / "tiny-bert"
+    bert.build(folder)
+    servers.add_model_repo(stack.mirrors, EMBEDDING_REPO, folder)
+    return EMBEDDING_REPO
+
+
+def test_sentence_transformers_checkpoint_becomes_an_embedding_model(stack, embedding_repo, run_action):
+    repository = "embed-team/tiny-bert"
+    run = run_action({"hf-repo": embedding_repo, "quantizations": "Q8_0",
+                      "ollama-model": f"{stack.registry}/{repository}", "insecure-registry": "true"},
+                     env={"HF_ENDPOINT": stack.hub_endpoint})
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert f"embedding model ({bert.HIDDEN} dimensions): no chat template, no stop tokens" in run.stdout
+    assert "Path taken: convert the checkpoint with llama.cpp and quantize (it has *.safetensors weights); an " \
+           "embedding model." in run.summary
+    assert "prompt parity" not in run.stdout  # nothing to compare: no chat template
+    models = json.loads(run.outputs["models"])
+    assert all(m["pushed"] for m in models)
+    assert all(m["answer"].startswith(f"{bert.HIDDEN} dimensions; similar sentences ") for m in models), models
+    modelfile = (run.workspace / run.outputs["modelfile"]).read_text()
+    assert "TEMPLATE" not in modelfile and "PARAMETER stop" not in modelfile
+    _, manifest = registry_manifest(stack.registry, repository, "1.0.0-q8_0")
+    assert "application/vnd.ollama.image.template" not in {layer["mediaType"] for layer in manifest["layers"]}
