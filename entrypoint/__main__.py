@@ -40,6 +40,8 @@ def write_outputs(report: pipeline.Report, workspace: Path) -> None:
                "registry_digest": r.registry_digest, "size": r.size, "pushed": r.pushed, "answer": r.answer}
               for r in report.results]
     ggufs = list(dict.fromkeys(_display(r.gguf, workspace) for r in report.results))
+    if report.projector:
+        ggufs.append(_display(report.projector, workspace))
     github.set_outputs({
         "models": json.dumps(models),
         "modelfile": _display(report.modelfile, workspace),

@@ -3,8 +3,11 @@ builds the same prompt, token for token, as the checkpoint's own chat template (
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import math
+import struct
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +74,34 @@ def embedding_smoke_test(client: OllamaClient, model: str, dimensions: int) -> s
                            f"{EMBEDDING_PROBE[2]!r} ({unrelated:.3f}) than to {EMBEDDING_PROBE[1]!r} ({similar:.3f}). "
                            "The pooling or the weights are wrong.", title="Smoke test failed")
     return account
+
+
+def vision_smoke_test(client: OllamaClient, model: str) -> str:
+    """An image must reach the model: the same question with an image costs more prompt tokens (a model
+    without a working projector accepts images and silently drops them). Returns a one-line account."""
+    question = [{"role": "user", "content": "What is in this image?"}]
+    options = {**GREEDY, "num_predict": 1}
+    without = client.chat(model, question, options).get("prompt_eval_count", 0)
+    with_image = client.chat(model, [{**question[0], "images": [base64.b64encode(probe_image()).decode()]}],
+                             options).get("prompt_eval_count", 0)
+    account = f"an image adds {with_image - without} prompt tokens"
+    github.log(f"{model}: {account} ({without} without it)")
+    if with_image <= without:
+        raise PublishError(f"Smoke test failed: {model} ignores images ({with_image} prompt tokens with one, "
+                           f"{without} without). Its projector did not load.", title="Smoke test failed")
+    return account
+
+
+def probe_image(size: int = 32) -> bytes:
+    """A small RGB gradient as PNG (no imaging library needed)."""
+    rows = b"".join(b"\x00" + bytes(v for x in range(size) for v in (x * 8 % 256, y * 8 % 256, 128))
+                    for y in range(size))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", size, size, 8, 2, 0, 0, 0)  # 8-bit RGB
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
 
 
 def _cosine(a: list[float], b: list[float]) -> float:

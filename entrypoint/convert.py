@@ -26,10 +26,19 @@ def find_converter() -> Path:
 def text_architectures(converter_package_init: str) -> dict[str, str]:
     """The architectures the converter registers for text models, each with its conversion module: the
     TEXT_MODEL_MAP of its conversion/__init__.py (read as source: importing it would import torch)."""
+    return _model_map(converter_package_init, "TEXT_MODEL_MAP")
+
+
+def projector_architectures(converter_package_init: str) -> dict[str, str]:
+    """The architectures whose vision (or audio) encoder the converter writes with --mmproj."""
+    return _model_map(converter_package_init, "MMPROJ_MODEL_MAP")
+
+
+def _model_map(converter_package_init: str, name: str) -> dict[str, str]:
     for node in ast.parse(converter_package_init).body:
-        if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", "") == "TEXT_MODEL_MAP":
+        if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", "") == name:
             return dict(ast.literal_eval(node.value))
-    raise PublishError("llama.cpp's conversion/__init__.py has no TEXT_MODEL_MAP; the converter in LLAMA_CPP_DIR "
+    raise PublishError(f"llama.cpp's conversion/__init__.py has no {name}; the converter in LLAMA_CPP_DIR "
                        "is not the version this action expects.", title="llama.cpp converter missing")
 
 
@@ -84,8 +93,45 @@ def check_encoder_has_pooling(config: dict[str, Any], supported: dict[str, str],
 
 
 def supported_architectures() -> dict[str, str]:
-    init = find_converter().parent / "conversion" / "__init__.py"
-    return text_architectures(init.read_text(encoding="utf-8"))
+    return text_architectures(_converter_init())
+
+
+def is_vision_model(config: dict[str, Any]) -> bool:
+    """A checkpoint whose own architecture has an encoder the converter writes as a projector (--mmproj)."""
+    names = config.get("architectures") or [""]
+    return bool(config.get("vision_config")) and names[0] in projector_architectures(_converter_init())
+
+
+def _converter_init() -> str:
+    return (find_converter().parent / "conversion" / "__init__.py").read_text(encoding="utf-8")
+
+
+# Text architectures Ollama 0.11.4 runs on its own engine, which reads vision weights only from the
+# model GGUF in its own layout and ignores a llama.cpp projector (the model would answer without seeing).
+OLLAMA_ENGINE_ARCHITECTURES = ("gemma3", "gemma3n", "mistral3", "llama4", "mllama", "qwen25vl", "gptoss")
+# Projector types the llama.cpp runner in Ollama 0.11.4 loads (its tools/mtmd/clip-impl.h), minus the
+# Qwen2-VL mergers, whose text models need four positions per token there.
+OLLAMA_PROJECTOR_TYPES = ("mlp", "mlp_norm", "ldp", "ldpv2", "resampler", "adapter", "gemma3", "idefics3",
+                          "pixtral", "internvl")
+
+
+def check_vision_model(text: dict[str, Any], projector: dict[str, Any], input_name: str) -> None:
+    """Refuse a vision model Ollama would load without its vision, rather than publish it text-only."""
+    arch = str(text.get("general.architecture", ""))
+    kind = str(projector.get("clip.projector_type", ""))
+    if arch in OLLAMA_ENGINE_ARCHITECTURES:
+        raise PublishError(f"The vision model's text part is '{arch}', which Ollama 0.11.4 runs on its own engine: "
+                           "it would ignore llama.cpp's projector and answer without seeing the image. Publish it "
+                           "as text only (remove vision_config) or with Ollama's own importer.",
+                           input_name=input_name, title="Unsupported vision model")
+    if kind not in OLLAMA_PROJECTOR_TYPES:
+        raise PublishError(f"The vision model's projector is of type '{kind or 'unknown'}', which Ollama 0.11.4 "
+                           f"cannot load; it loads {', '.join(OLLAMA_PROJECTOR_TYPES)}.", input_name=input_name,
+                           title="Unsupported vision model")
+    width, text_width = projector.get("clip.vision.projection_dim"), text.get(f"{arch}.embedding_length")
+    if width is not None and text_width is not None and width != text_width:
+        raise PublishError(f"The projector writes {width}-dimensional image embeddings, the text model takes "
+                           f"{text_width}.", input_name=input_name, title="Unsupported vision model")
 
 
 def convert(checkpoint: Path, target: Path, outtype: str, model_name: str) -> None:
@@ -96,6 +142,15 @@ def convert(checkpoint: Path, target: Path, outtype: str, model_name: str) -> No
     command = [sys.executable, str(find_converter()), str(checkpoint), "--outfile", str(target),
                "--outtype", outtype, "--model-name", model_name]
     process.run_logged(command, what="convert_hf_to_gguf.py")
+    if not target.is_file():
+        raise PublishError(f"The converter finished but wrote no {target.name}.", title="Conversion failed")
+
+
+def convert_projector(checkpoint: Path, target: Path) -> None:
+    """Write `target`, the vision encoder and projector of `checkpoint` as llama.cpp's mmproj GGUF (f16)."""
+    command = [sys.executable, str(find_converter()), str(checkpoint), "--mmproj", "--outfile", str(target),
+               "--outtype", "f16"]
+    process.run_logged(command, what="convert_hf_to_gguf.py --mmproj")
     if not target.is_file():
         raise PublishError(f"The converter finished but wrote no {target.name}.", title="Conversion failed")
 

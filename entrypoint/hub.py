@@ -31,6 +31,7 @@ NEEDED_FILES = (
     "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json",
     "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja", "chat_template.json", "LICENSE*", "LICENCE*",
     "README.md", "modules.json",  # sentence-transformers: with 1_Pooling/config.json, an embedding model's pooling
+    "preprocessor_config.json", "processor_config.json",  # a vision model's image size and normalization
 )
 # Pickle weights, only with allow-pickle and only under the names the converter reads (never, say,
 # training_args.bin, which is a pickle too).

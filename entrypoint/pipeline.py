@@ -37,6 +37,7 @@ class Report:
     commit: str
     ollama_version: str
     path_taken: str  # how the repo was published, and why (hub.Plan.why)
+    projector: Path | None  # a vision model's projector GGUF, shared by every tag
 
 
 def run(settings: Settings, environ: Mapping[str, str]) -> Report:
@@ -56,48 +57,40 @@ def run(settings: Settings, environ: Mapping[str, str]) -> Report:
                                    retry_if=lambda exc: True)
             with github.group("2. Download the checkpoint"):
                 checkpoint = _fetch_checkpoint(settings, scratch, client)
-                embedding = _is_embedding_model(checkpoint)
+                task = _task(checkpoint)
                 info = _tokenizer_info(checkpoint)
                 workspace = Path(environ.get("GITHUB_WORKSPACE") or os.getcwd())
-                if not embedding:  # a template that cannot work fails now
+                if task != "embedding":  # a template that cannot work fails now
                     modelfile.choose_format(settings.template, info, workspace)
                 license_text = modelfile.read_license(checkpoint.path)
                 tokenizer_json = _keep_tokenizer(checkpoint, scratch)
+            projector = _projector_path(settings) if task == "vision" else None
             if checkpoint.plan.kind == "gguf":
                 with github.group("3. Take the repo's GGUF files (no conversion)"):
                     ggufs = _take_ggufs(settings, checkpoint)
             else:
                 with github.group("3. Convert to GGUF and quantize"):
-                    ggufs = _build_ggufs(settings, checkpoint, scratch)
+                    ggufs = _build_ggufs(settings, checkpoint, scratch, projector)
             with github.group("4. Render the Modelfile"):
-                # Only the GGUF tells whether its tokenizer prepends BOS, which the template must then leave out.
-                if embedding:
-                    dimensions = convert.check_embedding_model(
-                        gguf_header.read_metadata(ggufs[settings.quantizations[0]]), _source_input(settings))
-                    github.log(f"embedding model ({dimensions} dimensions): no chat template, no stop tokens")
-                    spec = modelfile.ModelSpec(template="", system="", parameters=settings.parameters,
-                                               license=license_text, source=settings.source_label)
-                else:
-                    bos_added = convert.adds_bos(ggufs[settings.quantizations[0]])
-                    spec = _describe_model(settings, info, license_text, workspace, bos_added)
-                modelfile_path = _write_modelfile(settings, spec, ggufs)
+                spec, embedding_size = _describe(settings, task, info, ggufs, projector, license_text, workspace)
+                modelfile_path = _write_modelfile(settings, spec, ggufs, projector)
             with github.group("5. Create the models and prove they work"):
                 digests = {q: client.upload_blob(path) for q, path in ggufs.items()}
-                results = _create(client, settings, spec, ggufs, digests)
-                if embedding:
+                projector_file = (projector.name, client.upload_blob(projector)) if projector else None
+                results = _create(client, settings, spec, ggufs, digests, projector_file)
+                if task == "embedding":
                     _smoke_test(client, settings, results,
-                                lambda name: checks.embedding_smoke_test(client, name, dimensions))
+                                lambda name: checks.embedding_smoke_test(client, name, embedding_size))
                 else:
                     if settings.prompt_parity != "off":
                         _check_prompt_parity(client, settings, spec, info, ggufs, digests, results, tokenizer_json)
-                    _smoke_test(client, settings, results, lambda name: checks.smoke_test(
-                        client, name, settings.smoke_test_prompt, settings.parameters))
+                    _smoke_test(client, settings, results, lambda name: _chat_smoke_test(client, settings, name, task))
             if settings.push:
                 with github.group("6. Push"):
                     _push(client, settings, results)
             return Report(results=results, modelfile=modelfile_path, commit=checkpoint.commit,
-                          ollama_version=client.version(),
-                          path_taken=checkpoint.plan.why + ("; an embedding model" if embedding else ""))
+                          ollama_version=client.version(), path_taken=checkpoint.plan.why + TASK_NOTES[task],
+                          projector=projector)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -169,13 +162,40 @@ def _check_resources(settings: Settings, client: OllamaClient, scratch: Path, re
     preflight.check_memory(model_bytes, largest)
 
 
-def _is_embedding_model(checkpoint: hub.Checkpoint) -> bool:
-    """A sentence-transformers checkpoint (its modules.json gives the converter the pooling), or a GGUF
-    with a pooling type."""
+TASK_NOTES = {"chat": "", "embedding": "; an embedding model", "vision": "; a vision model, with its projector"}
+
+
+def _task(checkpoint: hub.Checkpoint) -> str:
+    """'embedding': a sentence-transformers checkpoint (its modules.json gives the converter the pooling) or
+    a GGUF with a pooling type; 'vision': a checkpoint with an image encoder the converter writes as a
+    projector; else 'chat'."""
     if checkpoint.plan.kind == "gguf":
         metadata = gguf_header.read_metadata(checkpoint.path / next(iter(checkpoint.plan.ggufs.values())))
-        return f"{metadata.get('general.architecture')}.pooling_type" in metadata
-    return "modules.json" in checkpoint.plan.files
+        return "embedding" if f"{metadata.get('general.architecture')}.pooling_type" in metadata else "chat"
+    if "modules.json" in checkpoint.plan.files:
+        return "embedding"
+    return "vision" if convert.is_vision_model(hub.read_json(checkpoint.path / "config.json")) else "chat"
+
+
+def _describe(settings: Settings, task: str, info: modelfile.TokenizerInfo, ggufs: dict[str, Path],
+              projector: Path | None, license_text: str, workspace: Path) -> tuple[modelfile.ModelSpec, int]:
+    """The model's spec, and for an embedding model its embedding size (else 0)."""
+    default_gguf = ggufs[settings.quantizations[0]]
+    if task == "embedding":
+        size = convert.check_embedding_model(gguf_header.read_metadata(default_gguf), _source_input(settings))
+        github.log(f"embedding model ({size} dimensions): no chat template, no stop tokens")
+        return modelfile.ModelSpec(template="", system="", parameters=settings.parameters, license=license_text,
+                                   source=settings.source_label), size
+    if projector:
+        convert.check_vision_model(gguf_header.read_metadata(default_gguf), gguf_header.read_metadata(projector),
+                                   _source_input(settings))
+    # Only the GGUF tells whether its tokenizer prepends BOS, which the template must then leave out.
+    return _describe_model(settings, info, license_text, workspace, convert.adds_bos(default_gguf)), 0
+
+
+def _chat_smoke_test(client: OllamaClient, settings: Settings, name: str, task: str) -> str:
+    answer = checks.smoke_test(client, name, settings.smoke_test_prompt, settings.parameters)
+    return f"{answer} ({checks.vision_smoke_test(client, name)})" if task == "vision" else answer
 
 
 def _source_input(settings: Settings) -> str:
@@ -212,6 +232,10 @@ def _gguf_path(settings: Settings, quantization: str) -> Path:
     return settings.output_dir / f"{settings.model_name.model}-{quantize.tag_suffix(quantization)}.gguf"
 
 
+def _projector_path(settings: Settings) -> Path:
+    return settings.output_dir / f"{settings.model_name.model}-mmproj-f16.gguf"
+
+
 def _intermediate_type(settings: Settings) -> str:
     """Convert straight to the one type asked for when the converter writes it (and nothing asks for
     llama-quantize's options); else to a 16/32-bit intermediate that every quantization reads."""
@@ -226,13 +250,17 @@ def _quantize_options_set(settings: Settings) -> bool:
                 or settings.token_embedding_type)
 
 
-def _build_ggufs(settings: Settings, checkpoint: hub.Checkpoint, scratch: Path) -> dict[str, Path]:
-    """Convert once, quantize to each requested type, and delete what is consumed as soon as it is."""
+def _build_ggufs(settings: Settings, checkpoint: hub.Checkpoint, scratch: Path,
+                 projector: Path | None) -> dict[str, Path]:
+    """Convert once (and the vision projector to `projector`, when given), quantize to each requested type,
+    and delete what is consumed as soon as it is."""
     quants = settings.quantizations
     model_label = settings.hf_repo.split("/")[-1] if settings.hf_repo else checkpoint.path.name
     intermediate_type = _intermediate_type(settings)
     intermediate = scratch / f"intermediate-{intermediate_type.lower()}.gguf"
     convert.convert(checkpoint.path, intermediate, quantize.CONVERTER_TYPES[intermediate_type], model_label)
+    if projector:
+        convert.convert_projector(checkpoint.path, projector)
     if not settings.model_path:
         shutil.rmtree(checkpoint.path, ignore_errors=True)  # the downloaded weights are no longer needed
     to_quantize = [q for q in quants if q != intermediate_type]
@@ -278,21 +306,23 @@ def _take_ggufs(settings: Settings, checkpoint: hub.Checkpoint) -> dict[str, Pat
     return ggufs
 
 
-def _write_modelfile(settings: Settings, spec: modelfile.ModelSpec, ggufs: dict[str, Path]) -> Path:
+def _write_modelfile(settings: Settings, spec: modelfile.ModelSpec, ggufs: dict[str, Path],
+                     projector: Path | None) -> Path:
     default_gguf = ggufs[settings.quantizations[0]]
     path = settings.output_dir / "Modelfile"
-    path.write_text(modelfile.render_modelfile(spec, default_gguf.name), encoding="utf-8")
+    path.write_text(modelfile.render_modelfile(spec, default_gguf.name, projector.name if projector else ""),
+                    encoding="utf-8")
     github.log(path.read_text(encoding="utf-8"))
     return path
 
 
 def _create(client: OllamaClient, settings: Settings, spec: modelfile.ModelSpec, ggufs: dict[str, Path],
-            digests: dict[str, str]) -> list[TagResult]:
+            digests: dict[str, str], projector: tuple[str, str] | None) -> list[TagResult]:
     results = []
     for quant, tag in settings.tags:
         name = settings.model_name.with_tag(tag)
         github.log(f"creating {name}")
-        client.create(modelfile.create_request(spec, name, digests[quant], ggufs[quant].name))
+        client.create(modelfile.create_request(spec, name, digests[quant], ggufs[quant].name, projector))
         digest, size = client.model_digest(name)
         results.append(TagResult(tag=tag, name=name, quantization=quant, gguf=ggufs[quant], digest=digest, size=size))
     return results

@@ -73,3 +73,25 @@ def test_embedding_models_ollama_cannot_serve_are_refused(metadata, phrase):
         convert.check_embedding_model(metadata, input_name="hf-repo")
     assert convert.check_embedding_model({"general.architecture": "bert", "bert.pooling_type": 1,
                                           "bert.embedding_length": 64}, input_name="hf-repo") == 64
+
+
+TEXT = {"general.architecture": "llama", "llama.embedding_length": 576}
+PROJECTOR = {"general.architecture": "clip", "clip.projector_type": "idefics3", "clip.vision.projection_dim": 576}
+
+
+@pytest.mark.parametrize("text, projector, phrase", [
+    ({"general.architecture": "gemma3", "gemma3.embedding_length": 576}, PROJECTOR, "runs on its own engine"),
+    (TEXT, {**PROJECTOR, "clip.projector_type": "qwen2vl_merger"}, "projector is of type 'qwen2vl_merger'"),
+    (TEXT, {**PROJECTOR, "clip.vision.projection_dim": 64}, "64-dimensional image embeddings, the text model takes 576"),
+])
+def test_vision_models_ollama_would_load_without_vision_are_refused(text, projector, phrase):
+    with pytest.raises(PublishError, match=phrase):
+        convert.check_vision_model(text, projector, input_name="hf-repo")
+    convert.check_vision_model(TEXT, PROJECTOR, input_name="hf-repo")
+
+
+def test_vision_checkpoints_are_recognised():
+    assert convert.is_vision_model({"architectures": ["Idefics3ForConditionalGeneration"], "vision_config": {"a": 1}})
+    assert not convert.is_vision_model({"architectures": ["LlamaForCausalLM"]})
+    assert not convert.is_vision_model({"architectures": ["FrobnicatorForConditionalGeneration"],
+                                        "vision_config": {"a": 1}})

@@ -1,7 +1,8 @@
 """Repos other than a chat model's safetensors checkpoint, through the real entrypoint, Hub, Ollama and
 registry: a repo of ready GGUF files is published as it is, without conversion; a pickle-only checkpoint
 is converted when allow-pickle is set (and refused otherwise: tests/test_bad_inputs.py); a
-sentence-transformers checkpoint becomes an embedding model."""
+sentence-transformers checkpoint becomes an embedding model; a vision-language checkpoint is published
+with its projector and must see an image."""
 
 from __future__ import annotations
 
@@ -15,13 +16,14 @@ import pytest
 
 from entrypoint.ollama import file_sha256
 from tests import servers
-from tests.material import bert
+from tests.material import bert, smolvlm
 from tests.conftest import registry_manifest, registry_tags
 
 pytestmark = pytest.mark.servers
 GGUF_REPO = "gguf-org/SmolLM2-135M-Instruct-GGUF"
 PICKLE_REPO = "pickle-org/SmolLM2-135M-Instruct"
 EMBEDDING_REPO = "embed-org/tiny-bert"
+VISION_REPO = "vision-org/SmolVLM-SmolLM2-135M"
 
 
 @pytest.fixture(scope="module")
@@ -132,3 +134,32 @@ def test_sentence_transformers_checkpoint_becomes_an_embedding_model(stack, embe
     assert "TEMPLATE" not in modelfile and "PARAMETER stop" not in modelfile
     _, manifest = registry_manifest(stack.registry, repository, "1.0.0-q8_0")
     assert "application/vnd.ollama.image.template" not in {layer["mediaType"] for layer in manifest["layers"]}
+
+
+@pytest.fixture(scope="module")
+def vision_repo(stack, tmp_path_factory) -> str:
+    folder = tmp_path_factory.mktemp("vision") / "smolvlm"
+    smolvlm.build(folder)
+    servers.add_model_repo(stack.mirrors, VISION_REPO, folder)
+    return VISION_REPO
+
+
+def test_vision_model_is_published_with_its_projector_and_sees_images(stack, vision_repo, run_action):
+    repository = "vision-team/smolvlm"
+    run = run_action({"hf-repo": vision_repo, "quantizations": "Q8_0",
+                      "ollama-model": f"{stack.registry}/{repository}", "insecure-registry": "true"},
+                     env={"HF_ENDPOINT": stack.hub_endpoint})
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert "; a vision model, with its projector." in run.summary
+    assert any(line.startswith("$ ") and "--mmproj" in line for line in run.stdout.splitlines())
+    assert run.outputs["gguf-paths"].splitlines() == ["ollama-publish-out/smolvlm-q8_0.gguf",
+                                                      "ollama-publish-out/smolvlm-mmproj-f16.gguf"]
+    modelfile = (run.workspace / run.outputs["modelfile"]).read_text()
+    assert "FROM ./smolvlm-q8_0.gguf\nFROM ./smolvlm-mmproj-f16.gguf\n" in modelfile
+    models = json.loads(run.outputs["models"])
+    # The text answer (the text model is SmolLM2's) and the image check, per the smoke test.
+    assert all(m["pushed"] and "(an image adds " in m["answer"] for m in models), models
+    _, manifest = registry_manifest(stack.registry, repository, "1.0.0-q8_0")
+    layers = {layer["mediaType"]: layer["digest"] for layer in manifest["layers"]}
+    projector = run.workspace / "ollama-publish-out" / "smolvlm-mmproj-f16.gguf"
+    assert layers["application/vnd.ollama.image.projector"] == "sha256:" + file_sha256(projector)
