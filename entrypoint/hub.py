@@ -130,7 +130,7 @@ def check_files(files: list[str], where: str, input_name: str = "hf-repo", allow
     """Refuse early a checkpoint the converter cannot use, naming what is missing."""
     names = {Path(f).name for f in files}
     if not any(n.endswith(".safetensors") for n in names):
-        pickles = sorted(needed(files, PICKLE_WEIGHTS))
+        pickles = sorted(f for f in needed(files, PICKLE_WEIGHTS) if f.endswith(".bin"))
         if not pickles:
             raise PublishError(f"{where} has no *.safetensors weights.", input_name=input_name,
                                title="No usable weights")
