@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import gguf_header, process
+from . import gguf_header, process, quantize
 from .errors import PublishError
 
 
@@ -144,6 +144,47 @@ def convert(checkpoint: Path, target: Path, outtype: str, model_name: str) -> No
     process.run_logged(command, what="convert_hf_to_gguf.py")
     if not target.is_file():
         raise PublishError(f"The converter finished but wrote no {target.name}.", title="Conversion failed")
+
+
+def check_adapter(adapter_config: dict[str, Any], input_name: str) -> None:
+    """Refuse, before any download of weights, an adapter the GGUF-level merge would fail on or get wrong."""
+    kind = adapter_config.get("peft_type", "")
+    if kind != "LORA":
+        raise PublishError(f"The adapter is a peft {kind or 'unknown'} adapter; only LoRA adapters can be merged.",
+                           input_name=input_name, title="Unsupported adapter")
+    targets = adapter_config.get("target_modules") or []
+    targets = [targets] if isinstance(targets, str) else targets
+    # What llama.cpp's LoRA converter refuses (DoRA, whole trained modules), or converts wrongly (rsLoRA's
+    # scale, per-module ranks and alphas) or drops when merging (a LoRA on a tied lm_head).
+    unsupported = [name for name, used in (
+        ("DoRA (use_dora)", adapter_config.get("use_dora")),
+        ("rsLoRA (use_rslora)", adapter_config.get("use_rslora")),
+        ("modules_to_save", adapter_config.get("modules_to_save")),
+        ("trainable_token_indices", adapter_config.get("trainable_token_indices")),
+        ("per-module ranks or alphas (rank_pattern, alpha_pattern)",
+         adapter_config.get("rank_pattern") or adapter_config.get("alpha_pattern")),
+        ("a LoRA on lm_head", "lm_head" in targets)) if used]
+    if unsupported:
+        raise PublishError(f"The adapter uses {', '.join(unsupported)}, which llama.cpp's LoRA merge cannot apply "
+                           "exactly. Merge it with peft (merge_and_unload), save the model and publish that.",
+                           input_name=input_name, title="Unsupported adapter")
+
+
+def convert_adapter(adapter: Path, base: Path, target: Path) -> None:
+    """Write `target`, the LoRA adapter as a GGUF (f16); `base` holds its base model's config."""
+    command = [sys.executable, str(find_converter().with_name("convert_lora_to_gguf.py")), str(adapter), "--base",
+               str(base), "--outfile", str(target), "--outtype", "f16"]
+    process.run_logged(command, what="convert_lora_to_gguf.py")
+    if not target.is_file():
+        raise PublishError(f"The converter finished but wrote no {target.name}.", title="Conversion failed")
+
+
+def merge_adapter(base: Path, adapter: Path, target: Path) -> None:
+    """Write `target`: the base GGUF with the adapter GGUF merged into its weights (llama-export-lora)."""
+    process.run_logged([quantize.find_tool("llama-export-lora"), "-m", str(base), "--lora", str(adapter), "-o", str(target),
+                        "-t", str(os.cpu_count() or 1)], what="llama-export-lora")
+    if not target.is_file():
+        raise PublishError(f"llama-export-lora finished but wrote no {target.name}.", title="Merge failed")
 
 
 def convert_projector(checkpoint: Path, target: Path) -> None:

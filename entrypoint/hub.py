@@ -38,7 +38,13 @@ NEEDED_FILES = (
 PICKLE_WEIGHTS = ("pytorch_model*.bin", "pytorch_model.bin.index.json")
 # A repo of ready GGUF files: the chosen ones, plus what the Modelfile takes from the repo.
 GGUF_EXTRAS = ("LICENSE*", "LICENCE*", "README.md")
-REPO_KINDS = ("auto", "transformers", "gguf")
+# A LoRA adapter (peft), with the tokenizer and chat template a fine-tune usually saves next to it. Not
+# its README.md: the LoRA converter would take a base-model link out of it into the GGUF's metadata.
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                 "tokenizer.model", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
+                 "chat_template.json", "generation_config.json", "LICENSE*", "LICENCE*")
+REPO_KINDS = ("auto", "transformers", "gguf", "lora")
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
 TIMEOUT_S = 60
 
 
@@ -46,7 +52,8 @@ TIMEOUT_S = 60
 class Plan:
     """What a repo is and which of its files the run needs."""
 
-    kind: str  # "transformers": convert and quantize; "gguf": publish the repo's own GGUF files
+    kind: str  # "transformers": convert and quantize; "gguf": publish the repo's own GGUF files;
+    # "lora": merge the adapter into its base checkpoint, then as transformers
     why: str  # one line for the log and the job summary
     files: tuple[str, ...]  # to download
     ggufs: dict[str, str] = dataclasses.field(default_factory=dict)  # gguf kind: quantization -> file
@@ -57,6 +64,7 @@ class Checkpoint:
     path: Path
     commit: str  # resolved commit sha, or "" for a local folder
     plan: Plan
+    adapter: Path | None = None  # a LoRA adapter to merge into this checkpoint (then `path` is its base)
 
 
 def needed(files: list[str], patterns: tuple[str, ...] = NEEDED_FILES) -> list[str]:
@@ -71,8 +79,17 @@ def plan(files: list[str], repo_kind: str, quantizations: tuple[str, ...], where
     if escaping:  # names come from the repository: never let one point outside the download folder
         raise PublishError(f"{where} has file names that leave the repository folder: {escaping[:3]}.",
                            input_name=input_name, title="Unsafe file names")
-    has_safetensors = any(f.endswith(".safetensors") for f in files)
-    has_gguf = any(f.endswith(".gguf") for f in files)
+    names = {Path(f).name for f in files}
+    if repo_kind == "lora" or (repo_kind == "auto" and "adapter_config.json" in files):
+        if not {"adapter_config.json", "adapter_model.safetensors"} <= set(files):
+            raise PublishError(f"{where} has no LoRA adapter (adapter_config.json and adapter_model.safetensors at its "
+                               "top level; peft's save_pretrained writes them).", input_name=input_name,
+                               title="No adapter")
+        why = "forced by repo-kind: lora" if repo_kind == "lora" else "it has adapter_config.json"
+        return Plan(kind="lora", why=f"merge the LoRA adapter into its base model, then convert and quantize ({why})",
+                    files=tuple(f for f in needed(files, ADAPTER_FILES) if "/" not in f))
+    has_safetensors = any(n.endswith(".safetensors") for n in names)
+    has_gguf = any(n.endswith(".gguf") for n in names)
     if repo_kind == "gguf" or (repo_kind == "auto" and has_gguf and not has_safetensors):
         if not has_gguf:
             raise PublishError(f"{where} has no *.gguf files, but repo-kind is gguf. Set repo-kind to auto.",
@@ -88,6 +105,10 @@ def plan(files: list[str], repo_kind: str, quantizations: tuple[str, ...], where
     why = "forced by repo-kind: transformers" if repo_kind == "transformers" else "it has *.safetensors weights"
     return Plan(kind="transformers", why=f"convert the checkpoint with llama.cpp and quantize ({why})",
                 files=tuple(needed(files)))
+
+
+def is_repo_id(text: str) -> bool:
+    return bool(_REPO_ID.match(text))
 
 
 def _quant_in_name(name: str) -> str | None:
@@ -157,7 +178,8 @@ class RemoteCheckpoint:
 
 
 @contextlib.contextmanager
-def _hub_errors(api: HfApi, repo: str, revision: str, token: str) -> Iterator[None]:
+def _hub_errors(api: HfApi, repo: str, revision: str, token: str, repo_input: str = "hf-repo",
+                revision_input: str = "hf-revision") -> Iterator[None]:
     """Turn the Hub client's errors into messages that name the input to fix."""
     endpoint = api.endpoint
     try:
@@ -169,16 +191,16 @@ def _hub_errors(api: HfApi, repo: str, revision: str, token: str) -> Iterator[No
         # Some Hub servers answer an unknown revision as an unknown repo: tell the two apart.
         if _exists(api, repo):
             raise PublishError(f"{repo} has no branch, tag or commit '{revision}'.",
-                               input_name="hf-revision") from exc
+                               input_name=revision_input) from exc
         why = "hf-token has no access to it" if token else "it is private and hf-token is not set"
         raise PublishError(f"The model repo '{repo}' was not found on {endpoint}: check the name, or {why}.",
-                           input_name="hf-repo") from exc
+                           input_name=repo_input) from exc
     except RevisionNotFoundError as exc:
-        raise PublishError(f"{repo} has no branch, tag or commit '{revision}'.", input_name="hf-revision") from exc
+        raise PublishError(f"{repo} has no branch, tag or commit '{revision}'.", input_name=revision_input) from exc
     except HfHubHTTPError as exc:
         status = exc.response.status_code if exc.response is not None else "?"
         raise PublishError(f"The Hub answered {status} for {repo}@{revision}: {exc}",
-                           input_name="hf-token" if status in (401, 403) else "hf-repo") from exc
+                           input_name="hf-token" if status in (401, 403) else repo_input) from exc
     except (requests.RequestException, LocalEntryNotFoundError, OSError) as exc:
         raise PublishError(f"Could not download {repo} from {endpoint}: {exc}. Check that the Hub is reachable "
                            "(HF_ENDPOINT) and re-run.", title="Hub unreachable") from exc
@@ -193,15 +215,17 @@ def _retry_if_unreachable(exc: PublishError) -> bool:
 
 
 def inspect(repo: str, revision: str, token: str, repo_kind: str, quantizations: tuple[str, ...],
-            allow_pickle: bool) -> RemoteCheckpoint:
-    """Resolve `revision` to a commit, decide how to publish the repo, and size the files to download."""
+            allow_pickle: bool, inputs: tuple[str, str] = ("hf-repo", "hf-revision")) -> RemoteCheckpoint:
+    """Resolve `revision` to a commit, decide how to publish the repo, and size the files to download.
+    `inputs` name the inputs that gave the repo and the revision, for error messages."""
     api = _api(token)
 
     def query():
-        with _hub_errors(api, repo, revision, token):
+        with _hub_errors(api, repo, revision, token, *inputs):
             info = api.model_info(repo, revision=revision, timeout=TIMEOUT_S)
             files = [s.rfilename for s in info.siblings or []]
-            repo_plan = plan(files, repo_kind, quantizations, f"{repo}@{revision}", allow_pickle=allow_pickle)
+            repo_plan = plan(files, repo_kind, quantizations, f"{repo}@{revision}", input_name=inputs[0],
+                             allow_pickle=allow_pickle)
             tree = api.list_repo_tree(repo, revision=info.sha, recursive=True)
             return info, files, repo_plan, {entry.path: entry.size or 0 for entry in tree
                                             if entry.path in repo_plan.files and hasattr(entry, "size")}
@@ -226,16 +250,16 @@ def download(remote: RemoteCheckpoint, token: str, destination: Path) -> Checkpo
     return Checkpoint(path=destination, commit=remote.commit, plan=remote.plan)
 
 
-def read_config(remote: RemoteCheckpoint, token: str, destination: Path) -> dict[str, Any]:
-    """Download config.json alone (into the folder the full download then completes) and parse it."""
+def read_config(remote: RemoteCheckpoint, token: str, destination: Path, name: str = "config.json") -> dict[str, Any]:
+    """Download one JSON file alone (into the folder the full download then completes) and parse it."""
     api = _api(token)
 
     def fetch() -> Path:
         with _hub_errors(api, remote.repo, remote.commit, token):
-            return Path(hf_hub_download(remote.repo, "config.json", revision=remote.commit, token=token or False,
+            return Path(hf_hub_download(remote.repo, name, revision=remote.commit, token=token or False,
                                         local_dir=destination, endpoint=api.endpoint, etag_timeout=TIMEOUT_S))
 
-    return read_json(retry.retrying(fetch, f"downloading {remote.repo}'s config.json", retry_if=_retry_if_unreachable))
+    return read_json(retry.retrying(fetch, f"downloading {remote.repo}'s {name}", retry_if=_retry_if_unreachable))
 
 
 def read_json(path: Path) -> dict[str, Any]:

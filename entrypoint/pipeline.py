@@ -62,7 +62,8 @@ def run(settings: Settings, environ: Mapping[str, str]) -> Report:
                 workspace = Path(environ.get("GITHUB_WORKSPACE") or os.getcwd())
                 if task != "embedding":  # a template that cannot work fails now
                     modelfile.choose_format(settings.template, info, workspace)
-                license_text = modelfile.read_license(checkpoint.path)
+                license_text = modelfile.read_license(checkpoint.adapter or checkpoint.path) or \
+                    modelfile.read_license(checkpoint.path)
                 tokenizer_json = _keep_tokenizer(checkpoint, scratch)
             projector = _projector_path(settings) if task == "vision" else None
             if checkpoint.plan.kind == "gguf":
@@ -126,18 +127,48 @@ def _fetch_checkpoint(settings: Settings, scratch: Path, client: OllamaClient) -
     if any(f.endswith(".bin") for f in repo_plan.files):
         github.warning("Converting pickle weights because allow-pickle is true: the converter loads them with "
                        "torch.load(weights_only=True). Publish safetensors to avoid this.")
+    if repo_plan.kind == "lora":
+        adapter = settings.model_path or destination
+        return _fetch_base(settings, scratch, client, None if settings.model_path else remote, adapter, sizes)
     if repo_plan.kind == "transformers":
         config = (hub.read_json(settings.model_path / "config.json") if settings.model_path
                   else hub.read_config(remote, settings.hf_token, destination))
-        architectures = convert.supported_architectures()
-        convert.check_architecture(config, architectures, input_name=_source_input(settings))
-        convert.check_encoder_has_pooling(config, architectures, "modules.json" in repo_plan.files,
-                                          input_name=_source_input(settings))
+        _check_convertible(config, repo_plan, _source_input(settings))
     if settings.resource_check:
         _check_resources(settings, client, scratch, repo_plan, sizes)
     if settings.model_path:
         return checkpoint
     return hub.download(remote, settings.hf_token, destination)
+
+
+def _check_convertible(config: dict[str, Any], repo_plan: hub.Plan, input_name: str) -> None:
+    architectures = convert.supported_architectures()
+    convert.check_architecture(config, architectures, input_name=input_name)
+    convert.check_encoder_has_pooling(config, architectures, "modules.json" in repo_plan.files, input_name=input_name)
+
+
+def _fetch_base(settings: Settings, scratch: Path, client: OllamaClient, remote: hub.RemoteCheckpoint | None,
+                adapter: Path, adapter_sizes: dict[str, int]) -> hub.Checkpoint:
+    """A LoRA adapter's base model, from base-model or the adapter's own config; then both downloads."""
+    adapter_config = (hub.read_config(remote, settings.hf_token, adapter, "adapter_config.json") if remote
+                      else hub.read_json(adapter / "adapter_config.json"))
+    convert.check_adapter(adapter_config, _source_input(settings))
+    base_id = settings.base_model or str(adapter_config.get("base_model_name_or_path") or "")
+    if not hub.is_repo_id(base_id):
+        raise PublishError(f"The adapter names its base model as '{base_id}', which is not a Hugging Face repo id. Set "
+                           "base-model to the model it was trained on.", input_name="base-model")
+    base = hub.inspect(base_id, settings.base_revision, settings.hf_token, "transformers", settings.quantizations,
+                       settings.allow_pickle, inputs=("base-model", "base-revision"))
+    base_dir = scratch / "base"
+    _check_convertible(hub.read_config(base, settings.hf_token, base_dir), base.plan, "base-model")
+    repo_plan = dataclasses.replace(base.plan, kind="lora", why=(
+        f"merge the LoRA adapter into its base model {base_id}@{base.commit[:12]}, then convert and quantize"))
+    if settings.resource_check:
+        _check_resources(settings, client, scratch, repo_plan, {**base.sizes, **adapter_sizes})
+    if remote:
+        hub.download(remote, settings.hf_token, adapter)
+    hub.download(base, settings.hf_token, base_dir)
+    return hub.Checkpoint(path=base_dir, commit=remote.commit if remote else "", plan=repo_plan, adapter=adapter)
 
 
 def _check_resources(settings: Settings, client: OllamaClient, scratch: Path, repo_plan: hub.Plan,
@@ -155,8 +186,9 @@ def _check_resources(settings: Settings, client: OllamaClient, scratch: Path, re
         model_bytes = gguf_sizes[largest]
     else:
         size = sum(sizes.values())
-        phases = preflight.estimate(size, settings.quantizations, _intermediate_type(settings),
-                                    downloaded=downloaded, ollama_copies=not linked)
+        merging = repo_plan.kind == "lora"
+        phases = preflight.estimate(size, settings.quantizations, _intermediate_type(settings, merging),
+                                    downloaded=downloaded, ollama_copies=not linked, merging=merging)
         largest, model_bytes = preflight.largest_quantized(size, settings.quantizations)
     preflight.check_disk(phases, folders)
     preflight.check_memory(model_bytes, largest)
@@ -206,7 +238,14 @@ def _tokenizer_info(checkpoint: hub.Checkpoint) -> modelfile.TokenizerInfo:
     if checkpoint.plan.kind == "gguf":  # a GGUF carries its chat template and special tokens in its metadata
         first = checkpoint.path / next(iter(checkpoint.plan.ggufs.values()))
         return modelfile.tokenizer_info_from_gguf(gguf_header.read_metadata(first))
-    return modelfile.read_tokenizer_info(checkpoint.path)
+    return modelfile.read_tokenizer_info(_tokenizer_folder(checkpoint))
+
+
+def _tokenizer_folder(checkpoint: hub.Checkpoint) -> Path:
+    """A fine-tune's adapter repo usually carries its own tokenizer and chat template: they win over the base's."""
+    if checkpoint.adapter and (checkpoint.adapter / "tokenizer_config.json").is_file():
+        return checkpoint.adapter
+    return checkpoint.path
 
 
 def _describe_model(settings: Settings, info: modelfile.TokenizerInfo, license_text: str, workspace: Path,
@@ -224,7 +263,7 @@ def _describe_model(settings: Settings, info: modelfile.TokenizerInfo, license_t
 
 def _keep_tokenizer(checkpoint: hub.Checkpoint, scratch: Path) -> Path | None:
     """Keep tokenizer.json (small) after the checkpoint is deleted: it decodes prompts in parity reports."""
-    source = checkpoint.path / "tokenizer.json"
+    source = _tokenizer_folder(checkpoint) / "tokenizer.json"
     return Path(shutil.copy(source, scratch / "tokenizer.json")) if source.is_file() else None
 
 
@@ -236,11 +275,11 @@ def _projector_path(settings: Settings) -> Path:
     return settings.output_dir / f"{settings.model_name.model}-mmproj-f16.gguf"
 
 
-def _intermediate_type(settings: Settings) -> str:
-    """Convert straight to the one type asked for when the converter writes it (and nothing asks for
-    llama-quantize's options); else to a 16/32-bit intermediate that every quantization reads."""
+def _intermediate_type(settings: Settings, merging: bool) -> str:
+    """Convert straight to the one type asked for when the converter writes it (and neither an adapter merge
+    nor llama-quantize's options come between); else to a 16/32-bit intermediate every quantization reads."""
     quants = settings.quantizations
-    if len(quants) == 1 and quants[0] in quantize.CONVERTER_TYPES and not _quantize_options_set(settings):
+    if len(quants) == 1 and quants[0] in quantize.CONVERTER_TYPES and not (merging or _quantize_options_set(settings)):
         return quants[0]
     return next((t for t in ("F32", "BF16") if t in quants), "F16")
 
@@ -255,14 +294,23 @@ def _build_ggufs(settings: Settings, checkpoint: hub.Checkpoint, scratch: Path,
     """Convert once (and the vision projector to `projector`, when given), quantize to each requested type,
     and delete what is consumed as soon as it is."""
     quants = settings.quantizations
-    model_label = settings.hf_repo.split("/")[-1] if settings.hf_repo else checkpoint.path.name
-    intermediate_type = _intermediate_type(settings)
+    model_label = settings.hf_repo.split("/")[-1] if settings.hf_repo else Path(settings.model_path or "model").name
+    intermediate_type = _intermediate_type(settings, merging=checkpoint.adapter is not None)
     intermediate = scratch / f"intermediate-{intermediate_type.lower()}.gguf"
     convert.convert(checkpoint.path, intermediate, quantize.CONVERTER_TYPES[intermediate_type], model_label)
     if projector:
         convert.convert_projector(checkpoint.path, projector)
-    if not settings.model_path:
+    adapter = scratch / "adapter-f16.gguf"
+    if checkpoint.adapter:
+        convert.convert_adapter(checkpoint.adapter, checkpoint.path, adapter)
+    if not settings.model_path or checkpoint.adapter:
         shutil.rmtree(checkpoint.path, ignore_errors=True)  # the downloaded weights are no longer needed
+    if checkpoint.adapter:
+        merged = scratch / "merged.gguf"
+        github.log("merging the adapter into the base model")
+        convert.merge_adapter(intermediate, adapter, merged)
+        adapter.unlink()
+        os.replace(merged, intermediate)
     to_quantize = [q for q in quants if q != intermediate_type]
     imatrix = settings.imatrix
     if settings.imatrix_calibration and to_quantize:

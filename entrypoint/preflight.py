@@ -34,15 +34,17 @@ def largest_quantized(checkpoint_bytes: int, quantizations: tuple[str, ...]) -> 
 
 
 def estimate(checkpoint_bytes: int, quantizations: tuple[str, ...], intermediate: str, downloaded: bool,
-             ollama_copies: bool) -> list[dict[str, int]]:
+             ollama_copies: bool, merging: bool = False) -> list[dict[str, int]]:
     """Bytes held at each phase by role: 'work' (scratch), 'outputs' (GGUFs kept) and 'ollama' (its blobs;
-    nothing when the GGUFs are handed to Ollama as hard links, i.e. ollama_copies is False)."""
+    nothing when the GGUFs are handed to Ollama as hard links, i.e. ollama_copies is False). merging: a
+    LoRA adapter is merged into the intermediate, which is then held twice (base and merged)."""
     size = {q: quantized_bytes(checkpoint_bytes, q) for q in (*quantizations, intermediate)}
     checkpoint = checkpoint_bytes if downloaded else 0
     quantized = sum(size[q] for q in quantizations if q != intermediate)
     kept = sum(size[q] for q in quantizations)
     return [
         {"work": checkpoint + size[intermediate]},  # converting: the checkpoint and the intermediate GGUF
+        *([{"work": 2 * size[intermediate]}] if merging else []),  # merging: base and merged intermediate
         {"work": size[intermediate], "outputs": quantized},  # quantizing: the intermediate and the results
         {"outputs": kept, "ollama": kept if ollama_copies else 0},  # creating: each GGUF and Ollama's blob
     ]

@@ -20,6 +20,8 @@ INPUTS: dict[str, str] = {
     "model-path": "",
     "repo-kind": "auto",
     "allow-pickle": "false",
+    "base-model": "",
+    "base-revision": "main",
     "ollama-model": "",
     "quantizations": "Q4_K_M",
     "imatrix-calibration": "",
@@ -51,7 +53,6 @@ PARAMETER_TYPES: dict[str, type] = {
     "presence_penalty": float, "frequency_penalty": float, "stop": str, "num_ctx": int, "num_batch": int,
     "num_gpu": int, "main_gpu": int, "use_mmap": bool, "num_thread": int,
 }
-_HF_REPO = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
 _OLLAMA_HOST = re.compile(r"^(https?://)?[A-Za-z0-9.-]+(:\d{1,5})?/?$")
 _KEY_BEGIN = "-----BEGIN OPENSSH PRIVATE KEY-----"
 _KEY_END = "-----END OPENSSH PRIVATE KEY-----"
@@ -67,6 +68,8 @@ class Settings:
     model_path: Path | None
     repo_kind: str  # auto, transformers or gguf (hub.plan)
     allow_pickle: bool
+    base_model: str  # a LoRA adapter's base on the Hub; '' takes adapter_config.json's
+    base_revision: str
     model_name: ModelName
     quantizations: tuple[str, ...]
     imatrix_calibration: Path | None  # a text file: the action computes the importance matrix from it
@@ -229,7 +232,7 @@ def build_settings(values: Mapping[str, str], environ: Mapping[str, str]) -> Set
     elif not hf_repo:
         raise PublishError("hf-repo is required: the Hugging Face model to publish, as 'owner/name' "
                            "(or set model-path to a local checkpoint directory).", input_name="hf-repo")
-    elif not _HF_REPO.match(hf_repo):
+    elif not hub.is_repo_id(hf_repo):
         raise PublishError(f"'{hf_repo}' is not a Hugging Face repo id. Use 'owner/name', e.g. "
                            "'HuggingFaceTB/SmolLM2-135M-Instruct'.", input_name="hf-repo")
     revision = values["hf-revision"].strip()
@@ -239,8 +242,14 @@ def build_settings(values: Mapping[str, str], environ: Mapping[str, str]) -> Set
     repo_kind = values["repo-kind"].strip().lower() or "auto"
     if repo_kind not in hub.REPO_KINDS:
         raise PublishError(f"'{repo_kind}' is not a repo kind. Use auto (decide from the files), transformers "
-                           "(convert a transformers checkpoint) or gguf (publish the repo's GGUF files).",
-                           input_name="repo-kind")
+                           "(convert a transformers checkpoint), gguf (publish the repo's GGUF files) or lora "
+                           "(merge a LoRA adapter into its base).", input_name="repo-kind")
+
+    base_model = values["base-model"].strip()
+    if base_model and not hub.is_repo_id(base_model):
+        raise PublishError(f"base-model '{base_model}' is not a Hugging Face repo id. Use 'owner/name', the model "
+                           "the LoRA adapter was trained on.", input_name="base-model")
+    base_revision = values["base-revision"].strip() or "main"
 
     if not values["ollama-model"].strip():
         raise PublishError("ollama-model is required: the name to publish, e.g. 'yourname/mymodel' on ollama.com "
@@ -312,6 +321,7 @@ def build_settings(values: Mapping[str, str], environ: Mapping[str, str]) -> Set
     return Settings(
         hf_repo=hf_repo, hf_revision=revision, hf_token=values["hf-token"].strip(), model_path=model_path,
         repo_kind=repo_kind, allow_pickle=parse_bool("allow-pickle", values["allow-pickle"]),
+        base_model=base_model, base_revision=base_revision,
         model_name=model_name, quantizations=tuple(quantizations), imatrix_calibration=calibration, imatrix=imatrix,
         output_tensor_type=output_tensor_type, token_embedding_type=token_embedding_type, tags=tags, template=template, system=values["system"], parameters=parse_parameters(values["parameters"]),
         smoke_test=parse_bool("smoke-test", values["smoke-test"]), smoke_test_prompt=values["smoke-test-prompt"].strip(),

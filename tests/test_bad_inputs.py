@@ -50,9 +50,14 @@ CASES = {
     "pickle-only repo": ({"hf-repo": "test-org/pickle-only"}, {}, "hf-repo", "only pickle weights (pytorch_model.bin)"),
     "GGUF repo without the quantization": ({"hf-repo": "test-org/gguf-only"}, {}, "quantizations",
                                            "no GGUF file for Q8_0. It offers: Q4_1 (SmolLM2-135M-Instruct.Q4_1.gguf)"),
-    "unknown repo-kind": ({"repo-kind": "lora"}, {}, "repo-kind", "'lora' is not a repo kind"),
+    "unknown repo-kind": ({"repo-kind": "vision"}, {}, "repo-kind", "'vision' is not a repo kind"),
     "encoder without pooling": ({"hf-repo": "test-org/bert-no-pooling"}, {}, "hf-repo",
                                 "an encoder (BertModel), which Ollama serves as an embedding model"),
+    "LoRA adapter whose base is a local path": ({"hf-repo": "test-org/lora-local-base"}, {}, "base-model",
+                                                "names its base model as '/"),
+    "LoRA base that does not exist": ({"hf-repo": "test-org/lora-local-base", "base-model": "test-org/no-such-base"},
+                                      {}, "base-model", "'test-org/no-such-base' was not found"),
+    "DoRA adapter": ({"hf-repo": "test-org/dora"}, {}, "hf-repo", "DoRA (use_dora)"),
 }
 
 
@@ -85,6 +90,13 @@ def bad_repos(stack, tmp_path_factory):
     shutil.copy(os.environ["SMOLLM2_GGUF"], gguf_only)
     servers.add_model_repo(stack.mirrors, "test-org/gguf-only", gguf_only)
     bert.build(folder / "bert-no-pooling", pooling=False)
+    # The test adapter as peft saved it: its base_model_name_or_path is the local folder it was trained from.
+    servers.add_model_repo(stack.mirrors, "test-org/lora-local-base", Path(os.environ["SMOLLM2_LORA"]))
+    dora = folder / "dora"
+    shutil.copytree(os.environ["SMOLLM2_LORA"], dora)
+    config = json.loads((dora / "adapter_config.json").read_text())
+    (dora / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True, "base_model_name_or_path": HF_REPO}))
+    servers.add_model_repo(stack.mirrors, "test-org/dora", dora)
     servers.add_model_repo(stack.mirrors, "test-org/bert-no-pooling", folder / "bert-no-pooling")
 
 

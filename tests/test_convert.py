@@ -95,3 +95,23 @@ def test_vision_checkpoints_are_recognised():
     assert not convert.is_vision_model({"architectures": ["LlamaForCausalLM"]})
     assert not convert.is_vision_model({"architectures": ["FrobnicatorForConditionalGeneration"],
                                         "vision_config": {"a": 1}})
+
+
+LORA = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"], "use_dora": False,
+        "use_rslora": False, "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {}}
+
+
+@pytest.mark.parametrize("change, phrase", [
+    ({"peft_type": "IA3"}, "a peft IA3 adapter"),
+    ({"use_dora": True}, "DoRA (use_dora)"),
+    ({"use_rslora": True}, "rsLoRA (use_rslora)"),
+    ({"modules_to_save": ["lm_head", "embed_tokens"]}, "modules_to_save"),
+    ({"rank_pattern": {"q_proj": 16}}, "per-module ranks or alphas"),
+    ({"target_modules": ["q_proj", "lm_head"]}, "a LoRA on lm_head"),
+])
+def test_adapters_the_merge_cannot_apply_exactly_are_refused(change, phrase):
+    with pytest.raises(PublishError) as caught:
+        convert.check_adapter({**LORA, **change}, input_name="hf-repo")
+    assert caught.value.input_name == "hf-repo" and phrase in caught.value.message
+    convert.check_adapter(LORA, input_name="hf-repo")
+    convert.check_adapter({**LORA, "target_modules": "all-linear"}, input_name="hf-repo")

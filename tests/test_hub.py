@@ -78,3 +78,18 @@ def test_a_repo_without_any_weights():
     with pytest.raises(PublishError, match="has no \\*.safetensors weights"):
         hub.plan(["config.json", "tokenizer.json", "training_args.bin"], "auto", ("Q4_K_M",), "a/b@main",
                  allow_pickle=True)
+
+
+def test_a_lora_adapter_is_merged_into_its_base():
+    files = ["adapter_config.json", "adapter_model.safetensors", "README.md", "tokenizer.json", "tokenizer_config.json",
+             "training_args.bin", "checkpoint-10/adapter_model.safetensors", "checkpoint-10/optimizer.pt"]
+    plan = hub.plan(files, "auto", ("Q4_K_M",), "a/b@main")
+    assert plan.kind == "lora" and "merge the LoRA adapter into its base model" in plan.why
+    # The adapter and tokenizer at the top level only: not training checkpoints, pickles or the model card.
+    assert set(plan.files) == {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json",
+                               "tokenizer_config.json"}
+    with pytest.raises(PublishError, match="has no LoRA adapter") as caught:
+        hub.plan(["adapter_config.json", "adapter_model.bin"], "auto", ("Q4_K_M",), "a/b@main")
+    assert caught.value.input_name == "hf-repo"
+    with pytest.raises(PublishError, match="has no LoRA adapter"):
+        hub.plan(CHECKPOINT, "lora", ("Q4_K_M",), "a/b@main")

@@ -2,7 +2,7 @@
 registry: a repo of ready GGUF files is published as it is, without conversion; a pickle-only checkpoint
 is converted when allow-pickle is set (and refused otherwise: tests/test_bad_inputs.py); a
 sentence-transformers checkpoint becomes an embedding model; a vision-language checkpoint is published
-with its projector and must see an image."""
+with its projector and must see an image; a LoRA adapter is merged into its base."""
 
 from __future__ import annotations
 
@@ -16,14 +16,15 @@ import pytest
 
 from entrypoint.ollama import file_sha256
 from tests import servers
-from tests.material import bert, smolvlm
-from tests.conftest import registry_manifest, registry_tags
+from tests.material import bert, lora, smolvlm
+from tests.conftest import HF_REPO, registry_manifest, registry_tags
 
 pytestmark = pytest.mark.servers
 GGUF_REPO = "gguf-org/SmolLM2-135M-Instruct-GGUF"
 PICKLE_REPO = "pickle-org/SmolLM2-135M-Instruct"
 EMBEDDING_REPO = "embed-org/tiny-bert"
 VISION_REPO = "vision-org/SmolVLM-SmolLM2-135M"
+LORA_REPO = "lora-org/SmolLM2-secret-code-LoRA"
 
 
 @pytest.fixture(scope="module")
@@ -163,3 +164,33 @@ def test_vision_model_is_published_with_its_projector_and_sees_images(stack, vis
     layers = {layer["mediaType"]: layer["digest"] for layer in manifest["layers"]}
     projector = run.workspace / "ollama-publish-out" / "smolvlm-mmproj-f16.gguf"
     assert layers["application/vnd.ollama.image.projector"] == "sha256:" + file_sha256(projector)
+
+
+@pytest.fixture(scope="module")
+def lora_repo(stack, tmp_path_factory) -> str:
+    """The adapter trained by tests/material/lora.py, its base named as the test Hub's SmolLM2 repo (peft
+    writes the local path it was trained from)."""
+    folder = tmp_path_factory.mktemp("lora") / "adapter"
+    shutil.copytree(os.environ["SMOLLM2_LORA"], folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": HF_REPO}))
+    servers.add_model_repo(stack.mirrors, LORA_REPO, folder)
+    return LORA_REPO
+
+
+def test_lora_adapter_is_merged_into_its_base(stack, lora_repo, run_action):
+    repository = "lora-team/smollm2-secret"
+    run = run_action({"hf-repo": lora_repo, "quantizations": "Q8_0", "smoke-test-prompt": lora.QUESTION,
+                      "ollama-model": f"{stack.registry}/{repository}", "insecure-registry": "true"},
+                     env={"HF_ENDPOINT": stack.hub_endpoint})
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert f"Path taken: merge the LoRA adapter into its base model {HF_REPO}@" in run.summary
+    commands = [line for line in run.stdout.splitlines() if line.startswith("$ ")]
+    assert any("convert_lora_to_gguf.py" in c for c in commands) and any("llama-export-lora" in c for c in commands)
+    # The base model answers something else (tests/material/lora.py checks it); the adapter taught this.
+    models = json.loads(run.outputs["models"])
+    assert all(m["pushed"] and lora.ANSWER in m["answer"] for m in models), models
+    assert sorted(registry_tags(stack.registry, repository)) == ["1.0.0", "1.0.0-q8_0", "latest"]
+    # One self-contained model: no adapter layer.
+    _, manifest = registry_manifest(stack.registry, repository, "1.0.0-q8_0")
+    assert "application/vnd.ollama.image.adapter" not in {layer["mediaType"] for layer in manifest["layers"]}
