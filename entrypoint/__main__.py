@@ -40,8 +40,7 @@ def write_outputs(report: pipeline.Report, workspace: Path) -> None:
                "registry_digest": r.registry_digest, "size": r.size, "pushed": r.pushed, "answer": r.answer}
               for r in report.results]
     ggufs = list(dict.fromkeys(_display(r.gguf, workspace) for r in report.results))
-    if report.projector:
-        ggufs.append(_display(report.projector, workspace))
+    ggufs += [_display(path, workspace) for path in report.extra_ggufs]
     github.set_outputs({
         "models": json.dumps(models),
         "modelfile": _display(report.modelfile, workspace),

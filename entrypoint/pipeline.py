@@ -37,7 +37,7 @@ class Report:
     commit: str
     ollama_version: str
     path_taken: str  # how the repo was published, and why (hub.Plan.why)
-    projector: Path | None  # a vision model's projector GGUF, shared by every tag
+    extra_ggufs: tuple[Path, ...]  # a vision model's projector, a LoRA adapter layer: shared by every tag
 
 
 def run(settings: Settings, environ: Mapping[str, str]) -> Report:
@@ -65,20 +65,22 @@ def run(settings: Settings, environ: Mapping[str, str]) -> Report:
                 license_text = modelfile.read_license(checkpoint.adapter or checkpoint.path) or \
                     modelfile.read_license(checkpoint.path)
                 tokenizer_json = _keep_tokenizer(checkpoint, scratch)
-            projector = _projector_path(settings) if task == "vision" else None
+            projector = _extra_path(settings, "mmproj-f16") if task == "vision" else None
+            adapter_layer = _extra_path(settings, "lora-f16") if checkpoint.adapter and not settings.lora_merge else None
             if checkpoint.plan.kind == "gguf":
                 with github.group("3. Take the repo's GGUF files (no conversion)"):
                     ggufs = _take_ggufs(settings, checkpoint)
             else:
                 with github.group("3. Convert to GGUF and quantize"):
-                    ggufs = _build_ggufs(settings, checkpoint, scratch, projector)
+                    ggufs = _build_ggufs(settings, checkpoint, scratch, projector, adapter_layer)
             with github.group("4. Render the Modelfile"):
                 spec, embedding_size = _describe(settings, task, info, ggufs, projector, license_text, workspace)
-                modelfile_path = _write_modelfile(settings, spec, ggufs, projector)
+                modelfile_path = _write_modelfile(settings, spec, ggufs, projector, adapter_layer)
             with github.group("5. Create the models and prove they work"):
                 digests = {q: client.upload_blob(path) for q, path in ggufs.items()}
                 projector_file = (projector.name, client.upload_blob(projector)) if projector else None
-                results = _create(client, settings, spec, ggufs, digests, projector_file)
+                adapter_file = (adapter_layer.name, client.upload_blob(adapter_layer)) if adapter_layer else None
+                results = _create(client, settings, spec, ggufs, digests, projector_file, adapter_file)
                 if task == "embedding":
                     _smoke_test(client, settings, results,
                                 lambda name: checks.embedding_smoke_test(client, name, embedding_size))
@@ -91,7 +93,7 @@ def run(settings: Settings, environ: Mapping[str, str]) -> Report:
                     _push(client, settings, results)
             return Report(results=results, modelfile=modelfile_path, commit=checkpoint.commit,
                           ollama_version=client.version(), path_taken=checkpoint.plan.why + TASK_NOTES[task],
-                          projector=projector)
+                          extra_ggufs=tuple(p for p in (projector, adapter_layer) if p))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -161,8 +163,11 @@ def _fetch_base(settings: Settings, scratch: Path, client: OllamaClient, remote:
                        settings.allow_pickle, inputs=("base-model", "base-revision"))
     base_dir = scratch / "base"
     _check_convertible(hub.read_config(base, settings.hf_token, base_dir), base.plan, "base-model")
+    base_label = f"{base_id}@{base.commit[:12]}"
     repo_plan = dataclasses.replace(base.plan, kind="lora", why=(
-        f"merge the LoRA adapter into its base model {base_id}@{base.commit[:12]}, then convert and quantize"))
+        f"merge the LoRA adapter into its base model {base_label}, then convert and quantize" if settings.lora_merge
+        else f"convert and quantize the base model {base_label}, with the LoRA adapter as its own layer "
+             "(lora-merge: false)"))
     if settings.resource_check:
         _check_resources(settings, client, scratch, repo_plan, {**base.sizes, **adapter_sizes})
     if remote:
@@ -186,7 +191,7 @@ def _check_resources(settings: Settings, client: OllamaClient, scratch: Path, re
         model_bytes = gguf_sizes[largest]
     else:
         size = sum(sizes.values())
-        merging = repo_plan.kind == "lora"
+        merging = repo_plan.kind == "lora" and settings.lora_merge
         phases = preflight.estimate(size, settings.quantizations, _intermediate_type(settings, merging),
                                     downloaded=downloaded, ollama_copies=not linked, merging=merging)
         largest, model_bytes = preflight.largest_quantized(size, settings.quantizations)
@@ -271,8 +276,8 @@ def _gguf_path(settings: Settings, quantization: str) -> Path:
     return settings.output_dir / f"{settings.model_name.model}-{quantize.tag_suffix(quantization)}.gguf"
 
 
-def _projector_path(settings: Settings) -> Path:
-    return settings.output_dir / f"{settings.model_name.model}-mmproj-f16.gguf"
+def _extra_path(settings: Settings, what: str) -> Path:
+    return settings.output_dir / f"{settings.model_name.model}-{what}.gguf"
 
 
 def _intermediate_type(settings: Settings, merging: bool) -> str:
@@ -289,23 +294,25 @@ def _quantize_options_set(settings: Settings) -> bool:
                 or settings.token_embedding_type)
 
 
-def _build_ggufs(settings: Settings, checkpoint: hub.Checkpoint, scratch: Path,
-                 projector: Path | None) -> dict[str, Path]:
-    """Convert once (and the vision projector to `projector`, when given), quantize to each requested type,
-    and delete what is consumed as soon as it is."""
+def _build_ggufs(settings: Settings, checkpoint: hub.Checkpoint, scratch: Path, projector: Path | None,
+                 adapter_layer: Path | None) -> dict[str, Path]:
+    """Convert once (and the vision projector to `projector`, when given), merge a LoRA adapter (or convert
+    it to `adapter_layer`, when given), quantize to each requested type, and delete what is consumed as soon
+    as it is."""
     quants = settings.quantizations
     model_label = settings.hf_repo.split("/")[-1] if settings.hf_repo else Path(settings.model_path or "model").name
-    intermediate_type = _intermediate_type(settings, merging=checkpoint.adapter is not None)
+    merging = checkpoint.adapter is not None and adapter_layer is None
+    intermediate_type = _intermediate_type(settings, merging)
     intermediate = scratch / f"intermediate-{intermediate_type.lower()}.gguf"
     convert.convert(checkpoint.path, intermediate, quantize.CONVERTER_TYPES[intermediate_type], model_label)
     if projector:
         convert.convert_projector(checkpoint.path, projector)
-    adapter = scratch / "adapter-f16.gguf"
+    adapter = adapter_layer or scratch / "adapter-f16.gguf"
     if checkpoint.adapter:
         convert.convert_adapter(checkpoint.adapter, checkpoint.path, adapter)
     if not settings.model_path or checkpoint.adapter:
         shutil.rmtree(checkpoint.path, ignore_errors=True)  # the downloaded weights are no longer needed
-    if checkpoint.adapter:
+    if merging:
         merged = scratch / "merged.gguf"
         github.log("merging the adapter into the base model")
         convert.merge_adapter(intermediate, adapter, merged)
@@ -355,22 +362,23 @@ def _take_ggufs(settings: Settings, checkpoint: hub.Checkpoint) -> dict[str, Pat
 
 
 def _write_modelfile(settings: Settings, spec: modelfile.ModelSpec, ggufs: dict[str, Path],
-                     projector: Path | None) -> Path:
+                     projector: Path | None, adapter_layer: Path | None) -> Path:
     default_gguf = ggufs[settings.quantizations[0]]
     path = settings.output_dir / "Modelfile"
-    path.write_text(modelfile.render_modelfile(spec, default_gguf.name, projector.name if projector else ""),
-                    encoding="utf-8")
+    path.write_text(modelfile.render_modelfile(spec, default_gguf.name, projector.name if projector else "",
+                                               adapter_layer.name if adapter_layer else ""), encoding="utf-8")
     github.log(path.read_text(encoding="utf-8"))
     return path
 
 
 def _create(client: OllamaClient, settings: Settings, spec: modelfile.ModelSpec, ggufs: dict[str, Path],
-            digests: dict[str, str], projector: tuple[str, str] | None) -> list[TagResult]:
+            digests: dict[str, str], projector: tuple[str, str] | None,
+            adapter: tuple[str, str] | None) -> list[TagResult]:
     results = []
     for quant, tag in settings.tags:
         name = settings.model_name.with_tag(tag)
         github.log(f"creating {name}")
-        client.create(modelfile.create_request(spec, name, digests[quant], ggufs[quant].name, projector))
+        client.create(modelfile.create_request(spec, name, digests[quant], ggufs[quant].name, projector, adapter))
         digest, size = client.model_digest(name)
         results.append(TagResult(tag=tag, name=name, quantization=quant, gguf=ggufs[quant], digest=digest, size=size))
     return results
