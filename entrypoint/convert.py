@@ -181,7 +181,8 @@ def convert_adapter(adapter: Path, base: Path, target: Path) -> None:
 
 def merge_adapter(base: Path, adapter: Path, target: Path) -> None:
     """Write `target`: the base GGUF with the adapter GGUF merged into its weights (llama-export-lora)."""
-    process.run_logged([quantize.find_tool("llama-export-lora"), "-m", str(base), "--lora", str(adapter), "-o", str(target),
+    process.run_logged([quantize.find_tool("llama-export-lora"), "-m", str(base), "--lora", str(adapter),
+                        "-o", str(target),
                         "-t", str(os.cpu_count() or 1)], what="llama-export-lora")
     if not target.is_file():
         raise PublishError(f"llama-export-lora finished but wrote no {target.name}.", title="Merge failed")

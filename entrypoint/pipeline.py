@@ -66,7 +66,8 @@ def run(settings: Settings, environ: Mapping[str, str]) -> Report:
                     modelfile.read_license(checkpoint.path)
                 tokenizer_json = _keep_tokenizer(checkpoint, scratch)
             projector = _extra_path(settings, "mmproj-f16") if task == "vision" else None
-            adapter_layer = _extra_path(settings, "lora-f16") if checkpoint.adapter and not settings.lora_merge else None
+            separate_adapter = checkpoint.adapter is not None and not settings.lora_merge
+            adapter_layer = _extra_path(settings, "lora-f16") if separate_adapter else None
             if checkpoint.plan.kind == "gguf":
                 with github.group("3. Take the repo's GGUF files (no conversion)"):
                     ggufs = _take_ggufs(settings, checkpoint)
