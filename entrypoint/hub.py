@@ -56,7 +56,8 @@ class Plan:
     # "lora": merge the adapter into its base checkpoint, then as transformers
     why: str  # one line for the log and the job summary
     files: tuple[str, ...]  # to download
-    ggufs: dict[str, str] = dataclasses.field(default_factory=dict)  # gguf kind: quantization -> file
+    # gguf kind: quantization -> its file, or its split parts in order
+    ggufs: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +98,8 @@ def plan(files: list[str], repo_kind: str, quantizations: tuple[str, ...], where
         ggufs = pick_ggufs(files, quantizations, where)
         why = "forced by repo-kind: gguf" if repo_kind == "gguf" else "it has *.gguf files and no *.safetensors"
         return Plan(kind="gguf", why=f"publish the repo's GGUF files without conversion ({why})",
-                    files=tuple(ggufs.values()) + tuple(needed(files, GGUF_EXTRAS)), ggufs=ggufs)
+                    files=tuple(f for parts in ggufs.values() for f in parts) + tuple(needed(files, GGUF_EXTRAS)),
+                    ggufs=ggufs)
     check_files(files, where, input_name, allow_pickle)
     if not has_safetensors:  # check_files let pickle weights through: allow-pickle is set
         return Plan(kind="transformers", why="convert the checkpoint's pickle weights with llama.cpp and quantize "
@@ -120,30 +122,38 @@ def _quant_in_name(name: str) -> str | None:
     return max(found, key=len) if found else None
 
 
-def pick_ggufs(files: list[str], quantizations: tuple[str, ...], where: str) -> dict[str, str]:
-    """The one GGUF file of each requested quantization; clear errors for missing, ambiguous or split ones."""
+_SPLIT_PART = re.compile(r"^(?P<stem>.+)-(?P<part>\d{5})-of-(?P<total>\d{5})\.gguf$")
+
+
+def pick_ggufs(files: list[str], quantizations: tuple[str, ...], where: str) -> dict[str, tuple[str, ...]]:
+    """The GGUF of each requested quantization: one file, or the complete, ordered parts of one split
+    file (-00001-of-00003.gguf ...). Clear errors for missing, incomplete or ambiguous ones."""
     models = [f for f in files if f.endswith(".gguf") and "mmproj" not in Path(f).name.lower()]
-    offered: dict[str, list[str]] = {}
+    offered: dict[str, dict[str, list[str]]] = {}  # quantization -> one file or split set -> its files
     for name in models:
         quant = _quant_in_name(name)
         if quant:
-            offered.setdefault(quant, []).append(name)
-    listing = ", ".join(f"{q} ({', '.join(names)})" for q, names in sorted(offered.items())) or "none"
+            split = _SPLIT_PART.match(name)
+            key = f"{split['stem']}-*-of-{split['total']}.gguf" if split else name
+            offered.setdefault(quant, {}).setdefault(key, []).append(name)
+    listing = ", ".join(f"{q} ({', '.join(sets)})" for q, sets in sorted(offered.items())) or "none"
     chosen = {}
     for quant in quantizations:
-        candidates = offered.get(quant, [])
+        candidates = offered.get(quant, {})
         if not candidates:
             raise PublishError(f"{where} has no GGUF file for {quant}. It offers: {listing}. Set quantizations to "
                                "some of these.", input_name="quantizations", title="Quantization not in the repo")
-        if any(re.search(r"-\d{5}-of-\d{5}\.gguf$", c) for c in candidates):
-            raise PublishError(f"{where} has {quant} only as split GGUF parts ({', '.join(candidates)}). Merge "
-                               "them with llama.cpp's llama-gguf-split --merge into one file and publish that.",
-                               input_name="quantizations", title="Split GGUF")
         if len(candidates) > 1:
             raise PublishError(f"{where} has several GGUF files for {quant}: {', '.join(candidates)}. Keep one per "
                                "quantization in the repo (or in the revision you publish).",
                                input_name="hf-repo", title="Ambiguous GGUF files")
-        chosen[quant] = candidates[0]
+        (key, parts), = candidates.items()
+        parts = sorted(parts)
+        split = _SPLIT_PART.match(parts[0])
+        if split and [int(_SPLIT_PART.match(p)["part"]) for p in parts] != list(range(1, int(split["total"]) + 1)):
+            raise PublishError(f"{where} has only {len(parts)} of the {int(split['total'])} parts of {key}.",
+                               input_name="hf-repo", title="Incomplete split GGUF")
+        chosen[quant] = tuple(parts)
     return chosen
 
 

@@ -186,8 +186,10 @@ def _check_resources(settings: Settings, client: OllamaClient, scratch: Path, re
     linked = client.models_dir is not None and preflight.same_filesystem(client.models_dir, settings.output_dir)
     downloaded = not settings.model_path
     if repo_plan.kind == "gguf":
-        gguf_sizes = {q: sizes[f] for q, f in repo_plan.ggufs.items()}
-        phases = preflight.estimate_gguf(sum(gguf_sizes.values()), downloaded, ollama_copies=not linked)
+        gguf_sizes = {q: sum(sizes[f] for f in parts) for q, parts in repo_plan.ggufs.items()}
+        split = sum(size for q, size in gguf_sizes.items() if len(repo_plan.ggufs[q]) > 1)
+        phases = preflight.estimate_gguf(sum(gguf_sizes.values()), downloaded, ollama_copies=not linked,
+                                         split_bytes=split)
         largest = max(gguf_sizes, key=gguf_sizes.__getitem__)
         model_bytes = gguf_sizes[largest]
     else:
@@ -208,7 +210,7 @@ def _task(checkpoint: hub.Checkpoint) -> str:
     a GGUF with a pooling type; 'vision': a checkpoint with an image encoder the converter writes as a
     projector; else 'chat'."""
     if checkpoint.plan.kind == "gguf":
-        metadata = gguf_header.read_metadata(checkpoint.path / next(iter(checkpoint.plan.ggufs.values())))
+        metadata = gguf_header.read_metadata(checkpoint.path / next(iter(checkpoint.plan.ggufs.values()))[0])
         return "embedding" if f"{metadata.get('general.architecture')}.pooling_type" in metadata else "chat"
     if "modules.json" in checkpoint.plan.files:
         return "embedding"
@@ -242,7 +244,7 @@ def _source_input(settings: Settings) -> str:
 
 def _tokenizer_info(checkpoint: hub.Checkpoint) -> modelfile.TokenizerInfo:
     if checkpoint.plan.kind == "gguf":  # a GGUF carries its chat template and special tokens in its metadata
-        first = checkpoint.path / next(iter(checkpoint.plan.ggufs.values()))
+        first = checkpoint.path / next(iter(checkpoint.plan.ggufs.values()))[0]  # split files: the first part
         return modelfile.tokenizer_info_from_gguf(gguf_header.read_metadata(first))
     return modelfile.read_tokenizer_info(_tokenizer_folder(checkpoint))
 
@@ -342,15 +344,21 @@ def _build_ggufs(settings: Settings, checkpoint: hub.Checkpoint, scratch: Path, 
 
 def _take_ggufs(settings: Settings, checkpoint: hub.Checkpoint) -> dict[str, Path]:
     """The repo's own GGUF files under the names converted ones get: moved when downloaded, else linked
-    (or copied, across filesystems) so that a local model-path folder is left as it was."""
+    (or copied, across filesystems) so that a local model-path folder is left as it was. Split files are
+    merged into one (Ollama 0.11.4 creates a model from one file)."""
     if _quantize_options_set(settings):
         github.warning("imatrix, imatrix-calibration, output-tensor-type and token-embedding-type are ignored: the "
                        "repo's GGUF files are published as they are.")
     ggufs = {}
-    for quant, name in checkpoint.plan.ggufs.items():
-        source, target = checkpoint.path / name, _gguf_path(settings, quant)
+    for quant, parts in checkpoint.plan.ggufs.items():
+        name, source, target = parts[0], checkpoint.path / parts[0], _gguf_path(settings, quant)
         target.unlink(missing_ok=True)
-        if not settings.model_path:
+        if len(parts) > 1:
+            quantize.merge_split(source, target)
+            if not settings.model_path:
+                for part in parts:
+                    (checkpoint.path / part).unlink()
+        elif not settings.model_path:
             os.replace(source, target)
         else:
             try:

@@ -51,9 +51,11 @@ def estimate(checkpoint_bytes: int, quantizations: tuple[str, ...], intermediate
     ]
 
 
-def estimate_gguf(gguf_bytes: int, downloaded: bool, ollama_copies: bool) -> list[dict[str, int]]:
-    """The same for a repo's own GGUF files (exact sizes): downloaded to scratch, then moved to output-dir."""
+def estimate_gguf(gguf_bytes: int, downloaded: bool, ollama_copies: bool, split_bytes: int = 0) -> list[dict[str, int]]:
+    """The same for a repo's own GGUF files (exact sizes): downloaded to scratch, then moved to output-dir;
+    split ones (split_bytes of them) are merged into output-dir while their parts are still there."""
     return [{"work": gguf_bytes if downloaded else 0},
+            {"work": split_bytes if downloaded else 0, "outputs": gguf_bytes},
             {"outputs": gguf_bytes, "ollama": gguf_bytes if ollama_copies else 0}]
 
 

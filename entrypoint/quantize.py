@@ -57,7 +57,7 @@ def tag_suffix(quantization: str) -> str:
 
 
 def find_tool(name: str) -> str:
-    """A llama.cpp tool (llama-quantize, llama-imatrix): $LLAMA_QUANTIZE's folder, else PATH."""
+    """A llama.cpp tool (llama-quantize, llama-imatrix, ...): $LLAMA_QUANTIZE's folder, else PATH."""
     configured = os.environ.get("LLAMA_QUANTIZE")
     path = str(Path(configured).with_name(name)) if configured else shutil.which(name)
     if not path or not os.access(path, os.X_OK):
@@ -92,6 +92,17 @@ def compute_imatrix(model: Path, calibration: Path, target: Path) -> None:
                         "-t", str(os.cpu_count() or 1), "--no-ppl"], what="llama-imatrix")
     if not target.is_file():
         raise PublishError(f"llama-imatrix finished but wrote no {target.name}.", title="llama-imatrix failed")
+
+
+def merge_split(first_part: Path, target: Path) -> None:
+    """Write `target` from a split GGUF (llama-gguf-split finds the other parts next to the first)."""
+    partial = target.with_name(target.name + ".partial")
+    try:
+        process.run_logged([find_tool("llama-gguf-split"), "--merge", str(first_part), str(partial)],
+                           what="llama-gguf-split --merge")
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def quantize(source: Path, target: Path, quantization: str, options: Options = Options()) -> None:

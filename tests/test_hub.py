@@ -22,7 +22,7 @@ def test_a_gguf_repo_is_published_as_it_is():
     plan = hub.plan(GGUF_REPO, "auto", ("Q4_K_M", "Q8_0", "F16"), "a/b@main")
     assert plan.kind == "gguf" and "without conversion" in plan.why and "no *.safetensors" in plan.why
     # Case does not matter; Q4_K_S is not Q4_K_M; BF16 is not F16; the projector is not a model.
-    assert plan.ggufs == {"Q4_K_M": "model-Q4_K_M.gguf", "Q8_0": "model-q8_0.gguf", "F16": "model-F16.gguf"}
+    assert plan.ggufs == {"Q4_K_M": ("model-Q4_K_M.gguf",), "Q8_0": ("model-q8_0.gguf",), "F16": ("model-F16.gguf",)}
     assert set(plan.files) == {"model-Q4_K_M.gguf", "model-q8_0.gguf", "model-F16.gguf", "README.md", "LICENSE"}
 
 
@@ -41,10 +41,13 @@ def test_missing_quantization_lists_what_the_repo_offers():
            "Q4_K_S (model-Q4_K_S.gguf), Q8_0 (model-q8_0.gguf)" in caught.value.message
 
 
-def test_split_and_ambiguous_files_are_refused_clearly():
-    split = ["a-Q4_K_M-00001-of-00002.gguf", "a-Q4_K_M-00002-of-00002.gguf"]
-    with pytest.raises(PublishError, match="only as split GGUF parts .* llama-gguf-split --merge"):
-        hub.plan(split, "auto", ("Q4_K_M",), "a/b@main")
+def test_split_files_are_taken_whole_and_ambiguous_or_incomplete_ones_refused():
+    split = ["a-Q4_K_M-00002-of-00003.gguf", "a-Q4_K_M-00001-of-00003.gguf", "a-Q4_K_M-00003-of-00003.gguf"]
+    plan = hub.plan(split + ["a-Q8_0.gguf"], "auto", ("Q4_K_M", "Q8_0"), "a/b@main")
+    assert plan.ggufs == {"Q4_K_M": tuple(sorted(split)), "Q8_0": ("a-Q8_0.gguf",)}
+    assert set(plan.files) == set(split) | {"a-Q8_0.gguf"}
+    with pytest.raises(PublishError, match="has only 2 of the 3 parts of a-Q4_K_M-\\*-of-00003.gguf"):
+        hub.plan(split[:2], "auto", ("Q4_K_M",), "a/b@main")
     with pytest.raises(PublishError, match="several GGUF files for Q4_K_M: a.Q4_K_M.gguf, sub/b-Q4_K_M.gguf"):
         hub.plan(["a.Q4_K_M.gguf", "sub/b-Q4_K_M.gguf"], "auto", ("Q4_K_M",), "a/b@main")
 

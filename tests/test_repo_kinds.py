@@ -1,5 +1,5 @@
 """Repos other than a chat model's safetensors checkpoint, through the real entrypoint, Hub, Ollama and
-registry: a repo of ready GGUF files is published as it is, without conversion; a pickle-only checkpoint
+registry: a repo of ready GGUF files is published as it is, without conversion (split ones merged); a pickle-only checkpoint
 is converted when allow-pickle is set (and refused otherwise: tests/test_bad_inputs.py); a
 sentence-transformers checkpoint becomes an embedding model; a vision-language checkpoint is published
 with its projector and must see an image; a LoRA adapter is merged into its base."""
@@ -10,6 +10,7 @@ import json
 import os
 import pathlib
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -108,6 +109,28 @@ def test_pickle_weights_are_converted_only_when_allowed(stack, pickle_repo, run_
     assert sorted(registry_tags(stack.registry, repository)) == ["1.0.0", "1.0.0-q8_0", "latest"]  # the runner env is tag v1.0.0
     models = json.loads(run.outputs["models"])
     assert all(m["pushed"] and m["answer"].strip() for m in models)
+
+
+def test_split_gguf_is_merged_then_published(stack, run_action, tmp_path):
+    """The same GGUF cut into three parts by llama.cpp's own llama-gguf-split, as large models are shared."""
+    folder = tmp_path / "split"
+    folder.mkdir()
+    split_tool = Path(os.environ["LLAMA_QUANTIZE"]).with_name("llama-gguf-split")
+    subprocess.run([str(split_tool), "--split", "--split-max-tensors", "120", os.environ["SMOLLM2_GGUF"],
+                    str(folder / "SmolLM2-135M-Instruct.Q4_1")], check=True, capture_output=True)
+    assert len(list(folder.glob("*-of-00003.gguf"))) == 3
+    servers.add_model_repo(stack.mirrors, "gguf-org/SmolLM2-135M-Instruct-split", folder)
+    repository = "gguf-team/smollm2-split"
+    run = run_action({"hf-repo": "gguf-org/SmolLM2-135M-Instruct-split", "quantizations": "Q4_1",
+                      "ollama-model": f"{stack.registry}/{repository}", "insecure-registry": "true",
+                      "smoke-test-prompt": "Hi!"}, env={"HF_ENDPOINT": stack.hub_endpoint})
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert any(line.startswith("$ ") and "--merge" in line and "-00001-of-00003.gguf" in line
+               for line in run.stdout.splitlines())
+    models = json.loads(run.outputs["models"])
+    assert all(m["pushed"] and m["answer"].strip() for m in models)
+    assert run.stdout.count(": same ") == 4  # the template from the first part's metadata passes parity
+    assert sorted(registry_tags(stack.registry, repository)) == ["1.0.0", "1.0.0-q4_1", "latest"]
 
 
 @pytest.fixture(scope="module")
