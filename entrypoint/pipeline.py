@@ -184,7 +184,7 @@ def _check_resources(settings: Settings, client: OllamaClient, scratch: Path, re
         folders["ollama"] = client.models_dir
     # Our own server gets the GGUFs as hard links (OllamaClient.upload_blob) when it can.
     linked = client.models_dir is not None and preflight.same_filesystem(client.models_dir, settings.output_dir)
-    downloaded = not settings.model_path
+    downloaded = not settings.model_path or repo_plan.kind == "lora"  # a LoRA's base always comes from the Hub
     if repo_plan.kind == "gguf":
         gguf_sizes = {q: sum(sizes[f] for f in parts) for q, parts in repo_plan.ggufs.items()}
         split = sum(size for q, size in gguf_sizes.items() if len(repo_plan.ggufs[q]) > 1)
