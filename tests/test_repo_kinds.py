@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from entrypoint import quantize
 from entrypoint.ollama import file_sha256
 from tests import servers
 from tests.material import bert, lora, smolvlm
@@ -26,6 +27,14 @@ PICKLE_REPO = "pickle-org/SmolLM2-135M-Instruct"
 EMBEDDING_REPO = "embed-org/tiny-bert"
 VISION_REPO = "vision-org/SmolVLM-SmolLM2-135M"
 LORA_REPO = "lora-org/SmolLM2-secret-code-LoRA"
+
+
+def _publish(stack, run_action, hf_repo: str, repository: str, inputs: dict[str, str]):
+    """Run the action on `hf_repo` from the test Hub into `repository` of the test registry; it must succeed."""
+    run = run_action({"hf-repo": hf_repo, "ollama-model": f"{stack.registry}/{repository}",
+                      "insecure-registry": "true", **inputs}, env={"HF_ENDPOINT": stack.hub_endpoint})
+    assert run.returncode == 0, run.stdout[-3000:]
+    return run
 
 
 @pytest.fixture(scope="module")
@@ -44,11 +53,8 @@ def test_gguf_repo_is_published_without_conversion(stack, gguf_repo, run_action)
     repository = "gguf-team/smollm2"
     # At temperature 0 this Q4_1 of a 135M model loops on the default question ("L'Étoile: Paris, la cité de
     # l'Europe." until the 256-token limit), so the smoke test asks something it answers and ends.
-    run = run_action({"hf-repo": GGUF_REPO, "hf-revision": "v2.0.0", "version": "2.0.0", "quantizations": "q4_1",
-                      "ollama-model": f"{stack.registry}/{repository}", "insecure-registry": "true",
-                      "smoke-test-prompt": "Hi!"},
-                     env={"HF_ENDPOINT": stack.hub_endpoint})
-    assert run.returncode == 0, run.stdout[-3000:]
+    run = _publish(stack, run_action, GGUF_REPO, repository, {"hf-revision": "v2.0.0", "version": "2.0.0",
+                                                              "quantizations": "q4_1", "smoke-test-prompt": "Hi!"})
     path = "publish the repo's GGUF files without conversion (it has *.gguf files and no *.safetensors)"
     assert f"Path: {path}" in run.stdout and f"Path taken: {path}." in run.summary
     assert "convert_hf_to_gguf" not in run.stdout and "llama-quantize" not in run.stdout
@@ -98,15 +104,13 @@ def pickle_repo(stack, tmp_path_factory) -> Path:
 
 def test_pickle_weights_are_converted_only_when_allowed(stack, pickle_repo, run_action):
     repository = "pickle-team/smollm2"
-    run = run_action({"hf-repo": PICKLE_REPO, "quantizations": "Q8_0", "allow-pickle": "true",
-                      "ollama-model": f"{stack.registry}/{repository}", "insecure-registry": "true"},
-                     env={"HF_ENDPOINT": stack.hub_endpoint})
-    assert run.returncode == 0, run.stdout[-3000:]
+    run = _publish(stack, run_action, PICKLE_REPO, repository, {"quantizations": "Q8_0", "allow-pickle": "true"})
     assert "Path: convert the checkpoint's pickle weights with llama.cpp and quantize" in run.stdout
     assert any(line.startswith("::warning") and "allow-pickle is true" in line for line in run.stdout.splitlines())
     assert "pytorch_model.bin" in run.stdout and "training_args.bin" not in run.stdout + run.stderr
     assert not pickle_repo.exists(), "training_args.bin was downloaded and unpickled"
-    assert sorted(registry_tags(stack.registry, repository)) == ["1.0.0", "1.0.0-q8_0", "latest"]  # the runner env is tag v1.0.0
+    # The runner's environment is release tag v1.0.0.
+    assert sorted(registry_tags(stack.registry, repository)) == ["1.0.0", "1.0.0-q8_0", "latest"]
     models = json.loads(run.outputs["models"])
     assert all(m["pushed"] and m["answer"].strip() for m in models)
 
@@ -115,16 +119,14 @@ def test_split_gguf_is_merged_then_published(stack, run_action, tmp_path):
     """The same GGUF cut into three parts by llama.cpp's own llama-gguf-split, as large models are shared."""
     folder = tmp_path / "split"
     folder.mkdir()
-    split_tool = Path(os.environ["LLAMA_QUANTIZE"]).with_name("llama-gguf-split")
-    subprocess.run([str(split_tool), "--split", "--split-max-tensors", "120", os.environ["SMOLLM2_GGUF"],
-                    str(folder / "SmolLM2-135M-Instruct.Q4_1")], check=True, capture_output=True)
+    subprocess.run([quantize.find_tool("llama-gguf-split"), "--split", "--split-max-tensors", "120",
+                    os.environ["SMOLLM2_GGUF"], str(folder / "SmolLM2-135M-Instruct.Q4_1")],
+                   check=True, capture_output=True)
     assert len(list(folder.glob("*-of-00003.gguf"))) == 3
     servers.add_model_repo(stack.mirrors, "gguf-org/SmolLM2-135M-Instruct-split", folder)
     repository = "gguf-team/smollm2-split"
-    run = run_action({"hf-repo": "gguf-org/SmolLM2-135M-Instruct-split", "quantizations": "Q4_1",
-                      "ollama-model": f"{stack.registry}/{repository}", "insecure-registry": "true",
-                      "smoke-test-prompt": "Hi!"}, env={"HF_ENDPOINT": stack.hub_endpoint})
-    assert run.returncode == 0, run.stdout[-3000:]
+    run = _publish(stack, run_action, "gguf-org/SmolLM2-135M-Instruct-split", repository,
+                   {"quantizations": "Q4_1", "smoke-test-prompt": "Hi!"})
     assert any(line.startswith("$ ") and "--merge" in line and "-00001-of-00003.gguf" in line
                for line in run.stdout.splitlines())
     models = json.loads(run.outputs["models"])
@@ -143,10 +145,7 @@ def embedding_repo(stack, tmp_path_factory) -> str:
 
 def test_sentence_transformers_checkpoint_becomes_an_embedding_model(stack, embedding_repo, run_action):
     repository = "embed-team/tiny-bert"
-    run = run_action({"hf-repo": embedding_repo, "quantizations": "Q8_0",
-                      "ollama-model": f"{stack.registry}/{repository}", "insecure-registry": "true"},
-                     env={"HF_ENDPOINT": stack.hub_endpoint})
-    assert run.returncode == 0, run.stdout[-3000:]
+    run = _publish(stack, run_action, embedding_repo, repository, {"quantizations": "Q8_0"})
     assert f"embedding model ({bert.HIDDEN} dimensions): no chat template, no stop tokens" in run.stdout
     assert "Path taken: convert the checkpoint with llama.cpp and quantize (it has *.safetensors weights); an " \
            "embedding model." in run.summary
@@ -170,10 +169,7 @@ def vision_repo(stack, tmp_path_factory) -> str:
 
 def test_vision_model_is_published_with_its_projector_and_sees_images(stack, vision_repo, run_action):
     repository = "vision-team/smolvlm"
-    run = run_action({"hf-repo": vision_repo, "quantizations": "Q8_0",
-                      "ollama-model": f"{stack.registry}/{repository}", "insecure-registry": "true"},
-                     env={"HF_ENDPOINT": stack.hub_endpoint})
-    assert run.returncode == 0, run.stdout[-3000:]
+    run = _publish(stack, run_action, vision_repo, repository, {"quantizations": "Q8_0"})
     assert "; a vision model, with its projector." in run.summary
     assert any(line.startswith("$ ") and "--mmproj" in line for line in run.stdout.splitlines())
     assert run.outputs["gguf-paths"].splitlines() == ["ollama-publish-out/smolvlm-q8_0.gguf",
@@ -204,11 +200,8 @@ def lora_repo(stack, tmp_path_factory) -> str:
 @pytest.mark.parametrize("merge", [True, False])
 def test_lora_adapter_is_published_merged_or_as_a_layer(stack, lora_repo, run_action, merge):
     repository = f"lora-team/smollm2-secret-{'merged' if merge else 'layer'}"
-    run = run_action({"hf-repo": lora_repo, "quantizations": "Q8_0", "smoke-test-prompt": lora.QUESTION,
-                      "lora-merge": str(merge).lower(), "ollama-model": f"{stack.registry}/{repository}",
-                      "insecure-registry": "true"},
-                     env={"HF_ENDPOINT": stack.hub_endpoint})
-    assert run.returncode == 0, run.stdout[-3000:]
+    run = _publish(stack, run_action, lora_repo, repository,
+                   {"quantizations": "Q8_0", "smoke-test-prompt": lora.QUESTION, "lora-merge": str(merge).lower()})
     commands = [line for line in run.stdout.splitlines() if line.startswith("$ ")]
     assert any("convert_lora_to_gguf.py" in c for c in commands)
     assert any("llama-export-lora" in c for c in commands) == merge
