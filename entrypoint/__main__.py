@@ -54,6 +54,8 @@ def summary_markdown(report: pipeline.Report, source: str, workspace: Path) -> s
     if report.commit:
         lines += [f"Checkpoint commit `{report.commit}`, Ollama {report.ollama_version}.", ""]
     lines += [f"Path taken: {report.path_taken}.", ""]
+    if report.rendering:
+        lines += [f"Prompts are rendered by Ollama with {report.rendering}.", ""]
     lines += ["| Model | Quantization | Size | Digest | Smoke test answer | Pushed |",
               "|---|---|---:|---|---|---|"]
     for r in report.results:

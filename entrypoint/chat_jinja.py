@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+from collections.abc import Mapping
 from typing import Any
 
 import jinja2
@@ -36,16 +37,18 @@ def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, s
 
 
 def render(template: str, messages: list[dict[str, str]], *, bos_token: str, eos_token: str,
-           add_generation_prompt: bool = True, today: datetime.datetime | None = None) -> str:
-    """The prompt text `template` makes of `messages` (`today` fixes strftime_now's date).
+           add_generation_prompt: bool = True, today: datetime.datetime | None = None,
+           variables: Mapping[str, Any] | None = None) -> str:
+    """The prompt text `template` makes of `messages` (`today` fixes strftime_now's date; `variables` are
+    further ones, as transformers' apply_chat_template passes its keyword arguments, e.g. enable_thinking).
     Raises jinja2.TemplateError if it cannot."""
     env = jinja2.sandbox.ImmutableSandboxedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationBlocks, jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise
     env.globals["strftime_now"] = lambda fmt: (today or datetime.datetime.now()).strftime(fmt)
-    return env.from_string(template).render(messages=messages, bos_token=bos_token, eos_token=eos_token,
-                                            add_generation_prompt=add_generation_prompt)
+    return env.from_string(template).render(**(variables or {}), messages=messages, bos_token=bos_token,
+                                            eos_token=eos_token, add_generation_prompt=add_generation_prompt)
 
 
 class CannotDerive(Exception):

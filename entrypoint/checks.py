@@ -1,5 +1,5 @@
 """Prove a created model works before it is pushed: it answers and stops (smoke test), and Ollama
-builds the same prompt, token for token, as the checkpoint's own chat template (prompt parity)."""
+builds the same prompt, character for character, as the checkpoint's own chat template (prompt parity)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,12 @@ import dataclasses
 import math
 import struct
 import zlib
-from pathlib import Path
 from typing import Any
 
 import jinja2
 
 from . import chat_jinja, github, modelfile
-from .errors import PublishError
+from .errors import OllamaRefused, PublishError
 from .ollama import OllamaClient
 
 SMOKE_MAX_TOKENS = 256
@@ -110,83 +109,119 @@ def _cosine(a: list[float], b: list[float]) -> float:
     return dot / norms if norms else 0.0
 
 
+# How Ollama 0.34 renders a model's prompts, named as its own "template selection" log line names them
+# (server/images.go, selectedTemplateSource). The Go TEMPLATE is used unless the GGUF's own Jinja
+# chat_template advertises more (tools, thinking): then, with OLLAMA_GO_TEMPLATE unset, llama-server
+# renders the Jinja instead. A RENDERER (Ollama assigns one to a few architectures on create) beats both.
+# A model with a PARSER is always rendered with its TEMPLATE, whatever the GGUF's Jinja offers: the
+# passthrough parser (the answer as it is) pins the TEMPLATE.
+GO_TEMPLATE = "go_template"
+CHAT_TEMPLATE = "gguf_chat_template"
+RENDERER = "renderer"
+PINNED = "parser"
+PIN_PARSER = "passthrough"
+
+
+def selected_rendering(show: dict[str, Any], go_template: str) -> str:
+    """Which of the renderings above Ollama uses for a model by default, from its /api/show: `template` is
+    the Jinja when llama-server renders it, else the Go template as sent; RENDERER and PARSER lines."""
+    commands = {line.split(" ", 1)[0] for line in str(show.get("modelfile", "")).splitlines()}
+    if "RENDERER" in commands:
+        return RENDERER
+    if "PARSER" in commands:
+        return PINNED
+    return GO_TEMPLATE if go_template and show.get("template") == go_template else CHAT_TEMPLATE
+
+
+def describe_rendering(rendering: str) -> str:
+    """A selected_rendering value in words, with why Ollama chose it, for the log and the summary."""
+    return {
+        GO_TEMPLATE: "the Modelfile's TEMPLATE (go_template)",
+        CHAT_TEMPLATE: "the checkpoint's own Jinja chat template, by llama-server (gguf_chat_template): it supports "
+                       "more (tools, thinking) than the TEMPLATE; Ollama with OLLAMA_GO_TEMPLATE=1 renders the "
+                       "TEMPLATE instead",
+        RENDERER: "Ollama's built-in renderer for this architecture (renderer); the TEMPLATE is not used",
+        PINNED: f"the Modelfile's TEMPLATE, pinned by PARSER {PIN_PARSER} (parser): the checkpoint's Jinja chat "
+                "template, which Ollama would prefer, builds other prompts in llama-server than the checkpoint",
+    }[rendering]
+
+
+def renderings_to_check(default: str, go_template: str) -> list[str]:
+    """The default rendering, and the Go TEMPLATE too when the Jinja is the default: users who set
+    OLLAMA_GO_TEMPLATE=1 get that one."""
+    return [default, GO_TEMPLATE] if default == CHAT_TEMPLATE and go_template else [default]
+
+
 @dataclasses.dataclass(frozen=True)
 class ParityFailure:
     conversation: str
+    rendering: str
     expected: str  # the checkpoint's own rendering
-    actual: str  # Ollama's prompt, decoded
-
-
-def _decode(tokenizer_json: Path | None, ids: list[int]) -> str:
-    if tokenizer_json is None or not tokenizer_json.is_file():
-        return " ".join(map(str, ids))
-    from tokenizers import Tokenizer  # installed with transformers; only needed to explain a failure
-
-    return Tokenizer.from_file(str(tokenizer_json)).decode(ids, skip_special_tokens=False)
+    actual: str  # Ollama's prompt (or why Ollama could not build it)
 
 
 def prompt_parity(client: OllamaClient, model: str, create_body: dict[str, Any], info: modelfile.TokenizerInfo,
-                  adds_bos: bool, tokenizer_json: Path | None) -> list[ParityFailure]:
-    """Compare, for each fixed conversation, the tokens of the prompt Ollama builds with the tokens of
-    the checkpoint's own Jinja rendering. Returns the conversations that differ.
+                  adds_bos: bool, renderings: list[str]) -> list[ParityFailure]:
+    """For each fixed conversation and each of `renderings` (renderings_to_check's: the model's own
+    first), the prompt Ollama builds for a chat request must be the checkpoint's own Jinja rendering,
+    character for character (so token for token). Returns the conversations that differ.
 
-    Ollama has no endpoint that returns a chat prompt's tokens, but generate returns `context`: the
-    tokens of its prompt plus the one token generated (the same on both sides when prompts are equal).
-    Two temporary models make both sides go through Ollama's tokenizer: one renders each
-    conversation with our template (its history as MESSAGE lines, its last user turn as the prompt),
-    the other has the identity template `{{ .Prompt }}` and receives the Jinja rendering.
+    Ollama's chat endpoint returns the prompt a request renders to, without running the model, when
+    asked with _debug_render_only; on the Jinja rendering it is llama-server's. The model itself is
+    asked for its own rendering; a probe created like it but forced to the Go TEMPLATE for that one.
+    The requests carry no `think`, as most clients' do: a model Ollama deems able to think then thinks
+    (think: true, passed to the Jinja as enable_thinking), so the Jinja rendering compared gets the same.
     """
-    base = model.rpartition(":")[0]
-    identity = f"{base}:parity-reference"
-    reference_body = {k: v for k, v in create_body.items() if k not in ("system", "messages")}
-    client.create({**reference_body, "model": identity, "template": "{{ .Prompt }}"}, quiet=True)
+    probe = f"{model.rpartition(':')[0]}:parity-probe"
+    forced = GO_TEMPLATE in renderings[1:]
+    if forced:
+        client.create({**create_body, "parser": PIN_PARSER, "model": probe}, quiet=True)
     failures = []
     try:
+        targets = {rendering: probe if forced and rendering == GO_TEMPLATE else model for rendering in renderings}
+        thinks = {rendering: "thinking" in client.show(target).get("capabilities", [])
+                  for rendering, target in targets.items()}
         for label, conversation in CONVERSATIONS.items():
-            try:
-                expected = chat_jinja.render(info.chat_template, conversation, bos_token=info.bos_token,
-                                             eos_token=(info.eos_tokens or ("",))[0])
-            except jinja2.TemplateError as exc:
-                github.warning(f"prompt parity: the checkpoint's template cannot render '{label}' ({exc}); skipped")
-                continue
-            # `context` holds the prompt's tokens without the BOS the runner prepends when the GGUF says
-            # so; compare the rendering without it too. A template that writes BOS itself then shows as
-            # one token too many: the model would see BOS twice.
-            if adds_bos and info.bos_token and expected.startswith(info.bos_token):
-                expected = expected[len(info.bos_token):]
-            theirs = _prompt_tokens(client, identity, expected)
-            ours = _conversation_tokens(client, f"{base}:parity-probe", create_body, conversation)
-            if ours != theirs:
-                failures.append(ParityFailure(label, expected, _decode(tokenizer_json, ours)))
-                github.log(f"  {label}: DIFFERENT")
-            else:
-                github.log(f"  {label}: same {len(ours)} tokens")
+            for rendering, target in targets.items():
+                try:
+                    expected = _reference(info, conversation, thinks[rendering], adds_bos)
+                except jinja2.TemplateError as exc:
+                    github.warning(f"prompt parity: the checkpoint's template cannot render '{label}' ({exc}); "
+                                   "skipped")
+                    break
+                try:
+                    actual = client.render_chat(target, conversation)
+                except OllamaRefused as exc:  # the chat template itself fails in Ollama's renderer
+                    failures.append(ParityFailure(label, rendering, expected, f"(Ollama could not build it: {exc})"))
+                    github.log(f"  {label} [{rendering}]: FAILED TO RENDER")
+                    continue
+                if actual != expected:
+                    failures.append(ParityFailure(label, rendering, expected, actual))
+                    github.log(f"  {label} [{rendering}]: DIFFERENT")
+                else:
+                    github.log(f"  {label} [{rendering}]: same prompt ({len(actual)} characters)")
     finally:
-        client.delete(identity)
+        if forced:
+            client.delete(probe)
     return failures
 
 
-def _prompt_tokens(client: OllamaClient, model: str, prompt: str) -> list[int]:
-    return client.generate(model, prompt, options={**GREEDY, "num_predict": 1}).get("context", [])
-
-
-def _conversation_tokens(client: OllamaClient, probe: str, create_body: dict[str, Any],
-                         conversation: list[dict[str, str]]) -> list[int]:
-    system = next((m["content"] for m in conversation if m["role"] == "system"), None)
-    turns = [m for m in conversation if m["role"] != "system"]
-    body = {**create_body, "model": probe, "messages": turns[:-1]}
-    if system is not None:
-        body["system"] = system
-    client.create(body, quiet=True)
-    try:
-        return _prompt_tokens(client, probe, turns[-1]["content"])
-    finally:
-        client.delete(probe)
+def _reference(info: modelfile.TokenizerInfo, conversation: list[dict[str, str]], thinking: bool,
+               adds_bos: bool) -> str:
+    """The checkpoint's own rendering of `conversation`, as the prompt should reach the model."""
+    expected = chat_jinja.render(info.chat_template, conversation, bos_token=info.bos_token,
+                                 eos_token=(info.eos_tokens or ("",))[0],
+                                 variables={"enable_thinking": True} if thinking else None)
+    # When the GGUF's tokenizer prepends BOS, the prompt must not hold it (llama-server leaves it out of
+    # its Jinja rendering too). A TEMPLATE that writes BOS itself then differs: the model would see BOS twice.
+    if adds_bos and info.bos_token and expected.startswith(info.bos_token):
+        expected = expected[len(info.bos_token):]
+    return expected
 
 
 def explain(failures: list[ParityFailure]) -> str:
     parts = []
     for failure in failures:
         parts.append(f"--- {failure.conversation}: the checkpoint's template renders\n{failure.expected}\n"
-                     f"--- Ollama builds (decoded, including the first generated token)\n{failure.actual}")
+                     f"--- Ollama builds [{failure.rendering}]\n{failure.actual}")
     return "\n".join(parts)

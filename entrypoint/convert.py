@@ -61,23 +61,24 @@ def check_architecture(config: dict[str, Any], supported: dict[str, str], input_
                            input_name=input_name, title="Unsupported architecture")
 
 
-# GGUF architectures of encoder models that Ollama 0.11.4 serves from /api/embed (its llama.cpp runner;
-# the converter also writes modern-bert, neo-bert, eurobert and jina-bert-v3, which that runner lacks).
-OLLAMA_EMBEDDING_ARCHITECTURES = ("bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2")
+# llama.cpp's pooling types (gguf-py PoolingType). Ollama 0.34 serves /api/embed from llama-server's
+# OpenAI-style /v1/embeddings, which refuses NONE (token embeddings) and RANK (a reranker's scores).
+SENTENCE_POOLING = {1: "mean", 2: "cls", 3: "last"}
 
 
 def check_embedding_model(metadata: dict[str, Any], input_name: str) -> int:
-    """Refuse an embedding GGUF that Ollama cannot serve; return its embedding size."""
+    """Refuse an embedding GGUF without sentence pooling; return its embedding size. (Any architecture the
+    converter writes, llama-server runs: both come from the same llama.cpp tree.)"""
     arch = str(metadata.get("general.architecture", ""))
-    if arch not in OLLAMA_EMBEDDING_ARCHITECTURES:
-        raise PublishError(f"The embedding model converts to the '{arch}' architecture, which Ollama 0.11.4 cannot "
-                           f"serve; it serves embeddings from {', '.join(OLLAMA_EMBEDDING_ARCHITECTURES)} models.",
-                           input_name=input_name, title="Unsupported embedding model")
-    if f"{arch}.pooling_type" not in metadata:
+    pooling = metadata.get(f"{arch}.pooling_type")
+    if pooling is None:
         raise PublishError("The embedding model has no pooling: the converter takes it from the sentence-transformers "
-                           "files modules.json and 1_Pooling/config.json. Without it Ollama would return the last "
-                           "token's state instead of a sentence embedding. Add them (SentenceTransformer.save).",
-                           input_name=input_name, title="No pooling")
+                           "files modules.json and 1_Pooling/config.json. Without it there is no sentence embedding. "
+                           "Add them (SentenceTransformer.save).", input_name=input_name, title="No pooling")
+    if pooling not in SENTENCE_POOLING:
+        raise PublishError(f"The embedding model's pooling type is {pooling} (none or rank): it gives token embeddings "
+                           "or reranking scores, which Ollama's /api/embed cannot serve. Publish a checkpoint with "
+                           "mean, CLS or last-token pooling.", input_name=input_name, title="No pooling")
     return int(metadata[f"{arch}.embedding_length"])
 
 
@@ -104,34 +105,6 @@ def is_vision_model(config: dict[str, Any]) -> bool:
 
 def _converter_init() -> str:
     return (find_converter().parent / "conversion" / "__init__.py").read_text(encoding="utf-8")
-
-
-# Text architectures Ollama 0.11.4 runs on its own engine, which reads vision weights only from the
-# model GGUF in its own layout and ignores a llama.cpp projector (the model would answer without seeing).
-OLLAMA_ENGINE_ARCHITECTURES = ("gemma3", "gemma3n", "mistral3", "llama4", "mllama", "qwen25vl", "gptoss")
-# Projector types the llama.cpp runner in Ollama 0.11.4 loads (its tools/mtmd/clip-impl.h), minus the
-# Qwen2-VL mergers, whose text models need four positions per token there.
-OLLAMA_PROJECTOR_TYPES = ("mlp", "mlp_norm", "ldp", "ldpv2", "resampler", "adapter", "gemma3", "idefics3",
-                          "pixtral", "internvl")
-
-
-def check_vision_model(text: dict[str, Any], projector: dict[str, Any], input_name: str) -> None:
-    """Refuse a vision model Ollama would load without its vision, rather than publish it text-only."""
-    arch = str(text.get("general.architecture", ""))
-    kind = str(projector.get("clip.projector_type", ""))
-    if arch in OLLAMA_ENGINE_ARCHITECTURES:
-        raise PublishError(f"The vision model's text part is '{arch}', which Ollama 0.11.4 runs on its own engine: "
-                           "it would ignore llama.cpp's projector and answer without seeing the image. Publish it "
-                           "as text only (remove vision_config) or with Ollama's own importer.",
-                           input_name=input_name, title="Unsupported vision model")
-    if kind not in OLLAMA_PROJECTOR_TYPES:
-        raise PublishError(f"The vision model's projector is of type '{kind or 'unknown'}', which Ollama 0.11.4 "
-                           f"cannot load; it loads {', '.join(OLLAMA_PROJECTOR_TYPES)}.", input_name=input_name,
-                           title="Unsupported vision model")
-    width, text_width = projector.get("clip.vision.projection_dim"), text.get(f"{arch}.embedding_length")
-    if width is not None and text_width is not None and width != text_width:
-        raise PublishError(f"The projector writes {width}-dimensional image embeddings, the text model takes "
-                           f"{text_width}.", input_name=input_name, title="Unsupported vision model")
 
 
 def convert(checkpoint: Path, target: Path, outtype: str, model_name: str) -> None:

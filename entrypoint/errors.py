@@ -22,3 +22,16 @@ class PublishError(Exception):
 
     def __str__(self) -> str:
         return self.message
+
+
+class OllamaUnreachable(PublishError):
+    """The Ollama server did not answer, or stopped answering mid-stream (it may have crashed)."""
+
+
+class OllamaRefused(PublishError):
+    """Ollama answered a request with an error: an HTTP error status, or an error line in a stream (then
+    `status` is the stream's own, 200)."""
+
+    def __init__(self, message: str, *, status: int, title: str):
+        super().__init__(message, title=title)
+        self.status = status

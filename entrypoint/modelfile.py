@@ -217,6 +217,7 @@ class ModelSpec:
     parameters: tuple[tuple[str, Any], ...]
     license: str
     source: str
+    parser: str = ""  # PARSER: "passthrough" pins the TEMPLATE (checks.PINNED)
 
 
 def _quote(value: str) -> str:
@@ -230,20 +231,21 @@ def _quote(value: str) -> str:
     return f'"{value}"'
 
 
-def render_modelfile(spec: ModelSpec, gguf_name: str, projector_name: str = "", adapter_name: str = "") -> str:
-    """projector_name: a vision model's projector GGUF, its second FROM; adapter_name: a LoRA adapter GGUF."""
+def render_modelfile(spec: ModelSpec, gguf_name: str, projector_name: str = "") -> str:
+    """projector_name: a vision model's projector GGUF, its second FROM."""
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES_DIR), autoescape=False,
                              undefined=jinja2.StrictUndefined)
     env.filters["quote"] = _quote
     return env.get_template("Modelfile.j2").render(
-        source=spec.source, gguf_name=gguf_name, projector_name=projector_name, adapter_name=adapter_name,
-        template=spec.template, system=spec.system, parameters=spec.parameters, license=spec.license)
+        source=spec.source, gguf_name=gguf_name, projector_name=projector_name,
+        template=spec.template, system=spec.system, parameters=spec.parameters, license=spec.license,
+        parser=spec.parser)
 
 
 def create_request(spec: ModelSpec, model: str, gguf_digest: str, gguf_name: str,
-                   projector: tuple[str, str] | None = None, adapter: tuple[str, str] | None = None) -> dict[str, Any]:
-    """The /api/create body equivalent to render_modelfile(spec, gguf_name, ...); projector and adapter are
-    (file name, digest)."""
+                   projector: tuple[str, str] | None = None) -> dict[str, Any]:
+    """The /api/create body equivalent to render_modelfile(spec, gguf_name, ...); projector is (file name,
+    digest)."""
     parameters: dict[str, Any] = {}
     for name, value in spec.parameters:
         if name == "stop":
@@ -253,10 +255,10 @@ def create_request(spec: ModelSpec, model: str, gguf_digest: str, gguf_name: str
     body: dict[str, Any] = {"model": model, "files": {gguf_name: gguf_digest}}
     if projector:  # Ollama stores a GGUF with a vision encoder and no text blocks as the projector layer
         body["files"][projector[0]] = projector[1]
-    if adapter:
-        body["adapters"] = {adapter[0]: adapter[1]}
     if spec.template:  # an embedding model has none
         body["template"] = spec.template
+    if spec.parser:
+        body["parser"] = spec.parser
     if spec.system:
         body["system"] = spec.system
     if parameters:

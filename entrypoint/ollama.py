@@ -21,7 +21,7 @@ from typing import Any
 import requests
 
 from . import github
-from .errors import PublishError
+from .errors import OllamaRefused, OllamaUnreachable, PublishError
 from .process import running
 
 DEFAULT_BIND = "127.0.0.1:11434"
@@ -45,8 +45,8 @@ class OllamaClient:
         try:
             return self.session.request(method, self._url(path), **kwargs)
         except requests.RequestException as exc:
-            raise PublishError(f"Ollama {what} failed: the server at {self.base_url} did not answer ({exc}).",
-                               title="Ollama unreachable") from exc
+            raise OllamaUnreachable(f"Ollama {what} failed: the server at {self.base_url} did not answer ({exc}).",
+                                    title="Ollama unreachable") from exc
 
     def _check(self, response: requests.Response, what: str) -> requests.Response:
         if response.status_code >= 400:
@@ -54,7 +54,8 @@ class OllamaClient:
                 detail = response.json().get("error", response.text)
             except ValueError:
                 detail = response.text
-            raise PublishError(f"Ollama {what} failed ({response.status_code}): {detail}", title=f"Ollama {what} failed")
+            raise OllamaRefused(f"Ollama {what} failed ({response.status_code}): {detail}",
+                                status=response.status_code, title=f"Ollama {what} failed")
         return response
 
     def is_healthy(self) -> bool:
@@ -109,15 +110,16 @@ class OllamaClient:
                     continue
                 line = json.loads(raw)
                 if "error" in line:
-                    raise PublishError(f"Ollama {what} failed: {line['error']}", title=f"Ollama {what} failed")
+                    raise OllamaRefused(f"Ollama {what} failed: {line['error']}", status=response.status_code,
+                                        title=f"Ollama {what} failed")
                 yield line
 
     def _lines(self, response: requests.Response, what: str) -> Iterator[bytes]:
         try:
             yield from response.iter_lines()
         except requests.RequestException as exc:  # the server went away mid-stream
-            raise PublishError(f"Ollama {what} failed: the server at {self.base_url} stopped answering ({exc}).",
-                               title="Ollama unreachable") from exc
+            raise OllamaUnreachable(f"Ollama {what} failed: the server at {self.base_url} stopped answering ({exc}).",
+                                    title="Ollama unreachable") from exc
 
     def create(self, body: dict[str, Any], quiet: bool = False) -> None:
         last = None
@@ -134,13 +136,18 @@ class OllamaClient:
         body = {"model": model, "messages": messages, "options": options, "stream": False}
         return self._check(self._send("POST", "/api/chat", "chat", json=body), "chat").json()
 
-    def generate(self, model: str, prompt: str, *, options: dict[str, Any]) -> dict[str, Any]:
-        body = {"model": model, "prompt": prompt, "options": options, "stream": False}
-        return self._check(self._send("POST", "/api/generate", "generate", json=body), "generate").json()
+    def render_chat(self, model: str, messages: list[dict[str, str]]) -> str:
+        """The prompt a chat request renders to, as the model would get it, without running the model."""
+        body = {"model": model, "messages": messages, "stream": False, "_debug_render_only": True}
+        response = self._check(self._send("POST", "/api/chat", "chat rendering", json=body), "chat rendering")
+        return response.json()["_debug_info"]["rendered_template"]
 
     def embed(self, model: str, inputs: list[str]) -> list[list[float]]:
         body = {"model": model, "input": inputs}
         return self._check(self._send("POST", "/api/embed", "embed", json=body), "embed").json().get("embeddings", [])
+
+    def show(self, model: str) -> dict[str, Any]:
+        return self._check(self._send("POST", "/api/show", "show", json={"model": model}, timeout=60), "show").json()
 
     def delete(self, model: str) -> None:
         self._check(self._send("DELETE", "/api/delete", "delete", json={"model": model}, timeout=60), "delete")
@@ -165,12 +172,13 @@ class OllamaClient:
         raise PublishError(f"Ollama does not list {model} after creating it.", title="Ollama create failed")
 
 
-    def local_manifest(self, host: str, namespace: str, model: str, tag: str) -> dict[str, Any] | None:
-        """The manifest Ollama stored for a model (no API returns it), or None for a server we did not start."""
+    def local_manifest(self, host: str, namespace: str, model: str, tag: str) -> bytes | None:
+        """The manifest file Ollama stored for a model (no API returns it), or None for a server we did not
+        start. A push sends these bytes without their final newline."""
         if self.models_dir is None:
             return None
         path = self.models_dir / "manifests" / host / namespace / model / tag
-        return json.loads(path.read_text()) if path.is_file() else None
+        return path.read_bytes() if path.is_file() else None
 
 
 def _chunks(f) -> Iterator[bytes]:
@@ -232,7 +240,9 @@ def serve(log_path: Path, models_dir: Path, ollama_key: str = "") -> Iterator[Ol
             key_path.with_name("id_ed25519.pub").unlink(missing_ok=True)
             wrote_key = True
         # The checks use one model at a time: runners of models already checked would only hold memory.
-        env = {"OLLAMA_MAX_LOADED_MODELS": "1", **os.environ, "OLLAMA_HOST": bind, "OLLAMA_MODELS": str(models_dir)}
+        # OLLAMA_NO_CLOUD: no calls to ollama.com at start (model recommendations, cloud models).
+        env = {"OLLAMA_MAX_LOADED_MODELS": "1", **os.environ, "OLLAMA_HOST": bind, "OLLAMA_MODELS": str(models_dir),
+               "OLLAMA_NO_CLOUD": "1"}
         with log_path.open("ab") as log_file, \
                 running([binary, "serve"], what="The Ollama server", stdout=log_file, stderr=subprocess.STDOUT,
                         env=env) as server:
@@ -248,7 +258,7 @@ def serve(log_path: Path, models_dir: Path, ollama_key: str = "") -> Iterator[Ol
             try:
                 yield client
             except PublishError as exc:
-                if exc.title == "Ollama unreachable":  # did the server crash? It may take a moment to exit
+                if isinstance(exc, OllamaUnreachable):  # did the server crash? It may take a moment to exit
                     with contextlib.suppress(subprocess.TimeoutExpired):
                         server.wait(timeout=5)
                 if server.poll() is None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -12,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from . import checks, convert, github, gguf_header, hub, modelfile, preflight, quantize, registry, retry
-from .errors import PublishError
+from .errors import OllamaUnreachable, PublishError
 from .ollama import OllamaClient, serve
 from .settings import Settings
 
@@ -37,7 +39,8 @@ class Report:
     commit: str
     ollama_version: str
     path_taken: str  # how the repo was published, and why (hub.Plan.why)
-    extra_ggufs: tuple[Path, ...]  # a vision model's projector, a LoRA adapter layer: shared by every tag
+    extra_ggufs: tuple[Path, ...]  # a vision model's projector: shared by every tag
+    rendering: str  # what renders the prompts in users' Ollama (checks.selected_rendering); "" for embeddings
 
 
 def run(settings: Settings, environ: Mapping[str, str]) -> Report:
@@ -64,37 +67,42 @@ def run(settings: Settings, environ: Mapping[str, str]) -> Report:
                     modelfile.choose_format(settings.template, info, workspace)
                 license_text = modelfile.read_license(checkpoint.adapter or checkpoint.path) or \
                     modelfile.read_license(checkpoint.path)
-                tokenizer_json = _keep_tokenizer(checkpoint, scratch)
             projector = _extra_path(settings, "mmproj-f16") if task == "vision" else None
-            separate_adapter = checkpoint.adapter is not None and not settings.lora_merge
-            adapter_layer = _extra_path(settings, "lora-f16") if separate_adapter else None
             if checkpoint.plan.kind == "gguf":
                 with github.group("3. Take the repo's GGUF files (no conversion)"):
                     ggufs = _take_ggufs(settings, checkpoint)
             else:
                 with github.group("3. Convert to GGUF and quantize"):
-                    ggufs = _build_ggufs(settings, checkpoint, scratch, projector, adapter_layer)
+                    ggufs = _build_ggufs(settings, checkpoint, scratch, projector)
             with github.group("4. Render the Modelfile"):
                 spec, embedding_size = _describe(settings, task, info, ggufs, projector, license_text, workspace)
-                modelfile_path = _write_modelfile(settings, spec, ggufs, projector, adapter_layer)
+                modelfile_path = _write_modelfile(settings, spec, ggufs, projector)
             with github.group("5. Create the models and prove they work"):
                 digests = {q: client.upload_blob(path) for q, path in ggufs.items()}
                 projector_file = (projector.name, client.upload_blob(projector)) if projector else None
-                adapter_file = (adapter_layer.name, client.upload_blob(adapter_layer)) if adapter_layer else None
-                results = _create(client, settings, spec, ggufs, digests, projector_file, adapter_file)
+                results = _create(client, settings, spec, ggufs, digests, projector_file)
+                rendering = ""
                 if task == "embedding":
                     _smoke_test(client, settings, results,
                                 lambda name: checks.embedding_smoke_test(client, name, embedding_size))
                 else:
-                    if settings.prompt_parity != "off":
-                        _check_prompt_parity(client, settings, spec, info, ggufs, digests, results, tokenizer_json)
+                    # Every tag has the same template and GGUF metadata, so the same rendering.
+                    rendering = checks.selected_rendering(client.show(results[0].name), spec.template)
+                    if settings.prompt_parity != "off" and \
+                            _check_prompt_parity(client, settings, spec, info, ggufs, digests, results, rendering):
+                        spec = dataclasses.replace(spec, parser=checks.PIN_PARSER)
+                        modelfile_path = _write_modelfile(settings, spec, ggufs, projector)
+                        results = _create(client, settings, spec, ggufs, digests, projector_file)
+                        rendering = checks.selected_rendering(client.show(results[0].name), spec.template)
+                    github.log(f"Ollama renders the prompts with {checks.describe_rendering(rendering)}")
                     _smoke_test(client, settings, results, lambda name: _chat_smoke_test(client, settings, name, task))
             if settings.push:
                 with github.group("6. Push"):
                     _push(client, settings, results)
             return Report(results=results, modelfile=modelfile_path, commit=checkpoint.commit,
                           ollama_version=client.version(), path_taken=checkpoint.plan.why + TASK_NOTES[task],
-                          extra_ggufs=tuple(p for p in (projector, adapter_layer) if p))
+                          extra_ggufs=(projector,) if projector else (),
+                          rendering=checks.describe_rendering(rendering) if rendering else "")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -165,10 +173,8 @@ def _fetch_base(settings: Settings, scratch: Path, client: OllamaClient, remote:
     base_dir = scratch / "base"
     _check_convertible(hub.read_config(base, settings.hf_token, base_dir), base.plan, "base-model")
     base_label = f"{base_id}@{base.commit[:12]}"
-    repo_plan = dataclasses.replace(base.plan, kind="lora", why=(
-        f"merge the LoRA adapter into its base model {base_label}, then convert and quantize" if settings.lora_merge
-        else f"convert and quantize the base model {base_label}, with the LoRA adapter as its own layer "
-             "(lora-merge: false)"))
+    repo_plan = dataclasses.replace(base.plan, kind="lora",
+                                    why=f"merge the LoRA adapter into its base model {base_label}, then convert and quantize")
     if settings.resource_check:
         _check_resources(settings, client, scratch, repo_plan, {**base.sizes, **adapter_sizes})
     if remote:
@@ -194,7 +200,7 @@ def _check_resources(settings: Settings, client: OllamaClient, scratch: Path, re
         model_bytes = gguf_sizes[largest]
     else:
         size = sum(sizes.values())
-        merging = repo_plan.kind == "lora" and settings.lora_merge
+        merging = repo_plan.kind == "lora"
         phases = preflight.estimate(size, settings.quantizations, _intermediate_type(settings, merging),
                                     downloaded=downloaded, ollama_copies=not linked, merging=merging)
         largest, model_bytes = preflight.largest_quantized(size, settings.quantizations)
@@ -226,9 +232,6 @@ def _describe(settings: Settings, task: str, info: modelfile.TokenizerInfo, gguf
         github.log(f"embedding model ({size} dimensions): no chat template, no stop tokens")
         return modelfile.ModelSpec(template="", system="", parameters=settings.parameters, license=license_text,
                                    source=settings.source_label), size
-    if projector:
-        convert.check_vision_model(gguf_header.read_metadata(default_gguf), gguf_header.read_metadata(projector),
-                                   _source_input(settings))
     # Only the GGUF tells whether its tokenizer prepends BOS, which the template must then leave out.
     return _describe_model(settings, info, license_text, workspace, convert.adds_bos(default_gguf)), 0
 
@@ -269,12 +272,6 @@ def _describe_model(settings: Settings, info: modelfile.TokenizerInfo, license_t
                                license=license_text, source=settings.source_label)
 
 
-def _keep_tokenizer(checkpoint: hub.Checkpoint, scratch: Path) -> Path | None:
-    """Keep tokenizer.json (small) after the checkpoint is deleted: it decodes prompts in parity reports."""
-    source = _tokenizer_folder(checkpoint) / "tokenizer.json"
-    return Path(shutil.copy(source, scratch / "tokenizer.json")) if source.is_file() else None
-
-
 def _gguf_path(settings: Settings, quantization: str) -> Path:
     return settings.output_dir / f"{settings.model_name.model}-{quantize.tag_suffix(quantization)}.gguf"
 
@@ -297,23 +294,22 @@ def _quantize_options_set(settings: Settings) -> bool:
                 or settings.token_embedding_type)
 
 
-def _build_ggufs(settings: Settings, checkpoint: hub.Checkpoint, scratch: Path, projector: Path | None,
-                 adapter_layer: Path | None) -> dict[str, Path]:
-    """Convert once (and the vision projector to `projector`, when given), merge a LoRA adapter (or convert
-    it to `adapter_layer`, when given), quantize to each requested type, and delete what is consumed as soon
-    as it is."""
+def _build_ggufs(settings: Settings, checkpoint: hub.Checkpoint, scratch: Path, projector: Path | None
+                 ) -> dict[str, Path]:
+    """Convert once (and the vision projector to `projector`, when given), merge a LoRA adapter, quantize
+    to each requested type, and delete what is consumed as soon as it is."""
     quants = settings.quantizations
     model_label = settings.hf_repo.split("/")[-1] if settings.hf_repo else Path(settings.model_path or "model").name
-    merging = checkpoint.adapter is not None and adapter_layer is None
+    merging = checkpoint.adapter is not None
     intermediate_type = _intermediate_type(settings, merging)
     intermediate = scratch / f"intermediate-{intermediate_type.lower()}.gguf"
     convert.convert(checkpoint.path, intermediate, quantize.CONVERTER_TYPES[intermediate_type], model_label)
     if projector:
         convert.convert_projector(checkpoint.path, projector)
-    adapter = adapter_layer or scratch / "adapter-f16.gguf"
-    if checkpoint.adapter:
+    adapter = scratch / "adapter-f16.gguf"
+    if merging:
         convert.convert_adapter(checkpoint.adapter, checkpoint.path, adapter)
-    if not settings.model_path or checkpoint.adapter:
+    if not settings.model_path or merging:
         shutil.rmtree(checkpoint.path, ignore_errors=True)  # the downloaded weights are no longer needed
     if merging:
         merged = scratch / "merged.gguf"
@@ -345,7 +341,8 @@ def _build_ggufs(settings: Settings, checkpoint: hub.Checkpoint, scratch: Path, 
 def _take_ggufs(settings: Settings, checkpoint: hub.Checkpoint) -> dict[str, Path]:
     """The repo's own GGUF files under the names converted ones get: moved when downloaded, else linked
     (or copied, across filesystems) so that a local model-path folder is left as it was. Split files are
-    merged into one (Ollama 0.11.4 creates a model from one file)."""
+    merged into one: Ollama 0.34 creates split models but marks them as needing Ollama 0.35, and older
+    versions load one file only."""
     if _quantize_options_set(settings):
         github.warning("imatrix, imatrix-calibration, output-tensor-type and token-embedding-type are ignored: the "
                        "repo's GGUF files are published as they are.")
@@ -371,23 +368,22 @@ def _take_ggufs(settings: Settings, checkpoint: hub.Checkpoint) -> dict[str, Pat
 
 
 def _write_modelfile(settings: Settings, spec: modelfile.ModelSpec, ggufs: dict[str, Path],
-                     projector: Path | None, adapter_layer: Path | None) -> Path:
+                     projector: Path | None) -> Path:
     default_gguf = ggufs[settings.quantizations[0]]
     path = settings.output_dir / "Modelfile"
-    path.write_text(modelfile.render_modelfile(spec, default_gguf.name, projector.name if projector else "",
-                                               adapter_layer.name if adapter_layer else ""), encoding="utf-8")
+    path.write_text(modelfile.render_modelfile(spec, default_gguf.name, projector.name if projector else ""),
+                    encoding="utf-8")
     github.log(path.read_text(encoding="utf-8"))
     return path
 
 
 def _create(client: OllamaClient, settings: Settings, spec: modelfile.ModelSpec, ggufs: dict[str, Path],
-            digests: dict[str, str], projector: tuple[str, str] | None,
-            adapter: tuple[str, str] | None) -> list[TagResult]:
+            digests: dict[str, str], projector: tuple[str, str] | None) -> list[TagResult]:
     results = []
     for quant, tag in settings.tags:
         name = settings.model_name.with_tag(tag)
         github.log(f"creating {name}")
-        client.create(modelfile.create_request(spec, name, digests[quant], ggufs[quant].name, projector, adapter))
+        client.create(modelfile.create_request(spec, name, digests[quant], ggufs[quant].name, projector))
         digest, size = client.model_digest(name)
         results.append(TagResult(tag=tag, name=name, quantization=quant, gguf=ggufs[quant], digest=digest, size=size))
     return results
@@ -395,26 +391,40 @@ def _create(client: OllamaClient, settings: Settings, spec: modelfile.ModelSpec,
 
 def _check_prompt_parity(client: OllamaClient, settings: Settings, spec: modelfile.ModelSpec,
                          info: modelfile.TokenizerInfo, ggufs: dict[str, Path], digests: dict[str, str],
-                         results: list[TagResult], tokenizer_json: Path | None) -> None:
+                         results: list[TagResult], rendering: str) -> bool:
     """Once per release, on the smallest quantization (the quickest to load): every quantization has the
-    same template and the same tokenizer (llama-quantize copies the metadata), so the same prompt tokens."""
+    same template and the same tokenizer (llama-quantize copies the metadata), so the same prompts.
+    Checked on every rendering users' Ollama may use (checks.renderings_to_check). Returns whether the
+    TEMPLATE must be pinned: it builds the checkpoint's prompts, and the GGUF's Jinja, which Ollama
+    prefers, does not (llama-server renders it other than transformers, or the GGUF's copy is stale)."""
     if not info.chat_template:
         github.warning("prompt parity not checked: the checkpoint has no chat template to compare with")
-        return
+        return False
     quant = min(ggufs, key=lambda q: ggufs[q].stat().st_size)
     name = next(r.name for r in results if r.quantization == quant)
-    github.log(f"prompt parity of {name} with the checkpoint's chat template (the same for every quantization):")
+    renderings = checks.renderings_to_check(rendering, spec.template)
+    github.log(f"prompt parity of {name} with the checkpoint's chat template (the same for every quantization), "
+               f"as Ollama renders it [{', '.join(renderings)}]:")
     body = modelfile.create_request(spec, name, digests[quant], ggufs[quant].name)
-    failures = checks.prompt_parity(client, name, body, info, convert.adds_bos(ggufs[quant]), tokenizer_json)
+    failures = checks.prompt_parity(client, name, body, info, convert.adds_bos(ggufs[quant]), renderings)
     if not failures:
-        return
+        return False
+    if checks.GO_TEMPLATE in renderings[1:] and all(f.rendering == checks.CHAT_TEMPLATE for f in failures):
+        github.warning(f"Ollama would render the prompts of {name} with the GGUF's own Jinja chat template, in "
+                       "llama-server (it supports more than the TEMPLATE: tools, thinking), and that builds other "
+                       f"prompts than the checkpoint for {len(failures)} of {len(checks.CONVERSATIONS)} conversations; "
+                       f"the TEMPLATE builds the same. The models pin the TEMPLATE (PARSER {checks.PIN_PARSER}), so "
+                       "Ollama renders that, and offers no tool calling through the Jinja.\n" + checks.explain(failures))
+        return True
+    compared = len(checks.CONVERSATIONS) * len(renderings)
     message = (f"Prompt parity failed for {name}: Ollama builds a different prompt than the checkpoint's own "
-               f"chat template for {len(failures)} of {len(checks.CONVERSATIONS)} conversations. Set the template "
+               f"chat template for {len(failures)} of {compared} conversations and renderings. Set the template "
                "input to the right template (or prompt-parity: warn to publish anyway).\n"
                + checks.explain(failures))
     if settings.prompt_parity == "fail":
         raise PublishError(message, input_name="template", title="Prompt parity failed")
     github.warning(message)
+    return False
 
 
 def _smoke_test(client: OllamaClient, settings: Settings, results: list[TagResult],
@@ -452,7 +462,7 @@ def _already_published(client: OllamaClient, settings: Settings, results: list[T
         if found is None:
             continue
         local = client.local_manifest(name.host, name.namespace, name.model, result.tag)
-        if local is not None and _layers(local) == _layers(found[1]):
+        if local is not None and _layers(json.loads(local)) == _layers(found[1]):
             identical.add(result.tag)
             result.registry_digest = found[0]
             github.log(f"{result.name} is already published with the same layers; not pushing it again")
@@ -489,13 +499,13 @@ def _push(client: OllamaClient, settings: Settings, results: list[TagResult]) ->
 def _push_can_be_retried(exc: PublishError) -> bool:
     """Network trouble between Ollama and the registry: yes. A refusal, or Ollama itself gone: no."""
     refused = any(word in exc.message.lower() for word in ("unauthorized", "access denied", "401", "403", "forbidden"))
-    return not refused and exc.title != "Ollama unreachable"
+    return not refused and not isinstance(exc, OllamaUnreachable)
 
 
 def _verify_pushed(client: OllamaClient, settings: Settings, result: TagResult) -> None:
-    """Read the manifest back from the registry: it must list the layers Ollama built for this tag.
-
-    (Not a digest comparison: Ollama's local manifest file carries extra fields that it drops on push.)
+    """Read the manifest back from the registry. With our own server's manifest file at hand, the registry
+    must hold exactly that manifest (Ollama pushes the file without its final newline): the config and
+    layers built and checked here. Without it (ollama-host), the manifest must at least have a model layer.
     """
     name = settings.model_name
     try:
@@ -511,10 +521,11 @@ def _verify_pushed(client: OllamaClient, settings: Settings, result: TagResult) 
     remote_layers = _layers(remote)
     local = client.local_manifest(name.host, name.namespace, name.model, result.tag)
     if local is not None:
-        expected = _layers(local)
-        if remote_layers != expected:
-            raise PublishError(f"After pushing {result.name} the registry's manifest lists layers {remote_layers}, "
-                               f"not the local {expected}.", title="Push not verified")
+        expected = "sha256:" + hashlib.sha256(local.removesuffix(b"\n")).hexdigest()
+        if result.registry_digest != expected:
+            raise PublishError(f"After pushing {result.name} the registry holds manifest {result.registry_digest}, "
+                               f"not {expected}, the one Ollama built (layers there: {remote_layers}).",
+                               title="Push not verified")
     elif not any(layer.get("mediaType") == "application/vnd.ollama.image.model" for layer in remote.get("layers", [])):
         raise PublishError(f"The registry's manifest for {result.name} has no model layer.", title="Push not verified")
     github.log(f"  verified in the registry: manifest {result.registry_digest}, {len(remote_layers)} layers")

@@ -22,7 +22,6 @@ INPUTS: dict[str, str] = {
     "allow-pickle": "false",
     "base-model": "",
     "base-revision": "main",
-    "lora-merge": "true",
     "ollama-model": "",
     "quantizations": "Q4_K_M",
     "imatrix-calibration": "",
@@ -47,10 +46,10 @@ INPUTS: dict[str, str] = {
 }
 SECRET_INPUTS = ("hf-token", "ollama-key")
 
-# Modelfile PARAMETER names Ollama accepts; anything else is rejected by `ollama create`.
+# Modelfile PARAMETER names Ollama 0.34 accepts (api.Options; typical_p is refused since 0.30).
 PARAMETER_TYPES: dict[str, type] = {
     "num_keep": int, "seed": int, "num_predict": int, "top_k": int, "top_p": float, "min_p": float,
-    "typical_p": float, "repeat_last_n": int, "temperature": float, "repeat_penalty": float,
+    "repeat_last_n": int, "temperature": float, "repeat_penalty": float,
     "presence_penalty": float, "frequency_penalty": float, "stop": str, "num_ctx": int, "num_batch": int,
     "num_gpu": int, "main_gpu": int, "use_mmap": bool, "num_thread": int,
 }
@@ -71,7 +70,6 @@ class Settings:
     allow_pickle: bool
     base_model: str  # a LoRA adapter's base on the Hub; '' takes adapter_config.json's
     base_revision: str
-    lora_merge: bool  # false: publish the base with the adapter as an ADAPTER layer
     model_name: ModelName
     quantizations: tuple[str, ...]
     imatrix_calibration: Path | None  # a text file: the action computes the importance matrix from it
@@ -323,7 +321,7 @@ def build_settings(values: Mapping[str, str], environ: Mapping[str, str]) -> Set
     return Settings(
         hf_repo=hf_repo, hf_revision=revision, hf_token=values["hf-token"].strip(), model_path=model_path,
         repo_kind=repo_kind, allow_pickle=parse_bool("allow-pickle", values["allow-pickle"]),
-        base_model=base_model, base_revision=base_revision, lora_merge=parse_bool("lora-merge", values["lora-merge"]),
+        base_model=base_model, base_revision=base_revision,
         model_name=model_name, quantizations=tuple(quantizations), imatrix_calibration=calibration, imatrix=imatrix,
         output_tensor_type=output_tensor_type, token_embedding_type=token_embedding_type, tags=tags, template=template, system=values["system"], parameters=parse_parameters(values["parameters"]),
         smoke_test=parse_bool("smoke-test", values["smoke-test"]), smoke_test_prompt=values["smoke-test-prompt"].strip(),

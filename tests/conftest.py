@@ -19,7 +19,15 @@ from tests import servers
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 HF_REPO = "test-org/SmolLM2-135M-Instruct"
+# The smoke test's question in the tests, unless a test sets its own: SmolLM2-135M answers it and stops at
+# every quantization. At temperature 0, without the repeat penalty of 1.1 that Ollama applied by default
+# before 0.30, it loops on the default one ("L'Étoile, la Cité, la France, la France, ...").
+SMOKE_PROMPT = "What is the capital of Germany?"
 ACTION_TIMEOUT_S = 900
+# One thread for every llama-server the tests start (through any Ollama, ours or the action's): with
+# more, ggml's threads spin-wait on each other on these shared 2-core machines, about 30x slower.
+# Ollama passes no -t unless num_thread is set, and llama-server then reads this variable.
+os.environ["LLAMA_ARG_THREADS"] = "1"
 
 
 @dataclasses.dataclass
@@ -84,7 +92,7 @@ def action_runner(tmp_path: Path):
         output_file, summary_file = runner_temp / "github_output", runner_temp / "step_summary"
         output_file.touch()
         summary_file.touch()
-        keep = ("PATH", "LANG", "LLAMA_CPP_DIR", "LLAMA_QUANTIZE", "OLLAMA_BIN", "SSL_CERT_FILE")
+        keep = ("PATH", "LANG", "LLAMA_CPP_DIR", "LLAMA_QUANTIZE", "OLLAMA_BIN", "SSL_CERT_FILE", "LLAMA_ARG_THREADS")
         full_env = {k: os.environ[k] for k in keep if k in os.environ}
         full_env.update({
             "HOME": str(home), "GITHUB_ACTIONS": "true", "GITHUB_WORKSPACE": str(workspace),
@@ -93,7 +101,8 @@ def action_runner(tmp_path: Path):
             "RUNNER_TEMP": str(runner_temp), "HF_HOME": str(home / "hf"), "HF_HUB_DISABLE_TELEMETRY": "1",
             "OLLAMA_HOST": f"127.0.0.1:{servers.free_port()}", "PYTHONPATH": str(REPO_ROOT),
         })
-        full_env.update({f"INPUT_{name.upper()}": value for name, value in inputs.items()})
+        full_env.update({f"INPUT_{name.upper()}": value for name, value in {"smoke-test-prompt": SMOKE_PROMPT,
+                                                                            **inputs}.items()})
         full_env.update(env or {})
         proc = subprocess.Popen([sys.executable, "-m", "entrypoint"], cwd=workspace, env=full_env, text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)

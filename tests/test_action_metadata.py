@@ -57,15 +57,19 @@ def test_runs_the_dockerfile(action):
 
 
 def _from_images(dockerfile: str) -> list[tuple[str, str | None]]:
-    """(image, stage alias) for each FROM, with --platform and similar flags skipped."""
-    images = []
+    """(image, stage alias) for each FROM, with --platform and similar flags skipped and ${ARG}s replaced
+    by their defaults."""
+    images, defaults = [], {}
     for line in dockerfile.splitlines():
         words = line.split()
+        if words and words[0].upper() == "ARG" and "=" in words[1]:
+            name, _, value = words[1].partition("=")
+            defaults.setdefault(name, value)
         if not words or words[0].upper() != "FROM":
             continue
         args = [w for w in words[1:] if not w.startswith("--")]
         alias = args[2] if len(args) >= 3 and args[1].upper() == "AS" else None
-        images.append((args[0], alias))
+        images.append((re.sub(r"\$\{(\w+)\}", lambda m: defaults[m.group(1)], args[0]), alias))
     return images
 
 

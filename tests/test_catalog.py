@@ -2,17 +2,13 @@
 families' own Jinja chat templates in a real Ollama.
 
 For every catalog entry and every template in its verified_with, a model is created with the
-catalog template and checks.prompt_parity compares, token for token, the prompt Ollama builds with
-the Jinja rendering for the four fixed conversations. One real model serves every family:
-SmolLM2-135M-Instruct converted once to Q8_0. Its tokenizer lacks most families' special tokens, but
-parity compares the token ids of texts that must be equal, and equal texts give equal ids with any
-tokenizer (tests/template_report.py relies on the same).
+catalog template and checks.prompt_parity compares, character for character, the prompt Ollama builds
+for a chat request with the Jinja rendering for the four fixed conversations. One real model serves
+every family: SmolLM2-135M-Instruct converted once to Q8_0 (parity is about prompt text, which does not
+depend on the model; tests/template_report.py relies on the same).
 
-Tools and thinking: /api/generate (what prompt_parity uses) takes neither `tools` nor `think`, so
-those cases go through /api/chat and compare texts: the server runs with OLLAMA_DEBUG=2, at which
-Ollama logs the exact prompt it built ("completion request" prompt=...) before running the model,
-and each such request carries an invalid `format`, which Ollama refuses right after logging, so the
-model never runs for them. Equal texts are stricter than equal tokens.
+Tools and thinking go through the same chat path, with `tools` and `think` in the request: Ollama's
+_debug_render_only returns the prompt it built, and the model never runs.
 
 The catalog file itself (entries, templates, markers, reference templates) is checked without Ollama.
 """
@@ -257,8 +253,6 @@ def test_tool_call_tag_ollama_infers(family):
 class Server:
     client: OllamaClient
     digest: str
-    log: Path
-    tokenizer_json: Path
 
 
 @pytest.fixture(scope="module")
@@ -270,17 +264,12 @@ def server(tmp_path_factory) -> Iterator[Server]:
     gguf = root / "smollm2-q8_0.gguf"
     convert.convert(checkpoint, gguf, "q8_0", "SmolLM2-135M-Instruct")
     assert not convert.adds_bos(gguf)  # so no BOS is added on either side (see test_family_prompt_parity)
-    # Trace logging makes Ollama log each prompt it builds; servers.ollama passes the environment on.
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("OLLAMA_DEBUG", "2")
-        with servers.ollama(root / "home") as url:
-            client = OllamaClient(url)
-            digest = client.upload_blob(gguf)
-            # Keeps the GGUF blob referenced: Ollama deletes a blob with the last model that uses it.
-            client.create({"model": "catalog.local/catalog/keep:latest", "files": {"model.gguf": digest}}, quiet=True)
-            logs = sorted((root / "home").glob("ollama*.log"))  # servers.ollama's log of the server's output
-            assert len(logs) == 1, logs
-            yield Server(client, digest, logs[0], checkpoint / "tokenizer.json")
+    with servers.ollama(root / "home") as url:
+        client = OllamaClient(url)
+        digest = client.upload_blob(gguf)
+        # Keeps the GGUF blob referenced: Ollama deletes a blob with the last model that uses it.
+        client.create({"model": "catalog.local/catalog/keep:latest", "files": {"model.gguf": digest}}, quiet=True)
+        yield Server(client, digest)
 
 
 def model_name(family: str) -> str:
@@ -315,8 +304,9 @@ def parity_failures(server: Server, family: str, reference: str, template: str |
     name, body = create_family_model(server, family, template)
     info = modelfile.TokenizerInfo(chat_template=reference_jinja(reference), eos_tokens=(ref.eos,), bos_token=ref.bos)
     try:
+        # SmolLM2's GGUF carries its own Jinja (no tools, no thinking): Ollama renders the catalog TEMPLATE.
         failures = checks.prompt_parity(server.client, name, body, info, adds_bos=ref.adds_bos,
-                                        tokenizer_json=server.tokenizer_json)
+                                        renderings=[checks.GO_TEMPLATE])
     finally:
         server.client.delete(name)
     if failures:
@@ -342,53 +332,18 @@ def test_parity_catches_a_template_that_writes_bos(server):
 # ------------------------------------------------------------------------------------------------
 # Tools and thinking, through /api/chat.
 
-def _go_unquote(text: str) -> str:
-    """A Go strconv.Quote'd string (as slog's text handler writes values) at the start of `text`."""
-    if not text.startswith('"'):
-        return text.split(" ", 1)[0]
-    out, i = bytearray(), 1
-    simple = {"n": b"\n", "t": b"\t", "r": b"\r", "\\": b"\\", '"': b'"', "a": b"\a", "b": b"\b", "f": b"\f",
-              "v": b"\v", "'": b"'"}
-    while text[i] != '"':
-        if text[i] != "\\":
-            out += text[i].encode("utf-8")
-            i += 1
-        elif text[i + 1] in simple:
-            out += simple[text[i + 1]]
-            i += 2
-        elif text[i + 1] == "x":
-            out.append(int(text[i + 2:i + 4], 16))
-            i += 4
-        else:
-            width = 4 if text[i + 1] == "u" else 8
-            out += chr(int(text[i + 2:i + 2 + width], 16)).encode("utf-8")
-            i += 2 + width
-    return out.decode("utf-8")
-
-
 def ollama_chat_prompt(server: Server, model: str, messages: list[dict[str, Any]],
                        tools: list[dict[str, Any]] | None = None, think: bool | None = None) -> str:
-    """The prompt Ollama builds for an /api/chat request, read from its trace log.
-
-    The request carries an invalid `format`: Ollama builds and logs the prompt, then refuses the
-    format before the model runs, so no time goes into evaluating the prompt. Everything up to the
-    log line is Ollama's ordinary chat path (model SYSTEM and MESSAGEs, truncation, the template).
-    """
-    offset = server.log.stat().st_size
-    body: dict[str, Any] = {"model": model, "messages": messages, "stream": False, "format": ["no model run"]}
+    """The prompt Ollama builds for an /api/chat request (its _debug_render_only: the whole chat path up to
+    the model, which does not run: the model's SYSTEM and MESSAGEs, truncation, the template)."""
+    body: dict[str, Any] = {"model": model, "messages": messages, "stream": False, "_debug_render_only": True}
     if tools is not None:
         body["tools"] = tools
     if think is not None:
         body["think"] = think
     response = server.client.session.post(server.client._url("/api/chat"), json=body, timeout=120)
-    assert "invalid format" in response.json().get("error", ""), response.text
-    with server.log.open("rb") as file:
-        file.seek(offset)
-        lines = file.read().decode("utf-8", errors="replace").splitlines()
-    prompts = [_go_unquote(line.split(" prompt=", 1)[1]) for line in lines
-               if "level=TRACE" in line and 'msg="completion request"' in line and " prompt=" in line]
-    assert len(prompts) == 1, lines
-    return prompts[0]
+    assert response.status_code == 200, response.text
+    return response.json()["_debug_info"]["rendered_template"]
 
 
 # Tool definitions in the order Ollama's Go template writes them (see catalog.toml), properties sorted.

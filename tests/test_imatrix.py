@@ -3,7 +3,6 @@ tensor-type options, through the real entrypoint, converter, llama-imatrix, llam
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -16,8 +15,8 @@ pytestmark = pytest.mark.servers
 
 
 def test_iq2_with_an_importance_matrix_from_calibration_text(stack, run_action):
-    # Real English text, long enough for llama-imatrix's 2 x 512-token minimum: llama.cpp's README.
-    text = (Path(os.environ["LLAMA_CPP_DIR"]) / "README.md").read_text(encoding="utf-8")
+    # Real English text, long enough for llama-imatrix's 2 x 512-token minimum: this project's README.
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
     (run_action.workspace / "calibration.txt").write_text(text[:5000], encoding="utf-8")
     repository = "imatrix-team/smollm2"
     run = run_action({"hf-repo": HF_REPO, "ollama-model": f"{stack.registry}/{repository}",

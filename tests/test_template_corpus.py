@@ -1,4 +1,4 @@
-"""The template report as a test: over llama.cpp's 71 real chat templates, at least 90% must pass
+"""The template report as a test: over llama.cpp's 69 real chat templates, at least 90% must pass
 prompt parity in a real Ollama, and every template is either handled and proven, caught by the
 parity check, or refused with a reason before any work."""
 
@@ -14,7 +14,7 @@ pytestmark = pytest.mark.servers
 def test_at_least_90_percent_of_real_templates_pass_prompt_parity():
     rows = build_report()
     print(to_markdown(rows))
-    assert len(rows) >= 70
+    assert len(rows) >= 69  # llama.cpp 10970's models/templates
     passed = [name for name, _, parity in rows if parity == "pass"]
     assert len(passed) >= 0.9 * len(rows)
     for name, how, parity in rows:
