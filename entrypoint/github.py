@@ -11,6 +11,7 @@ import os
 import secrets
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 _secrets: list[str] = []
 
@@ -78,6 +79,21 @@ def set_outputs(outputs: dict[str, str]) -> None:
                 f.write(f"{name}<<{delimiter}\n{value}\n{delimiter}\n")
             else:
                 f.write(f"{name}={value}\n")
+
+
+def give_to_workspace_owner(folder: Path, workspace: Path) -> None:
+    """Give what the action wrote in `folder` (in the workspace, with the folders between) to the
+    workspace's owner. A container action runs as root, and later steps run as the runner's user: they
+    could not change or delete files owned by root (actions/runner#434)."""
+    owner = workspace.stat()
+    if os.geteuid() != 0 or owner.st_uid == 0 or not folder.is_dir():
+        return
+    between = folder.relative_to(workspace).parents  # a/b for output-dir a/b/out, without the workspace
+    paths = [workspace / p for p in between if p != Path(".")]
+    for root, dirs, files in os.walk(folder):
+        paths += [Path(root)] + [Path(root, name) for name in dirs + files]
+    for path in paths:
+        os.lchown(path, owner.st_uid, owner.st_gid)
 
 
 def write_summary(markdown: str) -> None:

@@ -212,12 +212,13 @@ def _port_is_free(bind: str) -> bool:
 
 
 @contextlib.contextmanager
-def serve(log_path: Path, models_dir: Path, ollama_key: str = "") -> Iterator[OllamaClient]:
+def serve(log_path: Path, models_dir: Path, home: Path, ollama_key: str = "") -> Iterator[OllamaClient]:
     """Run `ollama serve` for the duration of the block (bound to $OLLAMA_HOST or 127.0.0.1:11434),
-    keeping its models in `models_dir`.
+    keeping its models in `models_dir`, with `home` as its HOME: the user's own ~/.ollama (their Ollama
+    identity) is never touched.
 
-    The push key is written to $HOME/.ollama/id_ed25519 before start (the server signs registry
-    requests with it and only generates one when absent) and removed afterwards.
+    The server signs registry requests with HOME/.ollama/id_ed25519, and generates one at start only when
+    there is none: the push key is written there first (0600), and removed afterwards.
     """
     binary = os.environ.get("OLLAMA_BIN") or shutil.which("ollama")
     if not binary:
@@ -228,11 +229,11 @@ def serve(log_path: Path, models_dir: Path, ollama_key: str = "") -> Iterator[Ol
     if not _port_is_free(bind):
         raise PublishError(f"Something already listens on {bind}, where the action starts its Ollama server. "
                            "Stop it, or set ollama-host to use that server.", input_name="ollama-host")
-    key_path = Path.home() / ".ollama" / "id_ed25519"
+    key_path = home / ".ollama" / "id_ed25519"
     wrote_key = False
     try:
+        key_path.parent.mkdir(parents=True, exist_ok=True)
         if ollama_key:
-            key_path.parent.mkdir(parents=True, exist_ok=True)
             # Create with 0600 from the start so the key is never readable by others, even briefly.
             fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as f:
@@ -242,7 +243,7 @@ def serve(log_path: Path, models_dir: Path, ollama_key: str = "") -> Iterator[Ol
         # The checks use one model at a time: runners of models already checked would only hold memory.
         # OLLAMA_NO_CLOUD: no calls to ollama.com at start (model recommendations, cloud models).
         env = {"OLLAMA_MAX_LOADED_MODELS": "1", **os.environ, "OLLAMA_HOST": bind, "OLLAMA_MODELS": str(models_dir),
-               "OLLAMA_NO_CLOUD": "1"}
+               "OLLAMA_NO_CLOUD": "1", "HOME": str(home)}
         with log_path.open("ab") as log_file, \
                 running([binary, "serve"], what="The Ollama server", stdout=log_file, stderr=subprocess.STDOUT,
                         env=env) as server:

@@ -9,7 +9,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,7 @@ class Report:
     rendering: str  # what renders the prompts in users' Ollama (checks.selected_rendering); "" for embeddings
 
 
-def run(settings: Settings, environ: Mapping[str, str]) -> Report:
+def run(settings: Settings) -> Report:
     settings.output_dir.mkdir(parents=True, exist_ok=True)
     # Scratch space (checkpoint, intermediate GGUF, our Ollama's models) on the same mount as output-dir:
     # finished GGUFs are then renamed into output-dir and handed to Ollama as hard links, never copied.
@@ -62,9 +62,8 @@ def run(settings: Settings, environ: Mapping[str, str]) -> Report:
                 checkpoint = _fetch_checkpoint(settings, scratch, client)
                 task = _task(checkpoint)
                 info = _tokenizer_info(checkpoint)
-                workspace = Path(environ.get("GITHUB_WORKSPACE") or os.getcwd())
                 if task != "embedding":  # a template that cannot work fails now
-                    modelfile.choose_format(settings.template, info, workspace)
+                    modelfile.choose_format(settings.template, info, settings.workspace)
                 license_text = modelfile.read_license(checkpoint.adapter or checkpoint.path) or \
                     modelfile.read_license(checkpoint.path)
             projector = _extra_path(settings, "mmproj-f16") if task == "vision" else None
@@ -75,7 +74,7 @@ def run(settings: Settings, environ: Mapping[str, str]) -> Report:
                 with github.group("3. Convert to GGUF and quantize"):
                     ggufs = _build_ggufs(settings, checkpoint, scratch, projector)
             with github.group("4. Render the Modelfile"):
-                spec, embedding_size = _describe(settings, task, info, ggufs, projector, license_text, workspace)
+                spec, embedding_size = _describe(settings, task, info, ggufs, projector, license_text)
                 modelfile_path = _write_modelfile(settings, spec, ggufs, projector)
             with github.group("5. Create the models and prove they work"):
                 digests = {q: client.upload_blob(path) for q, path in ggufs.items()}
@@ -105,6 +104,7 @@ def run(settings: Settings, environ: Mapping[str, str]) -> Report:
                           rendering=checks.describe_rendering(rendering) if rendering else "")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+        github.give_to_workspace_owner(settings.output_dir, settings.workspace)
 
 
 @contextlib.contextmanager
@@ -114,11 +114,13 @@ def _ollama(settings: Settings, scratch: Path) -> Iterator[OllamaClient]:
         if not client.is_healthy():
             raise PublishError(f"No Ollama server answers at {settings.ollama_host}.", input_name="ollama-host")
         github.log(f"Using the Ollama server at {settings.ollama_host} (version {client.version()})")
+        if settings.push:
+            github.log("Pushes are signed with that server's own key (its ~/.ollama/id_ed25519)")
         yield client
     else:
         # A private server's models live in the scratch space unless OLLAMA_MODELS says otherwise.
         models_dir = Path(os.environ.get("OLLAMA_MODELS") or scratch / "models")
-        with serve(scratch / "ollama-server.log", models_dir, settings.ollama_key) as client:
+        with serve(scratch / "ollama-server.log", models_dir, scratch / "home", settings.ollama_key) as client:
             yield client
 
 
@@ -224,7 +226,7 @@ def _task(checkpoint: hub.Checkpoint) -> str:
 
 
 def _describe(settings: Settings, task: str, info: modelfile.TokenizerInfo, ggufs: dict[str, Path],
-              projector: Path | None, license_text: str, workspace: Path) -> tuple[modelfile.ModelSpec, int]:
+              projector: Path | None, license_text: str) -> tuple[modelfile.ModelSpec, int]:
     """The model's spec, and for an embedding model its embedding size (else 0)."""
     default_gguf = ggufs[settings.quantizations[0]]
     if task == "embedding":
@@ -233,7 +235,7 @@ def _describe(settings: Settings, task: str, info: modelfile.TokenizerInfo, gguf
         return modelfile.ModelSpec(template="", system="", parameters=settings.parameters, license=license_text,
                                    source=settings.source_label), size
     # Only the GGUF tells whether its tokenizer prepends BOS, which the template must then leave out.
-    return _describe_model(settings, info, license_text, workspace, convert.adds_bos(default_gguf)), 0
+    return _describe_model(settings, info, license_text, convert.adds_bos(default_gguf)), 0
 
 
 def _chat_smoke_test(client: OllamaClient, settings: Settings, name: str, task: str) -> str:
@@ -259,10 +261,10 @@ def _tokenizer_folder(checkpoint: hub.Checkpoint) -> Path:
     return checkpoint.path
 
 
-def _describe_model(settings: Settings, info: modelfile.TokenizerInfo, license_text: str, workspace: Path,
+def _describe_model(settings: Settings, info: modelfile.TokenizerInfo, license_text: str,
                     bos_added: bool) -> modelfile.ModelSpec:
     """Template, stop tokens, system prompt, parameters and license of every tag."""
-    chat_format = modelfile.choose_format(settings.template, info, workspace, bos_added)
+    chat_format = modelfile.choose_format(settings.template, info, settings.workspace, bos_added)
     stops = modelfile.stop_tokens(chat_format, info)
     system = settings.system or chat_format.default_system
     github.log(f"chat template: {chat_format.name}; stop tokens: {', '.join(stops) or '(none)'}")

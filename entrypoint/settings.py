@@ -91,6 +91,7 @@ class Settings:
     ollama_host: str  # empty: start our own server
     output_dir: Path
     resource_check: bool
+    workspace: Path  # $GITHUB_WORKSPACE (in the container, /github/workspace), else the current directory
 
     @property
     def source_label(self) -> str:
@@ -329,5 +330,5 @@ def build_settings(values: Mapping[str, str], environ: Mapping[str, str]) -> Set
         immutable_tags=frozenset(tag for _, tag in expand_tags([p for p in patterns if "{version}" in p],
                                                                tuple(quantizations), version)),
         ollama_key=key, insecure_registry=insecure, ollama_host=ollama_host.rstrip("/"), output_dir=output_dir,
-        resource_check=parse_bool("resource-check", values["resource-check"]),
+        resource_check=parse_bool("resource-check", values["resource-check"]), workspace=workspace.resolve(),
     )

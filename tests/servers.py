@@ -9,10 +9,12 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import docker
 import requests
 
 from entrypoint.process import stop
@@ -121,13 +123,43 @@ def hub(root: Path, port: int = 0) -> Iterator[tuple[str, Path]]:
 
 
 @contextlib.contextmanager
-def ollama(home: Path) -> Iterator[str]:
-    """An Ollama server with its own HOME (models in HOME/.ollama/models, Ollama's default). Yields its URL."""
+def ollama(home: Path, models: Path | None = None) -> Iterator[str]:
+    """An Ollama server with its own HOME, its models in `models` (default HOME/.ollama/models, Ollama's
+    own default). Yields its URL."""
     home.mkdir(parents=True, exist_ok=True)
     address = f"127.0.0.1:{free_port()}"
     env = {k: v for k, v in os.environ.items() if k != "OLLAMA_MODELS"}
-    env.update({"HOME": str(home), "OLLAMA_HOST": address})
+    env.update({"HOME": str(home), "OLLAMA_HOST": address, **({"OLLAMA_MODELS": str(models)} if models else {})})
     with _running([_tool("OLLAMA_BIN"), "serve"], home / "ollama.log", env=env) as process:
         wait_until(lambda: requests.get(f"http://{address}/", timeout=2).status_code == 200,
                    "ollama", process, home / "ollama.log")
         yield f"http://{address}"
+
+
+@contextlib.contextmanager
+def docker_engine(root: Path) -> Iterator[str]:
+    """A Docker engine of its own, with an empty image store in root: as a hosted runner's is when a job
+    starts. Host networking only, as scripts/engine starts ours. Yields its DOCKER_HOST."""
+    run_dir = Path(tempfile.mkdtemp(prefix="op-docker-", dir="/run"))  # the socket's path must be short
+    socket_path = run_dir / "docker.sock"
+    namespace = run_dir.name  # apart from any other engine's, should they share a containerd
+    command = [shutil.which("dockerd") or "dockerd", "--data-root", str(root / "data"), "--exec-root", str(run_dir),
+               "--pidfile", str(run_dir / "dockerd.pid"), "-H", f"unix://{socket_path}", "--bridge=none",
+               "--iptables=false", "--ip-forward=false", "--ip-masq=false", "--containerd-namespace", namespace,
+               "--containerd-plugins-namespace", f"{namespace}-plugins"]
+    root.mkdir(parents=True, exist_ok=True)
+    log = root / "dockerd.log"
+    try:
+        with _running(command, log) as process:
+            wait_until(lambda: _docker_answers(f"unix://{socket_path}"), "dockerd", process, log)
+            yield f"unix://{socket_path}"
+    finally:
+        shutil.rmtree(root / "data", ignore_errors=True)
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _docker_answers(docker_host: str) -> bool:
+    try:
+        return docker.DockerClient(base_url=docker_host, timeout=5).ping()
+    except docker.errors.DockerException:
+        return False

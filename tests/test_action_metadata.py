@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
+import runpy
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -50,10 +54,45 @@ def test_outputs(action):
     assert set(action["outputs"]) == OUTPUTS
     for name, spec in action["outputs"].items():
         assert spec.get("description", "").strip(), name
+        assert spec["value"] == f"${{{{ steps.publish.outputs.{name} }}}}"
 
 
-def test_runs_the_dockerfile(action):
-    assert action["runs"] == {"using": "docker", "image": "Dockerfile"}
+def test_runs_the_chosen_image_with_every_input(action):
+    """A composite action: select-image writes the docker action, the next step runs it with every input."""
+    assert action["runs"]["using"] == "composite"
+    choose, publish = action["runs"]["steps"]
+    assert choose["run"] == 'python3 "$GITHUB_ACTION_PATH/scripts/select-image"'
+    assert set(choose["env"]) == {"ACTION_REF", "ACTION_REPOSITORY"}  # no input, so no secret, reaches it
+    assert publish["id"] == "publish" and publish["uses"] == "./" + str(SELECT_IMAGE["GENERATED"].parent)
+    assert publish["with"] == {name: f"${{{{ inputs.{name} }}}}" for name in INPUTS}
+
+
+SELECT_IMAGE = runpy.run_path(str(ROOT / "scripts" / "select-image"))  # the script's globals
+
+
+@pytest.mark.parametrize("ref, repository, image", [
+    ("v1", "Owner/Ollama-Publish", "docker://ghcr.io/owner/ollama-publish:1"),
+    ("v1.2", "owner/ollama-publish", "docker://ghcr.io/owner/ollama-publish:1.2"),
+    ("v1.2.3", "owner/ollama-publish", "docker://ghcr.io/owner/ollama-publish:1.2.3"),
+    ("0123456789abcdef0123456789abcdef01234567", "owner/ollama-publish",
+     "docker://ghcr.io/owner/ollama-publish:sha-0123456789abcdef0123456789abcdef01234567"),
+    ("main", "owner/ollama-publish", str(ROOT / "Dockerfile")),
+    ("v1.2.3-rc1", "owner/ollama-publish", str(ROOT / "Dockerfile")),
+    ("", "", str(ROOT / "Dockerfile")),  # `uses: ./` in this repository
+])
+def test_released_refs_run_the_prebuilt_image(ref, repository, image):
+    assert SELECT_IMAGE["image"](ref, repository) == image
+
+
+def test_the_written_action_declares_every_input(tmp_path):
+    env = {**os.environ, "ACTION_REF": "v2.0.1", "ACTION_REPOSITORY": "owner/ollama-publish",
+           "GITHUB_WORKSPACE": str(tmp_path)}
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "select-image")], env=env, capture_output=True,
+                            text=True, check=True)
+    assert "docker://ghcr.io/owner/ollama-publish:2.0.1" in result.stdout
+    written = yaml.safe_load((tmp_path / SELECT_IMAGE["GENERATED"]).read_text())
+    assert written["runs"] == {"using": "docker", "image": "docker://ghcr.io/owner/ollama-publish:2.0.1"}
+    assert list(written["inputs"]) == list(INPUTS)
 
 
 def _from_images(dockerfile: str) -> list[tuple[str, str | None]]:

@@ -21,7 +21,7 @@ def test_iq2_with_an_importance_matrix_from_calibration_text(stack, run_action):
     repository = "imatrix-team/smollm2"
     run = run_action({"hf-repo": HF_REPO, "ollama-model": f"{stack.registry}/{repository}",
                       "quantizations": "Q4_K_M, IQ2_XXS", "imatrix-calibration": "calibration.txt",
-                      "token-embedding-type": "q8_0", "insecure-registry": "true", "smoke-test-prompt": "Hi!"},
+                      "token-embedding-type": "q8_0", "insecure-registry": "true"},
                      env={"HF_ENDPOINT": stack.hub_endpoint})
     assert run.returncode == 0, run.stdout[-3000:]
     assert "computing the importance matrix over calibration.txt" in run.stdout
