@@ -110,7 +110,7 @@ def main(argv: list[str]) -> int:
     with servers.docker_engine(root / "built") as engine:
         client = docker.DockerClient(base_url=engine, timeout=3600)
         start = time.monotonic()
-        client.images.load(local.images.get(base).save())
+        client.images.load(local.images.get(base).save(named=True))  # named: keep its tag
         build(engine, "ollama-publish:bench", root / "cold-build.log")
         built = time.monotonic() - start + until_stage_1(client, "ollama-publish:bench")
         built_disk = disk_used(root / "built" / "data")
