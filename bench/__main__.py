@@ -116,7 +116,8 @@ def load_runs(path: Path) -> tuple[list[RunResult], dict]:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="bench/run", description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3, help="runs of each variant on SmolLM2-135M (default 3)")
-    parser.add_argument("--big-runs", type=int, default=2, help="runs of each on the ~3x larger model (default 2; 0 skips it)")
+    parser.add_argument("--big-runs", type=int, default=2,
+                        help="runs of each on the ~3x larger model (default 2; 0 skips it)")
     parser.add_argument("--big-layers", type=int, default=106, help="layers of the larger model (SmolLM2-135M has 30)")
     parser.add_argument("--quantizations", default="Q4_K_M, Q5_K_M, Q8_0")
     parser.add_argument("--interval", type=float, default=0.1, help="sampling interval in seconds (default 0.1)")
@@ -125,7 +126,8 @@ def main(argv: list[str]) -> int:
                              "prompt-parity=off; when given, a third variant 'ours, checks off' runs with them")
     parser.add_argument("--markdown", type=Path, help="write the final table as markdown to this file")
     parser.add_argument("--json", type=Path, help="write every run's figures as JSON to this file")
-    parser.add_argument("--report-only", type=Path, metavar="JSON", help="print the table from a --json file, run nothing")
+    parser.add_argument("--report-only", type=Path, metavar="JSON",
+                        help="print the table from a --json file, run nothing")
     parser.add_argument("--action", default="HEAD", metavar="REF",
                         help="the commit of the action to run (default HEAD, exported with git archive), or "
                              "'worktree' for the working tree as it is")

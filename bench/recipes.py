@@ -39,7 +39,8 @@ CHECK_STAGES = ("prompt parity", "smoke test")
 # A ChatML template as people copy it into a Modelfile by hand for SmolLM2.
 CHATML = ('{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}'
           '<|im_start|>assistant\n')
-DOWNLOAD = "import sys; from huggingface_hub import snapshot_download; print(snapshot_download(sys.argv[1], revision=sys.argv[2]))"
+DOWNLOAD = ("import sys; from huggingface_hub import snapshot_download; "
+            "print(snapshot_download(sys.argv[1], revision=sys.argv[2]))")
 
 
 @dataclasses.dataclass

@@ -45,10 +45,10 @@ def totals_table(res: Results, model: str, same_work: str) -> list[str]:
              "| target |", "|---|---:|---:|---:|---:|---:|---:|"]
     for label, attribute, target in TARGETS:
         unit = "s" if attribute == "total" else "MB"
-        base = res.med(model, "baseline", lambda r: getattr(r, attribute))
+        base = res.med(model, "baseline", lambda r, a=attribute: getattr(r, a))
         cells = [label, _fmt(base, unit)]
         for variant in ("ours", same_work):
-            value = res.med(model, variant, lambda r: getattr(r, attribute))
+            value = res.med(model, variant, lambda r, a=attribute: getattr(r, a))
             ratio = value / base
             cells += [_fmt(value, unit), f"**{ratio:.3f}** {'met' if ratio <= target else 'missed'}"]
         cells.append(f"≤ {target}")
@@ -59,7 +59,8 @@ def totals_table(res: Results, model: str, same_work: str) -> list[str]:
         cells += [_fmt(value, "s"), f"{value / res.med(model, 'baseline', lambda r: r.cpu):.2f}"]
     lines.append("| " + " | ".join(cells) + " | |")
     loads = [f"{res.med(model, v, lambda r: r.foreign_load):.2f}" for v in ("baseline", "ours")]
-    loads.append(f"{res.med(model, same_work, lambda r: r.foreign_load):.2f}" if same_work == "ours, checks off" else "")
+    checks_off = same_work == "ours, checks off"
+    loads.append(f"{res.med(model, same_work, lambda r: r.foreign_load):.2f}" if checks_off else "")
     shared = [f"{res.med(model, v, lambda r: r.shared_cpu):.1f} s" for v in ("baseline", "ours", same_work)]
     lines.append(f"| CPU time of the shared Hub and registry | {shared[0]} | {shared[1]} | | {shared[2]} | | |")
     lines.append(f"| other people's load on the machine (cores) | {loads[0]} | {loads[1]} | | {loads[2]} | | |")
@@ -140,7 +141,8 @@ def disk_model(res: Results, model: str, quantizations: list[str]) -> list[str]:
     stage = {k: res.stage(model, "ours", k, "peak_disk") for k in phases}
 
     def row(label: str, predicted: float, got: float) -> str:
-        return f"| {label} | {predicted / MB:,.0f} MB | {got / MB:,.0f} MB | {100 * (got - predicted) / predicted:+.1f}% |"
+        off = 100 * (got - predicted) / predicted
+        return f"| {label} | {predicted / MB:,.0f} MB | {got / MB:,.0f} MB | {off:+.1f}% |"
 
     return [f"S = {S / MB:,.0f} MB (checkpoint in the Hub cache), F = {F / MB:,.0f} MB (16-bit GGUF), "
             f"ΣQ = {q_ours / MB:,.0f} MB ({' + '.join(quantizations)}).", "",

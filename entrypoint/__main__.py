@@ -37,7 +37,8 @@ def _display(path: Path, workspace: Path) -> str:
 
 def write_outputs(report: pipeline.Report, workspace: Path) -> None:
     models = [{"name": r.name, "tag": r.tag, "quantization": r.quantization, "digest": r.digest,
-               "registry_digest": r.registry_digest, "size": r.size, "pushed": r.pushed, "answer": r.answer}
+               "registry_digest": r.registry_digest, "size": r.size, "pushed": r.pushed, "pulled": r.pulled,
+               "answer": r.answer}
               for r in report.results]
     ggufs = list(dict.fromkeys(_display(r.gguf, workspace) for r in report.results))
     ggufs += [_display(path, workspace) for path in report.extra_ggufs]
@@ -58,10 +59,12 @@ def summary_markdown(report: pipeline.Report, source: str, workspace: Path) -> s
         lines += [f"Prompts are rendered by Ollama with {report.rendering}.", ""]
     lines += ["| Model | Quantization | Size | Digest | Smoke test answer | Pushed |",
               "|---|---|---:|---|---|---|"]
+    pushed = {(True, True): "yes, pulled back by an empty Ollama", (True, False): "yes, **not pulled back**",
+              (False, False): "no"}
     for r in report.results:
         answer = r.answer.replace("|", "\\|").replace("\n", " ")[:120]
         lines.append(f"| `{r.name}` | {r.quantization} | {r.size / 1e6:.1f} MB | `{r.digest[:19]}…` | {answer} | "
-                     f"{'yes' if r.pushed else 'no'} |")
+                     f"{pushed[r.pushed, r.pulled]} |")
     lines += ["", f"Modelfile: `{_display(report.modelfile, workspace)}`"]
     return "\n".join(lines) + "\n"
 

@@ -1,25 +1,31 @@
 """Render a checkpoint's own Jinja chat template the way transformers does, in a sandbox.
 
-The template comes from the repository, so it is untrusted: it runs in jinja2's immutable sandbox
-and can only see the messages and special tokens given to it.
+The template comes from the repository, so it is untrusted: it runs in jinja2's immutable sandbox, can
+only see the messages and special tokens given to it, and has a budget: a rendering that takes longer
+than RENDER_BUDGET_S or writes more than RENDER_MAX_CHARS (a loop, say) refuses the checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
-from collections.abc import Mapping
+import signal
+import threading
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jinja2
 import jinja2.ext
 import jinja2.sandbox
 
+from .errors import RepoRefused
+
 
 class _GenerationBlocks(jinja2.ext.Extension):
     """`{% generation %}...{% endgeneration %}` (transformers' training marker) renders its body as is."""
-    tags = {"generation"}
+    tags = {"generation"}  # noqa: RUF012 (jinja2 declares Extension.tags a set)
 
     def parse(self, parser):
         lineno = next(parser.stream).lineno
@@ -36,19 +42,64 @@ def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, s
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
+RENDER_BUDGET_S = 5.0  # real templates render a conversation in milliseconds
+RENDER_MAX_CHARS = 1_000_000
+
+
+class _OutOfTime(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _time_budget(seconds: float) -> Iterator[None]:
+    """Interrupt the block after `seconds` (SIGALRM: the pipeline renders in the main thread; elsewhere,
+    where signals cannot be handled, the block runs without a budget)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum, frame):
+        raise _OutOfTime
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def render(template: str, messages: list[dict[str, str]], *, bos_token: str, eos_token: str,
            add_generation_prompt: bool = True, today: datetime.datetime | None = None,
            variables: Mapping[str, Any] | None = None) -> str:
     """The prompt text `template` makes of `messages` (`today` fixes strftime_now's date; `variables` are
     further ones, as transformers' apply_chat_template passes its keyword arguments, e.g. enable_thinking).
-    Raises jinja2.TemplateError if it cannot."""
+    Raises jinja2.TemplateError if it cannot, RepoRefused past the budget."""
     env = jinja2.sandbox.ImmutableSandboxedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationBlocks, jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise
     env.globals["strftime_now"] = lambda fmt: (today or datetime.datetime.now()).strftime(fmt)
-    return env.from_string(template).render(**(variables or {}), messages=messages, bos_token=bos_token,
-                                            eos_token=eos_token, add_generation_prompt=add_generation_prompt)
+    context = {**(variables or {}), "messages": messages, "bos_token": bos_token, "eos_token": eos_token,
+               "add_generation_prompt": add_generation_prompt}
+    pieces, size = [], 0
+    try:
+        with _time_budget(RENDER_BUDGET_S):
+            for piece in env.from_string(template).generate(**context):
+                pieces.append(piece)
+                size += len(piece)
+                if size > RENDER_MAX_CHARS:
+                    raise RepoRefused(f"The checkpoint's chat template writes more than {RENDER_MAX_CHARS:,} "
+                                      f"characters for a conversation of {len(messages)} short messages. Set the "
+                                      "template input to a catalog template or a Go template file.",
+                                      input_name="template", title="Chat template refused")
+    except _OutOfTime:
+        raise RepoRefused(f"The checkpoint's chat template did not render a conversation of {len(messages)} short "
+                          f"messages within {RENDER_BUDGET_S:.0f} s (real ones take milliseconds: a loop?). Set the "
+                          "template input to a catalog template or a Go template file.", input_name="template",
+                          title="Chat template refused") from None
+    return "".join(pieces)
 
 
 class CannotDerive(Exception):
@@ -98,9 +149,12 @@ def _dated_pieces(run, messages, markers: list[str]) -> list[str]:
     """Split the rendering at `markers` on two dates; a piece that differs only by an ISO date gets the
     date placeholder, any other difference cannot be expressed in a fixed template."""
     first, second = (_split(run(messages, today), markers) for today in _DATES)
+    if len(first) != len(second):
+        raise CannotDerive("the template renders a different conversation structure on different dates")
     pieces = []
-    for a, b in zip(first, second):
-        a_, b_ = a.replace(_DATES[0].strftime("%Y-%m-%d"), _TODAY), b.replace(_DATES[1].strftime("%Y-%m-%d"), _TODAY)
+    for a, b in zip(first, second, strict=True):
+        a_ = a.replace(_DATES[0].strftime("%Y-%m-%d"), _TODAY)
+        b_ = b.replace(_DATES[1].strftime("%Y-%m-%d"), _TODAY)
         if a_ != b_:
             raise CannotDerive("the template writes today's date in a format other than YYYY-MM-DD, which Ollama "
                                "templates cannot produce")
@@ -139,7 +193,7 @@ def derive(template: str, *, bos_token: str, eos_token: str, special_tokens: tup
         if with_system != [user_to_assistant, assistant_to_user, user_end]:
             raise CannotDerive("a system message changes how the other turns are rendered")
     except jinja2.TemplateError:  # the template refuses system messages: Ollama's are dropped
-        start_system, system_to_user = None, None
+        start_system, system_to_user = None, ""
 
     if bos_added and bos_token:
         start_user = start_user.removeprefix(bos_token)

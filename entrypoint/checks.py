@@ -13,7 +13,7 @@ from typing import Any
 import jinja2
 
 from . import chat_jinja, github, modelfile
-from .errors import OllamaRefused, PublishError
+from .errors import CheckFailed, OllamaRefused
 from .ollama import OllamaClient
 
 SMOKE_MAX_TOKENS = 256
@@ -41,10 +41,10 @@ def smoke_test(client: OllamaClient, model: str, prompt: str, parameters: tuple[
     reason = reply.get("done_reason", "")
     github.log(f"{model}: {answer.strip()!r} (done_reason: {reason})")
     if not answer.strip():
-        raise PublishError(f"Smoke test failed: {model} gave an empty answer to {prompt!r}. Check the template and "
-                           "parameters inputs.", title="Smoke test failed")
+        raise CheckFailed(f"Smoke test failed: {model} gave an empty answer to {prompt!r}. Check the template and "
+                          "parameters inputs.", title="Smoke test failed")
     if reason != "stop":
-        raise PublishError(
+        raise CheckFailed(
             f"Smoke test failed: {model} did not stop by itself (done_reason '{reason}' after "
             f"{reply.get('eval_count')} tokens). Its answer began: {answer[:200]!r}. A model that does not stop "
             "usually has the wrong template or stop tokens, or a num_predict parameter that is too small.",
@@ -62,16 +62,16 @@ def embedding_smoke_test(client: OllamaClient, model: str, dimensions: int) -> s
     than unrelated ones. Returns a one-line account for the summary."""
     vectors = client.embed(model, list(EMBEDDING_PROBE))
     if len(vectors) != len(EMBEDDING_PROBE) or any(len(v) != dimensions for v in vectors):
-        raise PublishError(f"Smoke test failed: {model} returned {len(vectors)} embeddings of sizes "
-                           f"{sorted({len(v) for v in vectors})} for {len(EMBEDDING_PROBE)} inputs; expected "
-                           f"{dimensions} dimensions each.", title="Smoke test failed")
+        raise CheckFailed(f"Smoke test failed: {model} returned {len(vectors)} embeddings of sizes "
+                          f"{sorted({len(v) for v in vectors})} for {len(EMBEDDING_PROBE)} inputs; expected "
+                          f"{dimensions} dimensions each.", title="Smoke test failed")
     similar, unrelated = _cosine(vectors[0], vectors[1]), _cosine(vectors[0], vectors[2])
     account = f"{dimensions} dimensions; similar sentences {similar:.3f} > unrelated {unrelated:.3f}"
     github.log(f"{model}: {account.replace(' > ', ' vs ')}")
     if not similar > unrelated:
-        raise PublishError(f"Smoke test failed: {model} puts {EMBEDDING_PROBE[0]!r} closer to the unrelated "
-                           f"{EMBEDDING_PROBE[2]!r} ({unrelated:.3f}) than to {EMBEDDING_PROBE[1]!r} ({similar:.3f}). "
-                           "The pooling or the weights are wrong.", title="Smoke test failed")
+        raise CheckFailed(f"Smoke test failed: {model} puts {EMBEDDING_PROBE[0]!r} closer to the unrelated "
+                          f"{EMBEDDING_PROBE[2]!r} ({unrelated:.3f}) than to {EMBEDDING_PROBE[1]!r} ({similar:.3f}). "
+                          "The pooling or the weights are wrong.", title="Smoke test failed")
     return account
 
 
@@ -86,8 +86,8 @@ def vision_smoke_test(client: OllamaClient, model: str) -> str:
     account = f"an image adds {with_image - without} prompt tokens"
     github.log(f"{model}: {account} ({without} without it)")
     if with_image <= without:
-        raise PublishError(f"Smoke test failed: {model} ignores images ({with_image} prompt tokens with one, "
-                           f"{without} without). Its projector did not load.", title="Smoke test failed")
+        raise CheckFailed(f"Smoke test failed: {model} ignores images ({with_image} prompt tokens with one, "
+                          f"{without} without). Its projector did not load.", title="Smoke test failed")
     return account
 
 
@@ -104,7 +104,7 @@ def probe_image(size: int = 32) -> bytes:
 
 
 def _cosine(a: list[float], b: list[float]) -> float:
-    dot = sum(x * y for x, y in zip(a, b))
+    dot = sum(x * y for x, y in zip(a, b, strict=True))
     norms = math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b))
     return dot / norms if norms else 0.0
 
@@ -161,10 +161,11 @@ class ParityFailure:
 
 
 def prompt_parity(client: OllamaClient, model: str, create_body: dict[str, Any], info: modelfile.TokenizerInfo,
-                  adds_bos: bool, renderings: list[str]) -> list[ParityFailure]:
+                  adds_bos: bool, renderings: list[str]) -> tuple[list[ParityFailure], int]:
     """For each fixed conversation and each of `renderings` (renderings_to_check's: the model's own
     first), the prompt Ollama builds for a chat request must be the checkpoint's own Jinja rendering,
-    character for character (so token for token). Returns the conversations that differ.
+    character for character (so token for token). Returns the conversations that differ, and how many
+    were compared (a conversation the checkpoint's own template cannot render is skipped).
 
     Ollama's chat endpoint returns the prompt a request renders to, without running the model, when
     asked with _debug_render_only; on the Jinja rendering it is llama-server's. The model itself is
@@ -176,7 +177,7 @@ def prompt_parity(client: OllamaClient, model: str, create_body: dict[str, Any],
     forced = GO_TEMPLATE in renderings[1:]
     if forced:
         client.create({**create_body, "parser": PIN_PARSER, "model": probe}, quiet=True)
-    failures = []
+    failures, compared = [], 0
     try:
         targets = {rendering: probe if forced and rendering == GO_TEMPLATE else model for rendering in renderings}
         thinks = {rendering: "thinking" in client.show(target).get("capabilities", [])
@@ -189,6 +190,7 @@ def prompt_parity(client: OllamaClient, model: str, create_body: dict[str, Any],
                     github.warning(f"prompt parity: the checkpoint's template cannot render '{label}' ({exc}); "
                                    "skipped")
                     break
+                compared += 1
                 try:
                     actual = client.render_chat(target, conversation)
                 except OllamaRefused as exc:  # the chat template itself fails in Ollama's renderer
@@ -203,7 +205,7 @@ def prompt_parity(client: OllamaClient, model: str, create_body: dict[str, Any],
     finally:
         if forced:
             client.delete(probe)
-    return failures
+    return failures, compared
 
 
 def _reference(info: modelfile.TokenizerInfo, conversation: list[dict[str, str]], thinking: bool,

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import ast
+import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
 from . import gguf_header, process, quantize
-from .errors import PublishError
+from .errors import PublishError, RepoRefused
 
 
 def find_converter() -> Path:
@@ -36,7 +38,7 @@ def projector_architectures(converter_package_init: str) -> dict[str, str]:
 
 def _model_map(converter_package_init: str, name: str) -> dict[str, str]:
     for node in ast.parse(converter_package_init).body:
-        if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", "") == name:
+        if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", "") == name and node.value is not None:
             return dict(ast.literal_eval(node.value))
     raise PublishError(f"llama.cpp's conversion/__init__.py has no {name}; the converter in LLAMA_CPP_DIR "
                        "is not the version this action expects.", title="llama.cpp converter missing")
@@ -56,9 +58,9 @@ def check_architecture(config: dict[str, Any], supported: dict[str, str], input_
     name = architecture(config)
     if name not in supported:
         what = f"architecture '{name}'" if name else "no architecture (config.json lists no 'architectures')"
-        raise PublishError(f"The checkpoint has {what}, which llama.cpp's converter does not support. Supported "
-                           f"text architectures ({len(supported)}): {', '.join(sorted(supported))}.",
-                           input_name=input_name, title="Unsupported architecture")
+        raise RepoRefused(f"The checkpoint has {what}, which llama.cpp's converter does not support. Supported "
+                          f"text architectures ({len(supported)}): {', '.join(sorted(supported))}.",
+                          input_name=input_name, title="Unsupported architecture")
 
 
 # llama.cpp's pooling types (gguf-py PoolingType). Ollama 0.34 serves /api/embed from llama-server's
@@ -72,13 +74,13 @@ def check_embedding_model(metadata: dict[str, Any], input_name: str) -> int:
     arch = str(metadata.get("general.architecture", ""))
     pooling = metadata.get(f"{arch}.pooling_type")
     if pooling is None:
-        raise PublishError("The embedding model has no pooling: the converter takes it from the sentence-transformers "
-                           "files modules.json and 1_Pooling/config.json. Without it there is no sentence embedding. "
-                           "Add them (SentenceTransformer.save).", input_name=input_name, title="No pooling")
+        raise RepoRefused("The embedding model has no pooling: the converter takes it from the sentence-transformers "
+                          "files modules.json and 1_Pooling/config.json. Without it there is no sentence embedding. "
+                          "Add them (SentenceTransformer.save).", input_name=input_name, title="No pooling")
     if pooling not in SENTENCE_POOLING:
-        raise PublishError(f"The embedding model's pooling type is {pooling} (none or rank): it gives token embeddings "
-                           "or reranking scores, which Ollama's /api/embed cannot serve. Publish a checkpoint with "
-                           "mean, CLS or last-token pooling.", input_name=input_name, title="No pooling")
+        raise RepoRefused(f"The embedding model's pooling type is {pooling} (none or rank): it gives token embeddings "
+                          "or reranking scores, which Ollama's /api/embed cannot serve. Publish a checkpoint with "
+                          "mean, CLS or last-token pooling.", input_name=input_name, title="No pooling")
     return int(metadata[f"{arch}.embedding_length"])
 
 
@@ -87,10 +89,10 @@ def check_encoder_has_pooling(config: dict[str, Any], supported: dict[str, str],
     """An encoder (converted by the converter's bert module) can only be published as an embedding model,
     and that needs the sentence-transformers pooling files."""
     if supported.get(architecture(config)) == "bert" and not has_pooling:
-        raise PublishError(f"The checkpoint is an encoder ({architecture(config)}), which Ollama serves as an "
-                           "embedding model; that needs the pooling of sentence-transformers' modules.json and "
-                           "1_Pooling/config.json, which the repo lacks. Save it with SentenceTransformer.save.",
-                           input_name=input_name, title="No pooling")
+        raise RepoRefused(f"The checkpoint is an encoder ({architecture(config)}), which Ollama serves as an "
+                          "embedding model; that needs the pooling of sentence-transformers' modules.json and "
+                          "1_Pooling/config.json, which the repo lacks. Save it with SentenceTransformer.save.",
+                          input_name=input_name, title="No pooling")
 
 
 def supported_architectures() -> dict[str, str]:
@@ -114,7 +116,7 @@ def convert(checkpoint: Path, target: Path, outtype: str, model_name: str) -> No
     """
     command = [sys.executable, str(find_converter()), str(checkpoint), "--outfile", str(target),
                "--outtype", outtype, "--model-name", model_name]
-    process.run_logged(command, what="convert_hf_to_gguf.py")
+    process.run_logged(command, what="convert_hf_to_gguf.py", writes_to=target.parent)
     if not target.is_file():
         raise PublishError(f"The converter finished but wrote no {target.name}.", title="Conversion failed")
 
@@ -123,8 +125,8 @@ def check_adapter(adapter_config: dict[str, Any], input_name: str) -> None:
     """Refuse, before any download of weights, an adapter the GGUF-level merge would fail on or get wrong."""
     kind = adapter_config.get("peft_type", "")
     if kind != "LORA":
-        raise PublishError(f"The adapter is a peft {kind or 'unknown'} adapter; only LoRA adapters can be merged.",
-                           input_name=input_name, title="Unsupported adapter")
+        raise RepoRefused(f"The adapter is a peft {kind or 'unknown'} adapter; only LoRA adapters can be merged.",
+                          input_name=input_name, title="Unsupported adapter")
     targets = adapter_config.get("target_modules") or []
     targets = [targets] if isinstance(targets, str) else targets
     # What llama.cpp's LoRA converter refuses (DoRA, whole trained modules), or converts wrongly (rsLoRA's
@@ -138,16 +140,16 @@ def check_adapter(adapter_config: dict[str, Any], input_name: str) -> None:
          adapter_config.get("rank_pattern") or adapter_config.get("alpha_pattern")),
         ("a LoRA on lm_head", "lm_head" in targets)) if used]
     if unsupported:
-        raise PublishError(f"The adapter uses {', '.join(unsupported)}, which llama.cpp's LoRA merge cannot apply "
-                           "exactly. Merge it with peft (merge_and_unload), save the model and publish that.",
-                           input_name=input_name, title="Unsupported adapter")
+        raise RepoRefused(f"The adapter uses {', '.join(unsupported)}, which llama.cpp's LoRA merge cannot apply "
+                          "exactly. Merge it with peft (merge_and_unload), save the model and publish that.",
+                          input_name=input_name, title="Unsupported adapter")
 
 
 def convert_adapter(adapter: Path, base: Path, target: Path) -> None:
     """Write `target`, the LoRA adapter as a GGUF (f16); `base` holds its base model's config."""
     command = [sys.executable, str(find_converter().with_name("convert_lora_to_gguf.py")), str(adapter), "--base",
                str(base), "--outfile", str(target), "--outtype", "f16"]
-    process.run_logged(command, what="convert_lora_to_gguf.py")
+    process.run_logged(command, what="convert_lora_to_gguf.py", writes_to=target.parent)
     if not target.is_file():
         raise PublishError(f"The converter finished but wrote no {target.name}.", title="Conversion failed")
 
@@ -156,7 +158,7 @@ def merge_adapter(base: Path, adapter: Path, target: Path) -> None:
     """Write `target`: the base GGUF with the adapter GGUF merged into its weights (llama-export-lora)."""
     process.run_logged([quantize.find_tool("llama-export-lora"), "-m", str(base), "--lora", str(adapter),
                         "-o", str(target),
-                        "-t", str(os.cpu_count() or 1)], what="llama-export-lora")
+                        "-t", str(os.cpu_count() or 1)], what="llama-export-lora", writes_to=target.parent)
     if not target.is_file():
         raise PublishError(f"llama-export-lora finished but wrote no {target.name}.", title="Merge failed")
 
@@ -165,7 +167,7 @@ def convert_projector(checkpoint: Path, target: Path) -> None:
     """Write `target`, the vision encoder and projector of `checkpoint` as llama.cpp's mmproj GGUF (f16)."""
     command = [sys.executable, str(find_converter()), str(checkpoint), "--mmproj", "--outfile", str(target),
                "--outtype", "f16"]
-    process.run_logged(command, what="convert_hf_to_gguf.py --mmproj")
+    process.run_logged(command, what="convert_hf_to_gguf.py --mmproj", writes_to=target.parent)
     if not target.is_file():
         raise PublishError(f"The converter finished but wrote no {target.name}.", title="Conversion failed")
 
@@ -173,3 +175,55 @@ def convert_projector(checkpoint: Path, target: Path) -> None:
 def adds_bos(gguf_path: Path) -> bool:
     """Whether the GGUF's tokenizer prepends BOS to every prompt by itself."""
     return bool(gguf_header.read_metadata(gguf_path).get("tokenizer.ggml.add_bos_token", False))
+
+
+# The module names of the token embedding in the converter's architectures (its rows: the vocabulary);
+# matched whole, so that BERT's position_embeddings is not taken for it.
+_EMBEDDING_MODULES = {"embed_tokens", "wte", "word_embeddings", "tok_embeddings", "embedding", "embeddings"}
+_LAYER_INDEX = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
+_HEADER_LIMIT = 100_000_000  # a safetensors header is metadata: kilobytes to a few megabytes
+
+
+def safetensors_shapes(folder: Path) -> dict[str, list[int]]:
+    """The shape of every tensor in the folder's top-level *.safetensors files, from their headers alone."""
+    shapes: dict[str, list[int]] = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with path.open("rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            if not 0 < length <= min(_HEADER_LIMIT, path.stat().st_size - 8):
+                raise RepoRefused(f"{path.name} is not a safetensors file (its header claims {length} bytes).",
+                                  title="Bad checkpoint")
+            try:
+                header = json.loads(f.read(length))
+            except ValueError as exc:
+                raise RepoRefused(f"{path.name} has no valid safetensors header: {exc}",
+                                  title="Bad checkpoint") from exc
+            if not isinstance(header, dict):
+                raise RepoRefused(f"{path.name} has no valid safetensors header (not a JSON object).",
+                                  title="Bad checkpoint")
+        shapes.update({name: list(info["shape"]) for name, info in header.items()
+                       if name != "__metadata__" and isinstance(info, dict) and "shape" in info})
+    return shapes
+
+
+def check_config_matches_weights(config: dict[str, Any], shapes: dict[str, list[int]], input_name: str) -> None:
+    """Refuse a config.json that claims more than the weights hold: the converter trusts it, and pads a
+    vocabulary of vocab_size tokens (an absurd one makes gigabytes of padding) or looks for layers and
+    dimensions that are not there."""
+    text = config.get("text_config") or config
+    embeddings = [shape for name, shape in shapes.items()
+                  if name.rsplit(".", 2)[-2:] in ([module, "weight"] for module in _EMBEDDING_MODULES)
+                  and len(shape) == 2]
+    embedding = max(embeddings, default=None)  # of several (a vision model's), the text's is the largest
+    layers = [int(m.group(1)) + 1 for name in shapes if (m := _LAYER_INDEX.search(name))]
+    problems = []
+    vocab, hidden, depth = text.get("vocab_size"), text.get("hidden_size"), text.get("num_hidden_layers")
+    if embedding and isinstance(vocab, int) and vocab > embedding[0]:
+        problems.append(f"vocab_size {vocab:,}, but its token embedding has {embedding[0]:,} rows")
+    if embedding and isinstance(hidden, int) and hidden > max(embedding):
+        problems.append(f"hidden_size {hidden:,}, but its token embedding is {embedding[0]:,} x {embedding[1]:,}")
+    if layers and isinstance(depth, int) and depth > max(layers):
+        problems.append(f"num_hidden_layers {depth:,}, but its weights have {max(layers):,} layers")
+    if problems:
+        raise RepoRefused(f"config.json does not match the weights: it says {'; '.join(problems)}. Fix config.json "
+                          "(the converter would trust it).", input_name=input_name, title="Config does not match")

@@ -1,11 +1,21 @@
-"""The one error type the action raises for anything a user should read."""
+"""The errors the action raises for anything a user should read: one base that carries the message for
+the person running the workflow (and the input to fix, if any), and a subclass per cause with the data
+the code decides on (HTTP status, whether a retry can help, the tool, the path and the sizes). Retries and
+crash handling branch on the type and that data, never on the message."""
+
+from __future__ import annotations
+
+from pathlib import Path
 
 
 class PublishError(Exception):
     """A failure with a message written for the person running the workflow.
 
-    `input_name` names the action input at fault (if any) so the message can point at the fix.
+    `input_name` names the action input at fault (if any) so the message can point at the fix;
+    `retriable` says whether trying the same step again may succeed.
     """
+
+    retriable = False
 
     def __init__(self, message: str, *, input_name: str | None = None, title: str | None = None):
         super().__init__(message)
@@ -24,14 +34,73 @@ class PublishError(Exception):
         return self.message
 
 
+class InputError(PublishError):
+    """An input is wrong; `input_name` says which."""
+
+    def __init__(self, message: str, *, input_name: str):
+        super().__init__(message, input_name=input_name)
+
+
+class RepoRefused(PublishError):
+    """The checkpoint (its files, config, template or what its server answers) cannot be published as it is."""
+
+
+class ServiceError(PublishError):
+    """A server the action talks to (the Hub, a registry) failed or refused: `status` is its HTTP status
+    (None when it did not answer at all); `retriable` whether it may answer another time."""
+
+    def __init__(self, message: str, *, status: int | None, retriable: bool, input_name: str | None = None,
+                 title: str | None = None):
+        super().__init__(message, input_name=input_name, title=title)
+        self.status = status
+        self.retriable = retriable
+
+
+class HubError(ServiceError):
+    """The Hugging Face Hub (or the Hub-compatible server at HF_ENDPOINT)."""
+
+
+class RegistryError(ServiceError):
+    """The registry the models are pushed to (directly, or through Ollama's push)."""
+
+
 class OllamaUnreachable(PublishError):
     """The Ollama server did not answer, or stopped answering mid-stream (it may have crashed)."""
 
 
 class OllamaRefused(PublishError):
     """Ollama answered a request with an error: an HTTP error status, or an error line in a stream (then
-    `status` is the stream's own, 200)."""
+    `status` is the stream's own, 200); `detail` is Ollama's own error text."""
 
-    def __init__(self, message: str, *, status: int, title: str):
+    def __init__(self, message: str, *, status: int, title: str, detail: str = ""):
         super().__init__(message, title=title)
         self.status = status
+        self.detail = detail
+
+
+class ToolFailed(PublishError):
+    """A tool the action runs (the converter, llama-quantize, ...) failed: `tool` and its `exit_code`."""
+
+    def __init__(self, message: str, *, tool: str, exit_code: int | None, title: str | None = None):
+        super().__init__(message, title=title or f"{tool} failed")
+        self.tool = tool
+        self.exit_code = exit_code
+
+
+class DiskFull(PublishError):
+    """The filesystem holding `path` is full: `free` bytes are left there; `needed`, when known, is what the
+    step needed. Not retried: it does not free itself."""
+
+    def __init__(self, path: Path, *, free: int, needed: int | None = None, what: str = ""):
+        need = f"needs about {needed / 1e9:.2f} GB and " if needed is not None else ""
+        super().__init__(f"The disk is full: {what or 'the run'} {need}the filesystem of {path} has "
+                         f"{free / 1e9:.2f} GB free. Free space (on hosted runners remove /usr/share/dotnet and "
+                         "/usr/local/lib/android), publish fewer quantizations, or use a bigger runner.",
+                         title="Disk full")
+        self.path = path
+        self.free = free
+        self.needed = needed
+
+
+class CheckFailed(PublishError):
+    """A check of the result failed: prompt parity, the smoke test, the registry's copy, a clean pull."""

@@ -1,7 +1,11 @@
 """GitHub Actions I/O: workflow commands on stdout, step outputs and the job summary.
 
 Everything the action prints goes through `log` and friends, which remove registered secret values
-first, so a secret cannot reach the log even if it shows up in a subprocess's output.
+first, so a secret cannot reach the log even if it shows up in a subprocess's output. And only the
+action's own workflow commands are commands: the runner obeys any line that starts with `::` (after
+leading spaces) or holds `##[`, and plain text (a repository's files and names, tools' and servers'
+output, model answers) could say `::add-mask::` or `::stop-commands::`. `log` neutralises such lines with
+an invisible character the runner does not trim.
 """
 
 from __future__ import annotations
@@ -41,27 +45,44 @@ def _escape_property(text: str) -> str:
     return _escape_data(text).replace(":", "%3A").replace(",", "%2C")
 
 
+_NOT_A_COMMAND = "\u200b"  # zero-width space: not whitespace to the runner's TrimStart, invisible in the log
+
+
+def neutralise(line: str) -> str:
+    """A line the runner shows as it is and never runs as a workflow command (v2 `::name::`, v1 `##[name]`)."""
+    if line.lstrip().startswith("::"):
+        line = _NOT_A_COMMAND + line
+    return line.replace("##[", f"##{_NOT_A_COMMAND}[")
+
+
 def log(message: str = "") -> None:
-    sys.stdout.write(redact(message) + "\n")
+    """Print text, never as a workflow command."""
+    # The runner reads a line as ending at \n, \r\n or a lone \r.
+    lines = redact(message).replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    _emit("\n".join(neutralise(line) for line in lines))
+
+
+def _emit(line: str) -> None:
+    sys.stdout.write(line + "\n")
     sys.stdout.flush()
 
 
 def warning(message: str) -> None:
-    log(f"::warning::{_escape_data(redact(message))}")
+    _emit(f"::warning::{_escape_data(redact(message))}")
 
 
 def error(message: str, title: str | None = None) -> None:
     props = f" title={_escape_property(redact(title))}" if title else ""
-    log(f"::error{props}::{_escape_data(redact(message))}")
+    _emit(f"::error{props}::{_escape_data(redact(message))}")
 
 
 @contextlib.contextmanager
 def group(name: str) -> Iterator[None]:
-    log(f"::group::{name}")
+    _emit(f"::group::{_escape_data(name)}")
     try:
         yield
     finally:
-        log("::endgroup::")
+        _emit("::endgroup::")
 
 
 def set_outputs(outputs: dict[str, str]) -> None:

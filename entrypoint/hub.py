@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import fnmatch
 import json
 import os
 import re
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import requests
-from huggingface_hub import HfApi, hf_hub_download, snapshot_download
+from huggingface_hub import HfApi, hf_hub_download
+from huggingface_hub.utils import disable_progress_bars
 from huggingface_hub.errors import (
     GatedRepoError,
     HfHubHTTPError,
@@ -22,15 +25,19 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from . import github, quantize, retry
-from .errors import PublishError
+from . import github, quantize, registry, retry
+from .errors import DiskFull, HubError, InputError, PublishError, RepoRefused
 
-# What llama.cpp's converter and the Modelfile need: weights, config, tokenizer, chat template, license.
+# What llama.cpp's converter and the Modelfile read: weights, config, tokenizer, chat template, license.
+# Paths from the repository's top: the converter reads the top-level model*.safetensors (not, say, a
+# Mistral repo's consolidated.safetensors or a checkpoint-500/ folder's), and so does the download.
 NEEDED_FILES = (
-    "*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json",
+    "model*.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json",
     "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json",
     "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja", "chat_template.json", "LICENSE*", "LICENCE*",
-    "README.md", "modules.json",  # sentence-transformers: with 1_Pooling/config.json, an embedding model's pooling
+    "README.md",
+    # sentence-transformers: an embedding model's pooling, and the longest input it embeds
+    "modules.json", "*_Pooling/config.json", "sentence_bert_config.json",
     "preprocessor_config.json", "processor_config.json",  # a vision model's image size and normalization
 )
 # Pickle weights, only with allow-pickle and only under the names the converter reads (never, say,
@@ -69,32 +76,39 @@ class Checkpoint:
 
 
 def needed(files: list[str], patterns: tuple[str, ...] = NEEDED_FILES) -> list[str]:
-    """The subset of a repo's files that match `patterns` (top-level and in subfolders)."""
-    return [f for f in files if any(fnmatch.fnmatch(Path(f).name, pattern) for pattern in patterns)]
+    """The subset of a repo's files that match `patterns`: paths from the repo's top, folder by folder
+    (`*` never crosses a `/`)."""
+    return [f for f in files if any(fnmatch.fnmatchcase(f, pattern) and f.count("/") == pattern.count("/")
+                                    for pattern in patterns)]
+
+
+def refuse_unsafe_names(files: list[str], where: str, input_name: str = "hf-repo") -> None:
+    """Names come from the repository's server: never let one point outside the download folder."""
+    escaping = [f for f in files if Path(f).is_absolute() or ".." in Path(f).parts]
+    if escaping:
+        raise RepoRefused(f"{where} has file names that leave the repository folder: {escaping[:3]}.",
+                          input_name=input_name, title="Unsafe file names")
 
 
 def plan(files: list[str], repo_kind: str, quantizations: tuple[str, ...], where: str,
          input_name: str = "hf-repo", allow_pickle: bool = False) -> Plan:
     """Decide from the repo's file names how to publish it (`repo_kind` 'auto'), or check the forced kind."""
-    escaping = [f for f in files if Path(f).is_absolute() or ".." in Path(f).parts]
-    if escaping:  # names come from the repository: never let one point outside the download folder
-        raise PublishError(f"{where} has file names that leave the repository folder: {escaping[:3]}.",
-                           input_name=input_name, title="Unsafe file names")
+    refuse_unsafe_names(files, where, input_name)
     names = {Path(f).name for f in files}
     if repo_kind == "lora" or (repo_kind == "auto" and "adapter_config.json" in files):
         if not {"adapter_config.json", "adapter_model.safetensors"} <= set(files):
-            raise PublishError(f"{where} has no LoRA adapter (adapter_config.json and adapter_model.safetensors at its "
-                               "top level; peft's save_pretrained writes them).", input_name=input_name,
-                               title="No adapter")
+            raise RepoRefused(f"{where} has no LoRA adapter (adapter_config.json and adapter_model.safetensors at its "
+                              "top level; peft's save_pretrained writes them).", input_name=input_name,
+                              title="No adapter")
         why = "forced by repo-kind: lora" if repo_kind == "lora" else "it has adapter_config.json"
         return Plan(kind="lora", why=f"merge the LoRA adapter into its base model, then convert and quantize ({why})",
                     files=tuple(f for f in needed(files, ADAPTER_FILES) if "/" not in f))
-    has_safetensors = any(n.endswith(".safetensors") for n in names)
+    has_safetensors = bool(needed(files, ("model*.safetensors",)))
     has_gguf = any(n.endswith(".gguf") for n in names)
     if repo_kind == "gguf" or (repo_kind == "auto" and has_gguf and not has_safetensors):
         if not has_gguf:
-            raise PublishError(f"{where} has no *.gguf files, but repo-kind is gguf. Set repo-kind to auto.",
-                               input_name="repo-kind")
+            raise InputError(f"{where} has no *.gguf files, but repo-kind is gguf. Set repo-kind to auto.",
+                             input_name="repo-kind")
         ggufs = pick_ggufs(files, quantizations, where)
         why = "forced by repo-kind: gguf" if repo_kind == "gguf" else "it has *.gguf files and no *.safetensors"
         return Plan(kind="gguf", why=f"publish the repo's GGUF files without conversion ({why})",
@@ -141,42 +155,43 @@ def pick_ggufs(files: list[str], quantizations: tuple[str, ...], where: str) -> 
     for quant in quantizations:
         candidates = offered.get(quant, {})
         if not candidates:
-            raise PublishError(f"{where} has no GGUF file for {quant}. It offers: {listing}. Set quantizations to "
-                               "some of these.", input_name="quantizations", title="Quantization not in the repo")
+            raise InputError(f"{where} has no GGUF file for {quant}. It offers: {listing}. Set quantizations to "
+                             "some of these.", input_name="quantizations")
         if len(candidates) > 1:
-            raise PublishError(f"{where} has several GGUF files for {quant}: {', '.join(candidates)}. Keep one per "
-                               "quantization in the repo (or in the revision you publish).",
-                               input_name="hf-repo", title="Ambiguous GGUF files")
+            raise RepoRefused(f"{where} has several GGUF files for {quant}: {', '.join(candidates)}. Keep one per "
+                              "quantization in the repo (or in the revision you publish).",
+                              input_name="hf-repo", title="Ambiguous GGUF files")
         (key, parts), = candidates.items()
         parts = sorted(parts)
         split = _SPLIT_PART.match(parts[0])
-        if split and [int(_SPLIT_PART.match(p)["part"]) for p in parts] != list(range(1, int(split["total"]) + 1)):
-            raise PublishError(f"{where} has only {len(parts)} of the {int(split['total'])} parts of {key}.",
-                               input_name="hf-repo", title="Incomplete split GGUF")
+        numbers = [int(m["part"]) for m in map(_SPLIT_PART.match, parts) if m]
+        if split and numbers != list(range(1, int(split["total"]) + 1)):
+            raise RepoRefused(f"{where} has only {len(parts)} of the {int(split['total'])} parts of {key}.",
+                              input_name="hf-repo", title="Incomplete split GGUF")
         chosen[quant] = tuple(parts)
     return chosen
 
 
 def check_files(files: list[str], where: str, input_name: str = "hf-repo", allow_pickle: bool = False) -> None:
     """Refuse early a checkpoint the converter cannot use, naming what is missing."""
-    names = {Path(f).name for f in files}
-    if not any(n.endswith(".safetensors") for n in names):
+    names = set(files) - {f for f in files if "/" in f}  # the converter reads the top level
+    if not needed(files, ("model*.safetensors",)):
         pickles = sorted(f for f in needed(files, PICKLE_WEIGHTS) if f.endswith(".bin"))
         if not pickles:
-            raise PublishError(f"{where} has no *.safetensors weights.", input_name=input_name,
-                               title="No usable weights")
+            raise RepoRefused(f"{where} has no model*.safetensors weights at its top level (what llama.cpp's "
+                              "converter reads).", input_name=input_name, title="No usable weights")
         if not allow_pickle:
-            raise PublishError(
+            raise RepoRefused(
                 f"{where} has only pickle weights ({', '.join(pickles[:3])}), which can run code when loaded. "
                 "Re-save them as safetensors (model.save_pretrained(dir, safe_serialization=True)), or set "
                 "allow-pickle: true if you trust the repo.", input_name=input_name, title="Pickle weights refused")
     if "config.json" not in names:
-        raise PublishError(f"{where} has no config.json, so it is not a transformers checkpoint.",
-                           input_name=input_name, title="Not a checkpoint")
+        raise RepoRefused(f"{where} has no config.json, so it is not a transformers checkpoint.",
+                          input_name=input_name, title="Not a checkpoint")
     if not names & {"tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt"}:
-        raise PublishError(f"{where} has no tokenizer (tokenizer.json, tokenizer.model, vocab.json or vocab.txt). "
-                           "Save the tokenizer with the model (tokenizer.save_pretrained).",
-                           input_name=input_name, title="No tokenizer")
+        raise RepoRefused(f"{where} has no tokenizer (tokenizer.json, tokenizer.model, vocab.json or vocab.txt). "
+                          "Save the tokenizer with the model (tokenizer.save_pretrained).",
+                          input_name=input_name, title="No tokenizer")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,39 +204,47 @@ class RemoteCheckpoint:
 
 @contextlib.contextmanager
 def _hub_errors(api: HfApi, repo: str, revision: str, token: str, repo_input: str = "hf-repo",
-                revision_input: str = "hf-revision") -> Iterator[None]:
-    """Turn the Hub client's errors into messages that name the input to fix."""
+                revision_input: str = "hf-revision", destination: Path | None = None) -> Iterator[None]:
+    """Turn the Hub client's errors into typed ones that name the input to fix; a full disk (while
+    downloading into `destination`) says so and is not retried."""
     endpoint = api.endpoint
     try:
         yield
     except GatedRepoError as exc:
-        raise PublishError(f"{repo} is gated: accept its terms on the Hub with the account whose token is in "
-                           "hf-token.", input_name="hf-token") from exc
+        raise InputError(f"{repo} is gated: accept its terms on the Hub with the account whose token is in "
+                         "hf-token.", input_name="hf-token") from exc
     except RepositoryNotFoundError as exc:
         # Some Hub servers answer an unknown revision as an unknown repo: tell the two apart.
         if _exists(api, repo):
-            raise PublishError(f"{repo} has no branch, tag or commit '{revision}'.",
-                               input_name=revision_input) from exc
+            raise InputError(f"{repo} has no branch, tag or commit '{revision}'.",
+                             input_name=revision_input) from exc
         why = "hf-token has no access to it" if token else "it is private and hf-token is not set"
-        raise PublishError(f"The model repo '{repo}' was not found on {endpoint}: check the name, or {why}.",
-                           input_name=repo_input) from exc
+        raise InputError(f"The model repo '{repo}' was not found on {endpoint}: check the name, or {why}.",
+                         input_name=repo_input) from exc
     except RevisionNotFoundError as exc:
-        raise PublishError(f"{repo} has no branch, tag or commit '{revision}'.", input_name=revision_input) from exc
+        raise InputError(f"{repo} has no branch, tag or commit '{revision}'.", input_name=revision_input) from exc
     except HfHubHTTPError as exc:
-        status = exc.response.status_code if exc.response is not None else "?"
-        raise PublishError(f"The Hub answered {status} for {repo}@{revision}: {exc}",
-                           input_name="hf-token" if status in (401, 403) else repo_input) from exc
-    except (requests.RequestException, LocalEntryNotFoundError, OSError) as exc:
-        raise PublishError(f"Could not download {repo} from {endpoint}: {exc}. Check that the Hub is reachable "
-                           "(HF_ENDPOINT) and re-run.", title="Hub unreachable") from exc
+        status = exc.response.status_code if exc.response is not None else None
+        raise HubError(f"The Hub answered {status} for {repo}@{revision}: {exc}", status=status,
+                       retriable=status is None or registry.retriable_status(status),
+                       input_name="hf-token" if status in (401, 403) else repo_input) from exc
+    except OSError as exc:  # requests' errors and the Hub client's missing entries are OSErrors too
+        if isinstance(exc, (requests.RequestException, LocalEntryNotFoundError)) or exc.errno is None:
+            raise HubError(f"Could not download {repo} from {endpoint}: {exc}. Check that the Hub is reachable "
+                           "(HF_ENDPOINT) and re-run.", status=None, retriable=True, title="Hub unreachable") from exc
+        where = destination or Path.cwd()
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFull(where, free=shutil.disk_usage(_existing(where)).free, what=f"downloading {repo}") from exc
+        raise PublishError(f"Could not write {repo}'s files into {where}: {exc}.", title="Download failed") from exc
+
+
+def _existing(path: Path) -> Path:
+    """`path`, or its nearest folder that exists (to measure the filesystem it would be on)."""
+    return next(p for p in (path, *path.parents) if p.exists())
 
 
 def _api(token: str) -> HfApi:
     return HfApi(endpoint=os.environ.get("HF_ENDPOINT", "https://huggingface.co"), token=token or False)
-
-
-def _retry_if_unreachable(exc: PublishError) -> bool:
-    return exc.title == "Hub unreachable"
 
 
 def inspect(repo: str, revision: str, token: str, repo_kind: str, quantizations: tuple[str, ...],
@@ -236,47 +259,61 @@ def inspect(repo: str, revision: str, token: str, repo_kind: str, quantizations:
             files = [s.rfilename for s in info.siblings or []]
             repo_plan = plan(files, repo_kind, quantizations, f"{repo}@{revision}", input_name=inputs[0],
                              allow_pickle=allow_pickle)
-            tree = api.list_repo_tree(repo, revision=info.sha, recursive=True)
+            tree = list(api.list_repo_tree(repo, revision=info.sha, recursive=True))
+            # Only sizes are read from this second listing; a server that names other files here is hostile.
+            refuse_unsafe_names([entry.path for entry in tree], f"{repo}@{revision}", inputs[0])
             return info, files, repo_plan, {entry.path: entry.size or 0 for entry in tree
                                             if entry.path in repo_plan.files and hasattr(entry, "size")}
 
-    info, files, repo_plan, sizes = retry.retrying(query, f"querying {repo}", retry_if=_retry_if_unreachable)
+    info, files, repo_plan, sizes = retry.retrying(query, f"querying {repo}")
     github.log(f"{repo}@{revision} is commit {info.sha}: {len(sizes)} of {len(files)} files to download, "
                f"{sum(sizes.values()) / 1e9:.2f} GB")
     return RemoteCheckpoint(repo=repo, commit=info.sha or "", plan=repo_plan, sizes=sizes)
 
 
 def download(remote: RemoteCheckpoint, token: str, destination: Path) -> Checkpoint:
-    """Download only the needed files of the resolved commit."""
-    api = _api(token)
-
-    def fetch() -> None:  # a repeated call resumes: finished files are kept, partial ones continued
-        with _hub_errors(api, remote.repo, remote.commit, token):
-            snapshot_download(remote.repo, revision=remote.commit, token=token or False,
-                              allow_patterns=list(remote.sizes), local_dir=destination, endpoint=api.endpoint,
-                              etag_timeout=TIMEOUT_S)
-
-    retry.retrying(fetch, f"downloading {remote.repo}", retry_if=_retry_if_unreachable)
+    """Download the needed files of the resolved commit, each by its exact name as checked by plan() (never
+    a pattern: the server's own listing may say something else by now)."""
+    for name in sorted(remote.sizes):
+        github.log(f"downloading {name} ({remote.sizes[name] / 1e6:,.1f} MB)")
+        _fetch(remote, token, destination, name)
     return Checkpoint(path=destination, commit=remote.commit, plan=remote.plan)
+
+
+def _fetch(remote: RemoteCheckpoint, token: str, destination: Path, name: str) -> Path:
+    """One file into destination/name (a repeated call resumes a partial file), refused unless it is a
+    regular file there, whatever the server answered."""
+    api = _api(token)
+    disable_progress_bars()  # the log gets a line per file (download), not a bar redrawn on stderr
+
+    def fetch() -> Path:
+        with _hub_errors(api, remote.repo, remote.commit, token, destination=destination):
+            return Path(hf_hub_download(remote.repo, name, revision=remote.commit, token=token or False,
+                                        local_dir=destination, endpoint=api.endpoint, etag_timeout=TIMEOUT_S))
+
+    path = retry.retrying(fetch, f"downloading {remote.repo}'s {name}")
+    expected = destination / name
+    if path.absolute() != expected.absolute() or expected.is_symlink() or not expected.is_file() or \
+            not expected.resolve().is_relative_to(destination.resolve()):
+        raise RepoRefused(f"{remote.repo}'s {name} did not arrive as a file in the download folder (it came as "
+                          f"{path}): refused.", title="Unsafe download")
+    return expected
 
 
 def read_config(remote: RemoteCheckpoint, token: str, destination: Path, name: str = "config.json") -> dict[str, Any]:
     """Download one JSON file alone (into the folder the full download then completes) and parse it."""
-    api = _api(token)
-
-    def fetch() -> Path:
-        with _hub_errors(api, remote.repo, remote.commit, token):
-            return Path(hf_hub_download(remote.repo, name, revision=remote.commit, token=token or False,
-                                        local_dir=destination, endpoint=api.endpoint, etag_timeout=TIMEOUT_S))
-
-    return read_json(retry.retrying(fetch, f"downloading {remote.repo}'s {name}", retry_if=_retry_if_unreachable))
+    return read_json(_fetch(remote, token, destination, name))
 
 
 def read_json(path: Path) -> dict[str, Any]:
+    """A checkpoint's JSON file, which must hold an object."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise PublishError(f"{path.name} in the checkpoint is not valid JSON: {exc}", title="Bad checkpoint") from exc
+        raise RepoRefused(f"{path.name} in the checkpoint is not valid JSON: {exc}", title="Bad checkpoint") from exc
+    if not isinstance(value, dict):
+        raise RepoRefused(f"{path.name} in the checkpoint is not a JSON object.", title="Bad checkpoint")
+    return value
 
 
 def _exists(api: HfApi, repo: str) -> bool:

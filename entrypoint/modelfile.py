@@ -8,15 +8,14 @@ downloads describes exactly the model that was pushed.
 from __future__ import annotations
 
 import dataclasses
-import json
 import tomllib
 from pathlib import Path
 from typing import Any
 
 import jinja2
 
-from . import chat_jinja, github
-from .errors import PublishError
+from . import chat_jinja, github, hub
+from .errors import InputError, RepoRefused
 
 TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
 
@@ -98,14 +97,13 @@ def _token_text(value: Any) -> str:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    except (OSError, ValueError) as exc:
-        raise PublishError(f"{path.name} in the checkpoint is not valid JSON: {exc}", title="Bad checkpoint") from exc
+    return hub.read_json(path) if path.is_file() else {}
 
 
-def read_tokenizer_info(checkpoint: Path) -> TokenizerInfo:
-    """Collect the chat template and special tokens from a checkpoint folder."""
+def read_tokenizer_info(checkpoint: Path, base: Path | None = None) -> TokenizerInfo:
+    """Collect the chat template and special tokens from a checkpoint folder. `base`: a LoRA adapter's base
+    model, whose generation_config.json (its end-of-turn tokens, among them) the merged model keeps when
+    the adapter has none."""
     config = _read_json(checkpoint / "tokenizer_config.json")
     template: Any = ""
     if (checkpoint / "chat_template.jinja").is_file():
@@ -131,7 +129,10 @@ def read_tokenizer_info(checkpoint: Path) -> TokenizerInfo:
     eos: list[str] = []
     if _token_text(config.get("eos_token")):
         eos.append(_token_text(config.get("eos_token")))
-    generation_eos = _read_json(checkpoint / "generation_config.json").get("eos_token_id")
+    generation = checkpoint / "generation_config.json"
+    if not generation.is_file() and base is not None:
+        generation = base / "generation_config.json"
+    generation_eos = _read_json(generation).get("eos_token_id")
     for token_id in generation_eos if isinstance(generation_eos, list) else [generation_eos]:
         if token_id is not None and token_id in id_to_token:
             eos.append(id_to_token[token_id])
@@ -155,9 +156,10 @@ def tokenizer_info_from_gguf(metadata: dict[str, Any]) -> TokenizerInfo:
 
     # EOS first (as in tokenizer_config), then the end-of-turn and end-of-message tokens when set apart.
     eos = [t for t in (token("eos"), token("eot"), token("eom")) if t]
+    # A GGUF may omit the token types: then no token is known to be a control token.
+    control = tuple(t for t, k in zip(tokens, types, strict=False) if k == _CONTROL_TOKEN)
     return TokenizerInfo(chat_template=str(metadata.get("tokenizer.chat_template", "")),
-                         eos_tokens=tuple(dict.fromkeys(eos)), bos_token=token("bos"),
-                         special_tokens=tuple(t for t, k in zip(tokens, types) if k == _CONTROL_TOKEN),
+                         eos_tokens=tuple(dict.fromkeys(eos)), bos_token=token("bos"), special_tokens=control,
                          model_type=str(metadata.get("general.architecture", "")))
 
 
@@ -181,19 +183,19 @@ def choose_format(template_input: str, info: TokenizerInfo, workspace: Path, bos
         # The checkpoint's own default system prompt (a fine-tune's, say) beats the family's.
         return dataclasses.replace(chosen, default_system=derived.default_system) if derived else chosen
     if not info.chat_template:
-        raise PublishError("The checkpoint has no chat template (chat_template in tokenizer_config.json or "
-                           "chat_template.jinja). Set the template input to a catalog template or a Go template "
-                           "file.", input_name="template", title="No chat template")
+        raise RepoRefused("The checkpoint has no chat template (chat_template in tokenizer_config.json or "
+                          "chat_template.jinja). Set the template input to a catalog template or a Go template "
+                          "file.", input_name="template", title="No chat template")
     family = detect_family(info)
     if derived is None:
         if family is not None:  # the catalog's template for the family; the parity check proves it
             github.log(f"no Ollama template can be derived from the checkpoint's chat template ({why_not}); it has "
                        f"the markers of the {family.name} family")
             return family.chat_format()
-        raise PublishError(f"The checkpoint's chat template matches no catalog family ({', '.join(FAMILIES)}) and "
-                           f"no Ollama template can be derived from it: {why_not}. Set the template input to a "
-                           "catalog template or a Go template file in your repository.", input_name="template",
-                           title="Unknown chat template")
+        raise RepoRefused(f"The checkpoint's chat template matches no catalog family ({', '.join(FAMILIES)}) and "
+                          f"no Ollama template can be derived from it: {why_not}. Set the template input to a "
+                          "catalog template or a Go template file in your repository.", input_name="template",
+                          title="Unknown chat template")
     # Derived from the checkpoint's own template (and proven by the parity check) beats a catalog
     # entry: real templates of one family differ in details (thinking tags, tool preambles, dates,
     # a fine-tune's own default system prompt). `template: <family>` picks the catalog entry instead,
@@ -224,8 +226,8 @@ def _quote(value: str) -> str:
     # Modelfile strings have no escapes: "..." for one line without quotes, else """...""", which
     # cannot hold """ nor end with " (the closing quotes would be read early).
     if '"""' in value or value.endswith('"'):
-        raise PublishError('A Modelfile value cannot contain """ or end with a double quote; reword the system '
-                           "prompt or template.", input_name="system")
+        raise InputError('A Modelfile value cannot contain """ or end with a double quote; reword the system '
+                         "prompt or template.", input_name="system")
     if "\n" in value or '"' in value:
         return f'"""{value}"""'
     return f'"{value}"'

@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -20,8 +21,8 @@ from typing import Any
 
 import requests
 
-from . import github
-from .errors import OllamaRefused, OllamaUnreachable, PublishError
+from . import github, registry
+from .errors import InputError, OllamaRefused, OllamaUnreachable, PublishError, RegistryError
 from .process import running
 
 DEFAULT_BIND = "127.0.0.1:11434"
@@ -55,7 +56,7 @@ class OllamaClient:
             except ValueError:
                 detail = response.text
             raise OllamaRefused(f"Ollama {what} failed ({response.status_code}): {detail}",
-                                status=response.status_code, title=f"Ollama {what} failed")
+                                status=response.status_code, title=f"Ollama {what} failed", detail=str(detail))
         return response
 
     def is_healthy(self) -> bool:
@@ -111,7 +112,7 @@ class OllamaClient:
                 line = json.loads(raw)
                 if "error" in line:
                     raise OllamaRefused(f"Ollama {what} failed: {line['error']}", status=response.status_code,
-                                        title=f"Ollama {what} failed")
+                                        title=f"Ollama {what} failed", detail=str(line["error"]))
                 yield line
 
     def _lines(self, response: requests.Response, what: str) -> Iterator[bytes]:
@@ -132,7 +133,7 @@ class OllamaClient:
             raise PublishError(f"Ollama create of {body['model']} ended without success (last status: {last}).",
                                title="Ollama create failed")
 
-    def chat(self, model: str, messages: list[dict[str, str]], options: dict[str, Any]) -> dict[str, Any]:
+    def chat(self, model: str, messages: list[dict[str, Any]], options: dict[str, Any]) -> dict[str, Any]:
         body = {"model": model, "messages": messages, "options": options, "stream": False}
         return self._check(self._send("POST", "/api/chat", "chat", json=body), "chat").json()
 
@@ -153,13 +154,34 @@ class OllamaClient:
         self._check(self._send("DELETE", "/api/delete", "delete", json={"model": model}, timeout=60), "delete")
 
     def push(self, model: str, insecure: bool, on_progress: Callable[[dict[str, Any]], None]) -> None:
+        """Push through Ollama's API; the registry's refusals and network failures (error lines) become
+        RegistryError, retriable unless the registry refused."""
+        self._transfer("push", model, insecure, on_progress)
+
+    def pull(self, model: str, insecure: bool, on_progress: Callable[[dict[str, Any]], None]) -> None:
+        """Pull through Ollama's API, failing as push does."""
+        self._transfer("pull", model, insecure, on_progress)
+
+    def _transfer(self, what: str, model: str, insecure: bool, on_progress: Callable[[dict[str, Any]], None]) -> None:
         last = None
-        for line in self.stream("/api/push", {"model": model, "insecure": insecure}, "push"):
-            on_progress(line)
-            last = line.get("status")
+        try:
+            for line in self.stream(f"/api/{what}", {"model": model, "insecure": insecure}, what):
+                on_progress(line)
+                last = line.get("status")
+        except OllamaRefused as exc:
+            if exc.status >= 400:  # Ollama itself refused the request, before any registry was asked
+                raise
+            status = push_error_status(exc.detail)
+            refused = status is not None and not registry.retriable_status(status)
+            final = refused or any(reason in exc.detail for reason in NOT_RETRIABLE)
+            hint = "".join(text for reason, text in ((NO_REDIRECT, NO_REDIRECT_HINT), (REALM_ELSEWHERE, REALM_HINT))
+                           if reason in exc.detail)
+            raise RegistryError(f"{what.capitalize()}ing {model} failed: {exc.detail}{hint}", status=status,
+                                retriable=not final, title=f"{what.capitalize()} refused" if refused
+                                else f"{what.capitalize()} failed") from exc
         if last != "success":
-            raise PublishError(f"Ollama push of {model} ended without success (last status: {last}).",
-                               title="Ollama push failed")
+            raise RegistryError(f"Ollama {what} of {model} ended without success (last status: {last}).",
+                                status=None, retriable=True, title=f"{what.capitalize()} failed")
 
     def list_models(self) -> list[dict[str, Any]]:
         return self._check(self._send("GET", "/api/tags", "list", timeout=30), "list").json().get("models", [])
@@ -179,6 +201,36 @@ class OllamaClient:
             return None
         path = self.models_dir / "manifests" / host / namespace / model / tag
         return path.read_bytes() if path.is_file() else None
+
+
+# How Ollama words a registry's answer in a push's error line (server/images.go makeRequestWithRetry and
+# errUnauthorized, server/auth.go, server/upload.go): "401: <body>" (or "401" when the body is empty),
+# "http status 403 Forbidden: <body>", possibly after "max retries exceeded: "; "unauthorized: access
+# denied" once its token retry failed. Anything else is the connection's own failure. Anchored, so that a
+# digest's digits are never read as a status.
+_PUSH_STATUS = re.compile(r"(?:^|: )(?:http status )?([1-5]\d\d)(?::| [A-Z]|$)")
+INSECURE_PROTOCOL = "insecure protocol http"  # an http registry used without insecure-registry
+# Ollama (0.30 and later) downloads a blob only from where the registry redirects it (307 to another host,
+# as ollama.com to its CDN); a registry that serves blobs itself gets this error, on every attempt.
+NO_REDIRECT = "no Location header"
+NO_REDIRECT_HINT = (". Ollama 0.30 and later download blobs only where the registry redirects them (a 307 to "
+                    "another host, as ollama.com sends them to its CDN); this registry serves them itself, so no "
+                    "current Ollama can pull from it.")
+NOT_RETRIABLE = (INSECURE_PROTOCOL, NO_REDIRECT)
+# Ollama answers a registry's 401 only by asking the realm of its Bearer challenge for a token, signed with
+# its key, and only on the registry's own host (server/auth.go); a Basic challenge (no realm) or a token
+# server elsewhere ends with this.
+REALM_ELSEWHERE = "does not match original host"
+REALM_HINT = (". The registry demands credentials that Ollama cannot give: it answers a 401 only by asking the "
+              "registry's own host for a token, signed with its key (a Bearer realm there), and sends no passwords.")
+
+
+def push_error_status(detail: str) -> int | None:
+    """The registry's HTTP status in an Ollama push error line, or None when the registry did not answer."""
+    if detail.startswith("unauthorized: access denied") or REALM_ELSEWHERE in detail:
+        return 401
+    match = _PUSH_STATUS.search(detail)
+    return int(match.group(1)) if match else None
 
 
 def _chunks(f) -> Iterator[bytes]:
@@ -205,6 +257,13 @@ def bind_address(ollama_host: str) -> str:
     return f"{host or '127.0.0.1'}:{port}"
 
 
+def free_loopback_address() -> str:
+    """host:port of a loopback port nobody listens on, for a second server of our own."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{s.getsockname()[1]}"
+
+
 def _port_is_free(bind: str) -> bool:
     host, _, port = bind.rpartition(":")
     with socket.socket() as s:
@@ -212,8 +271,9 @@ def _port_is_free(bind: str) -> bool:
 
 
 @contextlib.contextmanager
-def serve(log_path: Path, models_dir: Path, home: Path, ollama_key: str = "") -> Iterator[OllamaClient]:
-    """Run `ollama serve` for the duration of the block (bound to $OLLAMA_HOST or 127.0.0.1:11434),
+def serve(log_path: Path, models_dir: Path, home: Path, ollama_key: str = "",
+          bind: str = "") -> Iterator[OllamaClient]:
+    """Run `ollama serve` for the duration of the block (bound to `bind`, else $OLLAMA_HOST or 127.0.0.1:11434),
     keeping its models in `models_dir`, with `home` as its HOME: the user's own ~/.ollama (their Ollama
     identity) is never touched.
 
@@ -225,10 +285,10 @@ def serve(log_path: Path, models_dir: Path, home: Path, ollama_key: str = "") ->
         raise PublishError("The ollama binary was not found. Inside the action's image it is preinstalled; when "
                            "running the CLI elsewhere run scripts/bootstrap, or set ollama-host to a running server.",
                            title="Ollama missing")
-    bind = bind_address(os.environ.get("OLLAMA_HOST", ""))
+    bind = bind or bind_address(os.environ.get("OLLAMA_HOST", ""))
     if not _port_is_free(bind):
-        raise PublishError(f"Something already listens on {bind}, where the action starts its Ollama server. "
-                           "Stop it, or set ollama-host to use that server.", input_name="ollama-host")
+        raise InputError(f"Something already listens on {bind}, where the action starts its Ollama server. "
+                         "Stop it, or set ollama-host to use that server.", input_name="ollama-host")
     key_path = home / ".ollama" / "id_ed25519"
     wrote_key = False
     try:

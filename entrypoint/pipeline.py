@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -14,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from . import checks, convert, github, gguf_header, hub, modelfile, preflight, quantize, registry, retry
-from .errors import OllamaUnreachable, PublishError
-from .ollama import OllamaClient, serve
+from .errors import CheckFailed, InputError, RegistryError
+from .ollama import OllamaClient, free_loopback_address, serve
 from .settings import Settings
 
 
@@ -28,8 +29,10 @@ class TagResult:
     digest: str = ""  # the local model digest, as `ollama list` shows it
     size: int = 0
     registry_digest: str = ""  # the manifest digest in the registry, once pushed
+    layers: tuple[str, ...] = ()  # the config and layer digests the registry holds for the tag, once pushed
     answer: str = ""
     pushed: bool = False
+    pulled: bool = False  # an empty Ollama pulled the tag back, with the same layers (and answered)
 
 
 @dataclasses.dataclass
@@ -56,12 +59,16 @@ def run(settings: Settings) -> Report:
                 if settings.push:  # an unreachable registry should fail the run now, not after an hour of work
                     retry.retrying(lambda: registry.check_reachable(settings.model_name,
                                                                     insecure=settings.insecure_registry),
-                                   f"reaching the registry {settings.model_name.host}",
-                                   retry_if=lambda exc: True)
+                                   f"reaching the registry {settings.model_name.host}")
             with github.group("2. Download the checkpoint"):
                 checkpoint = _fetch_checkpoint(settings, scratch, client)
+                if checkpoint.plan.kind != "gguf":  # the converter trusts config.json: it must match the weights
+                    convert.check_config_matches_weights(hub.read_json(checkpoint.path / "config.json"),
+                                                         convert.safetensors_shapes(checkpoint.path),
+                                                         _source_input(settings))
                 task = _task(checkpoint)
                 info = _tokenizer_info(checkpoint)
+                embedding_context = _embedding_context(checkpoint) if task == "embedding" else None
                 if task != "embedding":  # a template that cannot work fails now
                     modelfile.choose_format(settings.template, info, settings.workspace)
                 license_text = modelfile.read_license(checkpoint.adapter or checkpoint.path) or \
@@ -74,16 +81,19 @@ def run(settings: Settings) -> Report:
                 with github.group("3. Convert to GGUF and quantize"):
                     ggufs = _build_ggufs(settings, checkpoint, scratch, projector)
             with github.group("4. Render the Modelfile"):
-                spec, embedding_size = _describe(settings, task, info, ggufs, projector, license_text)
+                spec, embedding_size = _describe(settings, task, info, ggufs, projector, license_text,
+                                                 embedding_context)
                 modelfile_path = _write_modelfile(settings, spec, ggufs, projector)
             with github.group("5. Create the models and prove they work"):
                 digests = {q: client.upload_blob(path) for q, path in ggufs.items()}
                 projector_file = (projector.name, client.upload_blob(projector)) if projector else None
                 results = _create(client, settings, spec, ggufs, digests, projector_file)
                 rendering = ""
+                smoke: Callable[[OllamaClient, str], str] = (
+                    (lambda server, name: checks.embedding_smoke_test(server, name, embedding_size))
+                    if task == "embedding" else (lambda server, name: _chat_smoke_test(server, settings, name, task)))
                 if task == "embedding":
-                    _smoke_test(client, settings, results,
-                                lambda name: checks.embedding_smoke_test(client, name, embedding_size))
+                    _smoke_test(client, settings, results, lambda name: smoke(client, name))
                 else:
                     # Every tag has the same template and GGUF metadata, so the same rendering.
                     rendering = checks.selected_rendering(client.show(results[0].name), spec.template)
@@ -94,10 +104,12 @@ def run(settings: Settings) -> Report:
                         results = _create(client, settings, spec, ggufs, digests, projector_file)
                         rendering = checks.selected_rendering(client.show(results[0].name), spec.template)
                     github.log(f"Ollama renders the prompts with {checks.describe_rendering(rendering)}")
-                    _smoke_test(client, settings, results, lambda name: _chat_smoke_test(client, settings, name, task))
+                    _smoke_test(client, settings, results, lambda name: smoke(client, name))
             if settings.push:
                 with github.group("6. Push"):
                     _push(client, settings, results)
+                with github.group("7. Pull back with an empty Ollama"):
+                    _pull_back(settings, scratch, results, smoke)
             return Report(results=results, modelfile=modelfile_path, commit=checkpoint.commit,
                           ollama_version=client.version(), path_taken=checkpoint.plan.why + TASK_NOTES[task],
                           extra_ggufs=(projector,) if projector else (),
@@ -112,7 +124,7 @@ def _ollama(settings: Settings, scratch: Path) -> Iterator[OllamaClient]:
     if settings.ollama_host:
         client = OllamaClient(settings.ollama_host)
         if not client.is_healthy():
-            raise PublishError(f"No Ollama server answers at {settings.ollama_host}.", input_name="ollama-host")
+            raise InputError(f"No Ollama server answers at {settings.ollama_host}.", input_name="ollama-host")
         github.log(f"Using the Ollama server at {settings.ollama_host} (version {client.version()})")
         if settings.push:
             github.log("Pushes are signed with that server's own key (its ~/.ollama/id_ed25519)")
@@ -168,15 +180,15 @@ def _fetch_base(settings: Settings, scratch: Path, client: OllamaClient, remote:
     convert.check_adapter(adapter_config, _source_input(settings))
     base_id = settings.base_model or str(adapter_config.get("base_model_name_or_path") or "")
     if not hub.is_repo_id(base_id):
-        raise PublishError(f"The adapter names its base model as '{base_id}', which is not a Hugging Face repo id. Set "
-                           "base-model to the model it was trained on.", input_name="base-model")
+        raise InputError(f"The adapter names its base model as '{base_id}', which is not a Hugging Face repo id. Set "
+                         "base-model to the model it was trained on.", input_name="base-model")
     base = hub.inspect(base_id, settings.base_revision, settings.hf_token, "transformers", settings.quantizations,
                        settings.allow_pickle, inputs=("base-model", "base-revision"))
     base_dir = scratch / "base"
     _check_convertible(hub.read_config(base, settings.hf_token, base_dir), base.plan, "base-model")
     base_label = f"{base_id}@{base.commit[:12]}"
-    repo_plan = dataclasses.replace(base.plan, kind="lora",
-                                    why=f"merge the LoRA adapter into its base model {base_label}, then convert and quantize")
+    why = f"merge the LoRA adapter into its base model {base_label}, then convert and quantize"
+    repo_plan = dataclasses.replace(base.plan, kind="lora", why=why)
     if settings.resource_check:
         _check_resources(settings, client, scratch, repo_plan, {**base.sizes, **adapter_sizes})
     if remote:
@@ -196,15 +208,16 @@ def _check_resources(settings: Settings, client: OllamaClient, scratch: Path, re
     if repo_plan.kind == "gguf":
         gguf_sizes = {q: sum(sizes[f] for f in parts) for q, parts in repo_plan.ggufs.items()}
         split = sum(size for q, size in gguf_sizes.items() if len(repo_plan.ggufs[q]) > 1)
-        phases = preflight.estimate_gguf(sum(gguf_sizes.values()), downloaded, ollama_copies=not linked,
-                                         split_bytes=split)
         largest = max(gguf_sizes, key=gguf_sizes.__getitem__)
         model_bytes = gguf_sizes[largest]
+        phases = preflight.estimate_gguf(sum(gguf_sizes.values()), downloaded, ollama_copies=not linked,
+                                         split_bytes=split, pulled_bytes=model_bytes if settings.push else 0)
     else:
         size = sum(sizes.values())
         merging = repo_plan.kind == "lora"
         phases = preflight.estimate(size, settings.quantizations, _intermediate_type(settings, merging),
-                                    downloaded=downloaded, ollama_copies=not linked, merging=merging)
+                                    downloaded=downloaded, ollama_copies=not linked, merging=merging,
+                                    pull_back=settings.push)
         largest, model_bytes = preflight.largest_quantized(size, settings.quantizations)
     preflight.check_disk(phases, folders)
     preflight.check_memory(model_bytes, largest)
@@ -225,14 +238,27 @@ def _task(checkpoint: hub.Checkpoint) -> str:
     return "vision" if convert.is_vision_model(hub.read_json(checkpoint.path / "config.json")) else "chat"
 
 
+def _embedding_context(checkpoint: hub.Checkpoint) -> int | None:
+    """sentence-transformers' max_seq_length: its pipeline cuts longer inputs there, so Ollama must too."""
+    config = checkpoint.path / "sentence_bert_config.json"
+    length = hub.read_json(config).get("max_seq_length") if config.is_file() else None
+    return length if isinstance(length, int) and length > 0 else None
+
+
 def _describe(settings: Settings, task: str, info: modelfile.TokenizerInfo, ggufs: dict[str, Path],
-              projector: Path | None, license_text: str) -> tuple[modelfile.ModelSpec, int]:
+              projector: Path | None, license_text: str,
+              embedding_context: int | None = None) -> tuple[modelfile.ModelSpec, int]:
     """The model's spec, and for an embedding model its embedding size (else 0)."""
     default_gguf = ggufs[settings.quantizations[0]]
     if task == "embedding":
         size = convert.check_embedding_model(gguf_header.read_metadata(default_gguf), _source_input(settings))
+        parameters = settings.parameters
+        if embedding_context and "num_ctx" not in dict(parameters):
+            parameters = (*parameters, ("num_ctx", embedding_context))
+            github.log(f"num_ctx {embedding_context}: inputs are cut where sentence-transformers cuts them "
+                       "(its max_seq_length)")
         github.log(f"embedding model ({size} dimensions): no chat template, no stop tokens")
-        return modelfile.ModelSpec(template="", system="", parameters=settings.parameters, license=license_text,
+        return modelfile.ModelSpec(template="", system="", parameters=parameters, license=license_text,
                                    source=settings.source_label), size
     # Only the GGUF tells whether its tokenizer prepends BOS, which the template must then leave out.
     return _describe_model(settings, info, license_text, convert.adds_bos(default_gguf)), 0
@@ -251,7 +277,7 @@ def _tokenizer_info(checkpoint: hub.Checkpoint) -> modelfile.TokenizerInfo:
     if checkpoint.plan.kind == "gguf":  # a GGUF carries its chat template and special tokens in its metadata
         first = checkpoint.path / next(iter(checkpoint.plan.ggufs.values()))[0]  # split files: the first part
         return modelfile.tokenizer_info_from_gguf(gguf_header.read_metadata(first))
-    return modelfile.read_tokenizer_info(_tokenizer_folder(checkpoint))
+    return modelfile.read_tokenizer_info(_tokenizer_folder(checkpoint), base=checkpoint.path)
 
 
 def _tokenizer_folder(checkpoint: hub.Checkpoint) -> Path:
@@ -307,9 +333,10 @@ def _build_ggufs(settings: Settings, checkpoint: hub.Checkpoint, scratch: Path, 
     intermediate = scratch / f"intermediate-{intermediate_type.lower()}.gguf"
     convert.convert(checkpoint.path, intermediate, quantize.CONVERTER_TYPES[intermediate_type], model_label)
     if projector:
-        convert.convert_projector(checkpoint.path, projector)
+        with quantize.written_whole(projector) as partial:
+            convert.convert_projector(checkpoint.path, partial)
     adapter = scratch / "adapter-f16.gguf"
-    if merging:
+    if checkpoint.adapter is not None:
         convert.convert_adapter(checkpoint.adapter, checkpoint.path, adapter)
     if not settings.model_path or merging:
         shutil.rmtree(checkpoint.path, ignore_errors=True)  # the downloaded weights are no longer needed
@@ -319,6 +346,7 @@ def _build_ggufs(settings: Settings, checkpoint: hub.Checkpoint, scratch: Path, 
         convert.merge_adapter(intermediate, adapter, merged)
         adapter.unlink()
         os.replace(merged, intermediate)
+        github.log(f"{intermediate.name} now holds the base model with the adapter merged: it is what is quantized")
     to_quantize = [q for q in quants if q != intermediate_type]
     imatrix = settings.imatrix
     if settings.imatrix_calibration and to_quantize:
@@ -333,7 +361,8 @@ def _build_ggufs(settings: Settings, checkpoint: hub.Checkpoint, scratch: Path, 
         quantize.quantize(intermediate, _gguf_path(settings, quant), quant, options)
         ggufs[quant] = _gguf_path(settings, quant)
     if intermediate_type in quants:
-        ggufs[intermediate_type] = Path(shutil.move(intermediate, _gguf_path(settings, intermediate_type)))
+        os.replace(intermediate, _gguf_path(settings, intermediate_type))  # same filesystem: a rename
+        ggufs[intermediate_type] = _gguf_path(settings, intermediate_type)
     intermediate.unlink(missing_ok=True)
     for quant in quants:
         github.log(f"{ggufs[quant].name}: {ggufs[quant].stat().st_size / 1e6:.1f} MB")
@@ -363,7 +392,8 @@ def _take_ggufs(settings: Settings, checkpoint: hub.Checkpoint) -> dict[str, Pat
             try:
                 os.link(source, target)
             except OSError:
-                shutil.copyfile(source, target)
+                with quantize.written_whole(target) as partial:
+                    shutil.copyfile(source, partial)
         github.log(f"{name} -> {target.name}: {target.stat().st_size / 1e6:.1f} MB")
         ggufs[quant] = target
     return ggufs
@@ -373,9 +403,10 @@ def _write_modelfile(settings: Settings, spec: modelfile.ModelSpec, ggufs: dict[
                      projector: Path | None) -> Path:
     default_gguf = ggufs[settings.quantizations[0]]
     path = settings.output_dir / "Modelfile"
-    path.write_text(modelfile.render_modelfile(spec, default_gguf.name, projector.name if projector else ""),
-                    encoding="utf-8")
-    github.log(path.read_text(encoding="utf-8"))
+    text = modelfile.render_modelfile(spec, default_gguf.name, projector.name if projector else "")
+    with quantize.written_whole(path) as partial:
+        partial.write_text(text, encoding="utf-8")
+    github.log(text)
     return path
 
 
@@ -408,7 +439,15 @@ def _check_prompt_parity(client: OllamaClient, settings: Settings, spec: modelfi
     github.log(f"prompt parity of {name} with the checkpoint's chat template (the same for every quantization), "
                f"as Ollama renders it [{', '.join(renderings)}]:")
     body = modelfile.create_request(spec, name, digests[quant], ggufs[quant].name)
-    failures = checks.prompt_parity(client, name, body, info, convert.adds_bos(ggufs[quant]), renderings)
+    failures, compared = checks.prompt_parity(client, name, body, info, convert.adds_bos(ggufs[quant]), renderings)
+    if not compared:
+        message = ("Prompt parity compared nothing: the checkpoint's own chat template could render none of the "
+                   "conversations (see the warnings). Nothing proves Ollama's prompts; set the template input, or "
+                   "prompt-parity: warn to publish anyway.")
+        if settings.prompt_parity == "fail":
+            raise CheckFailed(message, input_name="template", title="Prompt parity failed")
+        github.warning(message)
+        return False
     if not failures:
         return False
     if checks.GO_TEMPLATE in renderings[1:] and all(f.rendering == checks.CHAT_TEMPLATE for f in failures):
@@ -416,15 +455,15 @@ def _check_prompt_parity(client: OllamaClient, settings: Settings, spec: modelfi
                        "llama-server (it supports more than the TEMPLATE: tools, thinking), and that builds other "
                        f"prompts than the checkpoint for {len(failures)} of {len(checks.CONVERSATIONS)} conversations; "
                        f"the TEMPLATE builds the same. The models pin the TEMPLATE (PARSER {checks.PIN_PARSER}), so "
-                       "Ollama renders that, and offers no tool calling through the Jinja.\n" + checks.explain(failures))
+                       "Ollama renders that, and offers no tool calling through the Jinja.\n"
+                       + checks.explain(failures))
         return True
-    compared = len(checks.CONVERSATIONS) * len(renderings)
     message = (f"Prompt parity failed for {name}: Ollama builds a different prompt than the checkpoint's own "
                f"chat template for {len(failures)} of {compared} conversations and renderings. Set the template "
                "input to the right template (or prompt-parity: warn to publish anyway).\n"
                + checks.explain(failures))
     if settings.prompt_parity == "fail":
-        raise PublishError(message, input_name="template", title="Prompt parity failed")
+        raise CheckFailed(message, input_name="template", title="Prompt parity failed")
     github.warning(message)
     return False
 
@@ -447,6 +486,11 @@ def _layers(manifest: dict[str, Any]) -> list[str]:
     return sorted(layer["digest"] for layer in manifest.get("layers", []))
 
 
+def _blobs(manifest: dict[str, Any]) -> tuple[str, ...]:
+    """Every blob a manifest names: its config, then its layers."""
+    return (manifest.get("config", {}).get("digest", ""), *_layers(manifest))
+
+
 def _already_published(client: OllamaClient, settings: Settings, results: list[TagResult]) -> set[str]:
     """Check every tag in the registry before pushing any. Returns the tags that already hold exactly
     these layers (a re-run skips them). A version tag holding other content is refused: published
@@ -455,8 +499,8 @@ def _already_published(client: OllamaClient, settings: Settings, results: list[T
     identical = set()
     for result in results:
         try:
-            found = registry.fetch_manifest(name, result.tag, insecure=settings.insecure_registry)
-        except PublishError as exc:
+            found = _manifest(settings, result.tag)
+        except RegistryError as exc:
             if name.is_ollama_com:  # private models cannot be read anonymously: push and let the registry decide
                 github.warning(f"Could not check {result.name} in the registry before pushing: {exc}")
                 continue
@@ -466,13 +510,33 @@ def _already_published(client: OllamaClient, settings: Settings, results: list[T
         local = client.local_manifest(name.host, name.namespace, name.model, result.tag)
         if local is not None and _layers(json.loads(local)) == _layers(found[1]):
             identical.add(result.tag)
-            result.registry_digest = found[0]
+            result.registry_digest, result.layers = found[0], _blobs(found[1])
             github.log(f"{result.name} is already published with the same layers; not pushing it again")
         elif result.tag in settings.immutable_tags and not settings.overwrite:
-            raise PublishError(f"{result.name} is already published with different content, and published versions "
-                               "are immutable. Release a new version, or set overwrite: true to replace it.",
-                               input_name="overwrite", title="Version already published")
+            raise CheckFailed(f"{result.name} is already published with different content, and published versions "
+                              "are immutable. Release a new version, or set overwrite: true to replace it.",
+                              input_name="overwrite", title="Version already published")
     return identical
+
+
+def _manifest(settings: Settings, tag: str) -> tuple[str, dict] | None:
+    name = settings.model_name
+    return retry.retrying(lambda: registry.fetch_manifest(name, tag, insecure=settings.insecure_registry),
+                          f"reading {name.with_tag(tag)} in the registry")
+
+
+def _progress_logger() -> Callable[[dict[str, Any]], None]:
+    """Logs a push's or pull's status lines, each blob's progress in steps of 25%."""
+    reported: dict[str, int] = {}
+
+    def progress(line: dict[str, Any]) -> None:
+        status, total = line.get("status", ""), line.get("total") or 0
+        step = int(100 * (line.get("completed") or 0) / total) // 25 * 25 if total else -1
+        if reported.get(status) != step:
+            reported[status] = step
+            github.log(f"  {status}" + (f" {step}%" if step >= 0 else ""))
+
+    return progress
 
 
 def _push(client: OllamaClient, settings: Settings, results: list[TagResult]) -> None:
@@ -482,26 +546,12 @@ def _push(client: OllamaClient, settings: Settings, results: list[TagResult]) ->
             result.pushed = True
             continue
         github.log(f"pushing {result.name}")
-        reported: dict[str, int] = {}
-
-        def progress(line: dict[str, Any]) -> None:
-            status, total = line.get("status", ""), line.get("total") or 0
-            step = int(100 * (line.get("completed") or 0) / total) // 25 * 25 if total else -1
-            if reported.get(status) != step:
-                reported[status] = step
-                github.log(f"  {status}" + (f" {step}%" if step >= 0 else ""))
-
-        # A re-push resumes: blobs the registry already has are skipped. Refusals are not retried.
-        retry.retrying(lambda: client.push(result.name, settings.insecure_registry, progress),
-                       f"pushing {result.name}", retry_if=_push_can_be_retried)
+        # A re-push resumes: blobs the registry already has are skipped. Refusals are not retried, nor is
+        # Ollama gone (OllamaUnreachable is never retriable).
+        retry.retrying(functools.partial(client.push, result.name, settings.insecure_registry, _progress_logger()),
+                       f"pushing {result.name}")
         _verify_pushed(client, settings, result)
         result.pushed = True
-
-
-def _push_can_be_retried(exc: PublishError) -> bool:
-    """Network trouble between Ollama and the registry: yes. A refusal, or Ollama itself gone: no."""
-    refused = any(word in exc.message.lower() for word in ("unauthorized", "access denied", "401", "403", "forbidden"))
-    return not refused and not isinstance(exc, OllamaUnreachable)
 
 
 def _verify_pushed(client: OllamaClient, settings: Settings, result: TagResult) -> None:
@@ -511,23 +561,64 @@ def _verify_pushed(client: OllamaClient, settings: Settings, result: TagResult) 
     """
     name = settings.model_name
     try:
-        found = registry.fetch_manifest(name, result.tag, insecure=settings.insecure_registry)
-    except PublishError as exc:
+        found = _manifest(settings, result.tag)
+    except RegistryError as exc:
         if name.is_ollama_com:  # private models cannot be read back anonymously
             github.warning(f"Pushed {result.name}, but could not read it back to verify: {exc}")
             return
         raise
     if found is None:
-        raise PublishError(f"After pushing {result.name} the registry has no such tag.", title="Push not verified")
+        raise CheckFailed(f"After pushing {result.name} the registry has no such tag.", title="Push not verified")
     result.registry_digest, remote = found
     remote_layers = _layers(remote)
+    result.layers = _blobs(remote)
     local = client.local_manifest(name.host, name.namespace, name.model, result.tag)
     if local is not None:
         expected = "sha256:" + hashlib.sha256(local.removesuffix(b"\n")).hexdigest()
         if result.registry_digest != expected:
-            raise PublishError(f"After pushing {result.name} the registry holds manifest {result.registry_digest}, "
-                               f"not {expected}, the one Ollama built (layers there: {remote_layers}).",
-                               title="Push not verified")
+            raise CheckFailed(f"After pushing {result.name} the registry holds manifest {result.registry_digest}, "
+                              f"not {expected}, the one Ollama built (layers there: {remote_layers}).",
+                              title="Push not verified")
     elif not any(layer.get("mediaType") == "application/vnd.ollama.image.model" for layer in remote.get("layers", [])):
-        raise PublishError(f"The registry's manifest for {result.name} has no model layer.", title="Push not verified")
+        raise CheckFailed(f"The registry's manifest for {result.name} has no model layer.", title="Push not verified")
     github.log(f"  verified in the registry: manifest {result.registry_digest}, {len(remote_layers)} layers")
+
+
+def _pull_back(settings: Settings, scratch: Path, results: list[TagResult],
+               smoke: Callable[[OllamaClient, str], str]) -> None:
+    """The proof a user's `ollama pull` works: a second Ollama with nothing of its own (models, blobs, HOME)
+    pulls every pushed tag, must hold exactly the blobs the registry verified, and answers the smoke test
+    once per quantization. One quantization at a time, deleted once checked, so the disk holds one copy."""
+    root = scratch / "pull-back"
+    name = settings.model_name
+    try:
+        with serve(root / "ollama.log", root / "models", root / "home", settings.ollama_key,
+                   bind=free_loopback_address()) as empty:
+            by_quantization: dict[str, list[TagResult]] = {}
+            for result in results:
+                by_quantization.setdefault(result.quantization, []).append(result)
+            for tagged in by_quantization.values():
+                for result in tagged:
+                    retry.retrying(functools.partial(empty.pull, result.name, settings.insecure_registry,
+                                                     _progress_logger()), f"pulling {result.name}")
+                    pulled = empty.local_manifest(name.host, name.namespace, name.model, result.tag)
+                    blobs = _blobs(json.loads(pulled)) if pulled is not None else ()
+                    if blobs != result.layers:
+                        raise CheckFailed(f"An empty Ollama pulled {result.name} with blobs {list(blobs)}, not "
+                                          f"{list(result.layers)}, the ones pushed.", title="Pull check failed")
+                account = smoke(empty, tagged[0].name) if settings.smoke_test else "pulled"
+                github.log(f"{tagged[0].quantization}: pulled by an empty Ollama, same blobs; {account}")
+                for result in tagged:
+                    empty.delete(result.name)
+                    result.pulled = True
+    except (RegistryError, CheckFailed) as exc:
+        message = (f"Pushed, but an empty Ollama could not use what it pulled from {name.host}: {exc.message}"
+                   if isinstance(exc, CheckFailed) else
+                   f"Pushed, but an empty Ollama could not pull it back from {name.host}, so users cannot "
+                   f"either: {exc.message}")
+        if settings.pull_check == "fail":
+            raise CheckFailed(message + " (Set pull-check: warn to accept this.)", input_name="pull-check",
+                              title="Pull check failed") from exc
+        github.warning(message)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

@@ -8,6 +8,7 @@ import os
 import shutil
 from pathlib import Path
 
+from . import github
 from .errors import PublishError
 
 # Approximate bits per weight of each type on real models (llama.cpp's reported sizes); small models
@@ -35,10 +36,11 @@ def largest_quantized(checkpoint_bytes: int, quantizations: tuple[str, ...]) -> 
 
 
 def estimate(checkpoint_bytes: int, quantizations: tuple[str, ...], intermediate: str, downloaded: bool,
-             ollama_copies: bool, merging: bool = False) -> list[dict[str, int]]:
+             ollama_copies: bool, merging: bool = False, pull_back: bool = False) -> list[dict[str, int]]:
     """Bytes held at each phase by role: 'work' (scratch), 'outputs' (GGUFs kept) and 'ollama' (its blobs;
     nothing when the GGUFs are handed to Ollama as hard links, i.e. ollama_copies is False). merging: a
-    LoRA adapter is merged into the intermediate, which is then held twice (base and merged)."""
+    LoRA adapter is merged into the intermediate, which is then held twice (base and merged). pull_back:
+    after the push an empty Ollama in scratch pulls the tags, one quantization at a time."""
     size = {q: quantized_bytes(checkpoint_bytes, q) for q in (*quantizations, intermediate)}
     checkpoint = checkpoint_bytes if downloaded else 0
     quantized = sum(size[q] for q in quantizations if q != intermediate)
@@ -48,15 +50,20 @@ def estimate(checkpoint_bytes: int, quantizations: tuple[str, ...], intermediate
         *([{"work": 2 * size[intermediate]}] if merging else []),  # merging: base and merged intermediate
         {"work": size[intermediate], "outputs": quantized},  # quantizing: the intermediate and the results
         {"outputs": kept, "ollama": kept if ollama_copies else 0},  # creating: each GGUF and Ollama's blob
+        *([{"outputs": kept, "ollama": kept if ollama_copies else 0,  # pulling back the largest
+            "work": max(size[q] for q in quantizations)}] if pull_back else []),
     ]
 
 
-def estimate_gguf(gguf_bytes: int, downloaded: bool, ollama_copies: bool, split_bytes: int = 0) -> list[dict[str, int]]:
+def estimate_gguf(gguf_bytes: int, downloaded: bool, ollama_copies: bool, split_bytes: int = 0,
+                  pulled_bytes: int = 0) -> list[dict[str, int]]:
     """The same for a repo's own GGUF files (exact sizes): downloaded to scratch, then moved to output-dir;
-    split ones (split_bytes of them) are merged into output-dir while their parts are still there."""
+    split ones (split_bytes of them) are merged into output-dir while their parts are still there; the
+    largest (pulled_bytes) is pulled back into scratch after the push."""
+    created = {"outputs": gguf_bytes, "ollama": gguf_bytes if ollama_copies else 0}
     return [{"work": gguf_bytes if downloaded else 0},
             {"work": split_bytes if downloaded else 0, "outputs": gguf_bytes},
-            {"outputs": gguf_bytes, "ollama": gguf_bytes if ollama_copies else 0}]
+            created, *([{**created, "work": pulled_bytes}] if pulled_bytes else [])]
 
 
 def same_filesystem(a: Path, b: Path) -> bool:
@@ -95,11 +102,14 @@ def check_disk(phases: list[dict[str, int]], folders: dict[str, Path]) -> None:
 RUNTIME_BYTES = 10**9
 
 
-def available_memory(meminfo: str, cgroup_max: str = "max", cgroup_current: str = "0") -> int:
-    """Bytes a new process can use: MemAvailable, capped by a cgroup (container) limit when one is set."""
-    available = next(int(line.split()[1]) * 1024 for line in meminfo.splitlines() if line.startswith("MemAvailable:"))
+def available_memory(meminfo: str, cgroup_max: str = "max", cgroup_current: str = "0") -> int | None:
+    """Bytes a new process can use: MemAvailable, capped by a cgroup (container) limit when one is set;
+    None when neither is known (no /proc/meminfo, no limit)."""
+    available = next((int(line.split()[1]) * 1024 for line in meminfo.splitlines()
+                      if line.startswith("MemAvailable:")), None)
     if cgroup_max.strip() != "max":
-        available = min(available, int(cgroup_max) - int(cgroup_current))
+        limit = int(cgroup_max) - int(cgroup_current)
+        available = limit if available is None else min(available, limit)
     return available
 
 
@@ -115,8 +125,11 @@ def check_memory(model_bytes: int, quantization: str) -> None:
     """Raise if the largest model (`model_bytes`, of type `quantization`) cannot be loaded for its checks
     (converting and quantizing stream tensors and need far less)."""
     need = model_bytes + RUNTIME_BYTES
-    free = available_memory(_read("/proc/meminfo", "MemAvailable: 0 kB"), _read("/sys/fs/cgroup/memory.max", "max"),
+    free = available_memory(_read("/proc/meminfo", ""), _read("/sys/fs/cgroup/memory.max", "max"),
                             _read("/sys/fs/cgroup/memory.current", "0"))
+    if free is None:
+        github.warning("memory not checked: this system tells neither the available memory nor a limit")
+        return
     if need > free:
         raise PublishError(
             f"Not enough memory: checking the {quantization} model needs about {need / 1e9:.2f} GB of RAM, and "

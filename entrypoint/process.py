@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import shutil
 import subprocess
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 from . import github
-from .errors import PublishError
+from .errors import DiskFull, ToolFailed
 
 _starting_tool = False
 _cancelled_by: int | None = None  # the first cancellation signal received
@@ -42,7 +44,7 @@ def running(command: Sequence[str], *, what: str, **popen_options) -> Iterator[s
     except BaseException as exc:
         _starting_tool = False
         if isinstance(exc, OSError):
-            raise PublishError(f"Could not start {what}: {exc}", title=f"{what} failed") from exc
+            raise ToolFailed(f"Could not start {what}: {exc}", tool=what, exit_code=None) from exc
         raise
     try:
         _starting_tool = False  # only here, where an unwinding run is sure to stop the tool
@@ -53,8 +55,13 @@ def running(command: Sequence[str], *, what: str, **popen_options) -> Iterator[s
         stop(proc)
 
 
-def run_logged(command: Sequence[str], *, what: str) -> None:
-    """Run `command`, echoing each output line; raise PublishError with the last lines if it fails."""
+# Below this, a tool that failed while writing most likely ran out of disk: say so, with the numbers.
+NEARLY_FULL_BYTES = 64 * 1024 * 1024
+
+
+def run_logged(command: Sequence[str], *, what: str, writes_to: Path) -> None:
+    """Run `command`, echoing each output line; raise ToolFailed with the last lines if it fails, or
+    DiskFull when the filesystem it writes to (the folder `writes_to`) is full by then."""
     github.log(f"$ {' '.join(command)}")
     tail: collections.deque[str] = collections.deque(maxlen=30)
     with running(command, what=what, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -66,8 +73,11 @@ def run_logged(command: Sequence[str], *, what: str) -> None:
             github.log(line)
         code = proc.wait()
     if code != 0:
+        free = shutil.disk_usage(writes_to).free
+        if free < NEARLY_FULL_BYTES:
+            raise DiskFull(writes_to, free=free, what=what)
         last = "\n".join(tail)
-        raise PublishError(f"{what} exited with code {code}. Last output:\n{last}", title=f"{what} failed")
+        raise ToolFailed(f"{what} exited with code {code}. Last output:\n{last}", tool=what, exit_code=code)
 
 
 def stop(proc: subprocess.Popen, timeout: float = 15) -> None:

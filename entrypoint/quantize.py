@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 from . import process
-from .errors import PublishError
+from .errors import InputError, PublishError
 
 # Every type llama-quantize accepts (llama.cpp tools/quantize), in its own spelling.
 QUANTIZATION_TYPES = (
@@ -30,7 +32,7 @@ def normalize(name: str) -> str:
     by_upper = {t.upper(): t for t in QUANTIZATION_TYPES}
     canonical = by_upper.get(name.strip().upper())
     if canonical is None:
-        raise PublishError(
+        raise InputError(
             f"Unknown quantization '{name}'. Use one or more of: {', '.join(QUANTIZATION_TYPES)} "
             "(comma-separated, any case).",
             input_name="quantizations",
@@ -45,8 +47,8 @@ def normalize_tensor_type(name: str, input_name: str) -> str:
     by_lower = {t.lower(): t for t in TENSOR_TYPES}
     canonical = by_lower.get(name.strip().lower())
     if canonical is None:
-        raise PublishError(f"Unknown tensor type '{name}'. Use one of: {', '.join(TENSOR_TYPES)}.",
-                           input_name=input_name)
+        raise InputError(f"Unknown tensor type '{name}'. Use one of: {', '.join(TENSOR_TYPES)}.",
+                         input_name=input_name)
     return canonical
 
 
@@ -89,30 +91,34 @@ class Options:
 def compute_imatrix(model: Path, calibration: Path, target: Path) -> None:
     """Write `target`, the importance matrix of `model` (a 16/32-bit GGUF) over the calibration text."""
     process.run_logged([find_tool("llama-imatrix"), "-m", str(model), "-f", str(calibration), "-o", str(target),
-                        "-t", str(os.cpu_count() or 1), "--no-ppl"], what="llama-imatrix")
+                        "-t", str(os.cpu_count() or 1), "--no-ppl"], what="llama-imatrix",
+                       writes_to=target.parent)
     if not target.is_file():
         raise PublishError(f"llama-imatrix finished but wrote no {target.name}.", title="llama-imatrix failed")
 
 
-def merge_split(first_part: Path, target: Path) -> None:
-    """Write `target` from a split GGUF (llama-gguf-split finds the other parts next to the first)."""
+@contextlib.contextmanager
+def written_whole(target: Path) -> Iterator[Path]:
+    """The path to write `target` under: a temporary name, renamed to `target` when the block completes,
+    removed when it does not. An interrupted run never leaves a file in output-dir that looks finished."""
     partial = target.with_name(target.name + ".partial")
     try:
-        process.run_logged([find_tool("llama-gguf-split"), "--merge", str(first_part), str(partial)],
-                           what="llama-gguf-split --merge")
+        yield partial
         os.replace(partial, target)
     finally:
         partial.unlink(missing_ok=True)
+
+
+def merge_split(first_part: Path, target: Path) -> None:
+    """Write `target` from a split GGUF (llama-gguf-split finds the other parts next to the first)."""
+    with written_whole(target) as partial:
+        process.run_logged([find_tool("llama-gguf-split"), "--merge", str(first_part), str(partial)],
+                           what="llama-gguf-split --merge", writes_to=target.parent)
 
 
 def quantize(source: Path, target: Path, quantization: str, options: Options = Options()) -> None:
-    """Write `target` as `quantization` of `source` (a 16/32-bit GGUF). The file appears under its
-    name only when complete, so an interrupted run never leaves a GGUF that looks finished."""
+    """Write `target` as `quantization` of `source` (a 16/32-bit GGUF)."""
     threads = str(os.cpu_count() or 1)
-    partial = target.with_name(target.name + ".partial")
-    try:
+    with written_whole(target) as partial:
         process.run_logged([find_tool("llama-quantize"), *options.flags(), str(source), str(partial), quantization,
-                            threads], what=f"llama-quantize {quantization}")
-        os.replace(partial, target)
-    finally:
-        partial.unlink(missing_ok=True)
+                            threads], what=f"llama-quantize {quantization}", writes_to=target.parent)

@@ -11,7 +11,7 @@ import re
 
 import requests
 
-from .errors import PublishError
+from .errors import InputError, RegistryError
 
 OLLAMA_COM = "registry.ollama.ai"
 _HOST = re.compile(r"^[A-Za-z0-9.-]+(:\d{1,5})?$")
@@ -57,31 +57,38 @@ def parse_model_name(text: str) -> ModelName:
     elif len(parts) == 3:
         host, namespace, model = parts
     else:
-        raise PublishError(f"'{text}' is not a model name. {fix}", input_name="ollama-model")
+        raise InputError(f"'{text}' is not a model name. {fix}", input_name="ollama-model")
     if host in ("ollama.com", "www.ollama.com"):
         host = OLLAMA_COM
     if ":" in model:
-        raise PublishError(
+        raise InputError(
             f"'{text}' includes a tag. Give the name without ':tag'; tags come from the 'tags' input.",
             input_name="ollama-model")
     if not _HOST.match(host):
-        raise PublishError(f"'{host}' in '{text}' is not a registry host. {fix}", input_name="ollama-model")
+        raise InputError(f"'{host}' in '{text}' is not a registry host. {fix}", input_name="ollama-model")
     for label, value, pattern in (("namespace", namespace, _NAMESPACE), ("model", model, _MODEL)):
         if not pattern.match(value):
             hint = f" Try '{value.lower()}'." if value.lower() != value and pattern.match(value.lower()) else ""
-            raise PublishError(
+            allowed = "'_', '-'" if label == "namespace" else "'_', '-', ."
+            raise InputError(
                 f"The {label} '{value}' in '{text}' is not valid: it must start with a lower-case letter or digit "
-                f"and contain only lower-case letters, digits, '_', '-'{'' if label == 'namespace' else ', .'}.{hint} {fix}",
+                f"and contain only lower-case letters, digits, {allowed}.{hint} {fix}",
                 input_name="ollama-model")
     return ModelName(host=host, namespace=namespace, model=model, scheme=scheme)
 
 
 def validate_tag(tag: str) -> str:
     if not _TAG.match(tag):
-        raise PublishError(
-            f"'{tag}' is not a valid tag: use letters, digits, '_', '.', '-' (at most 80, not starting with '.' or '-').",
+        raise InputError(
+            f"'{tag}' is not a valid tag: use letters, digits, '_', '.', '-' "
+            "(at most 80, not starting with '.' or '-').",
             input_name="tags")
     return tag
+
+
+def retriable_status(status: int) -> bool:
+    """A server error or rate limiting may pass; any other refusal (401, 403, 404, ...) will not."""
+    return status >= 500 or status == 429
 
 
 def registry_base_url(name: ModelName, insecure: bool) -> str:
@@ -96,9 +103,14 @@ def check_reachable(name: ModelName, *, insecure: bool, timeout: float = 30) -> 
         requests.get(url, timeout=timeout)
     except requests.RequestException as exc:
         plain_http = "" if insecure else " For a registry served over plain HTTP, set insecure-registry: true."
-        raise PublishError(f"The registry at {url} does not answer ({type(exc).__name__}). Check the host in "
-                           f"ollama-model and that the registry is up.{plain_http}", input_name="ollama-model",
-                           title="Registry unreachable") from exc
+        raise RegistryError(f"The registry at {url} does not answer ({exc}). Check the host in ollama-model and "
+                            f"that the registry is up.{plain_http}", status=None, retriable=_may_answer_later(exc),
+                            input_name="ollama-model", title="Registry unreachable") from exc
+
+
+def _may_answer_later(exc: requests.RequestException) -> bool:
+    """A connection that failed may work later; a TLS certificate that does not verify will not."""
+    return not isinstance(exc, requests.exceptions.SSLError)
 
 
 def fetch_manifest(name: ModelName, tag: str, *, insecure: bool, timeout: float = 30) -> tuple[str, dict] | None:
@@ -107,13 +119,16 @@ def fetch_manifest(name: ModelName, tag: str, *, insecure: bool, timeout: float 
     try:
         response = requests.get(url, headers={"Accept": MANIFEST_MEDIA_TYPE}, timeout=timeout)
     except requests.RequestException as exc:
-        raise PublishError(f"Could not reach the registry at {url}: {exc}", title="Registry unreachable") from exc
+        raise RegistryError(f"Could not reach the registry at {url}: {exc}", status=None,
+                            retriable=_may_answer_later(exc), title="Registry unreachable") from exc
     if response.status_code == 404:
         return None
     if response.status_code in (401, 403):
-        raise PublishError(f"The registry refused to show {url} ({response.status_code}).", title="Registry refused")
+        raise RegistryError(f"The registry refused to show {url} ({response.status_code}).",
+                            status=response.status_code, retriable=False, title="Registry refused")
     if response.status_code != 200:
-        raise PublishError(f"The registry answered {response.status_code} for {url}: {response.text[:300]}",
-                           title="Registry error")
+        raise RegistryError(f"The registry answered {response.status_code} for {url}: {response.text[:300]}",
+                            status=response.status_code, retriable=retriable_status(response.status_code),
+                            title="Registry error")
     digest = response.headers.get("Docker-Content-Digest", "")
     return digest, response.json()

@@ -1,4 +1,4 @@
-"""Bounded retries with backoff for network steps that can resume (Hub downloads, registry pushes)."""
+"""Bounded retries with backoff for network steps that can resume (Hub downloads, registry calls, pushes)."""
 
 from __future__ import annotations
 
@@ -13,14 +13,13 @@ T = TypeVar("T")
 DELAYS_S = (5.0, 15.0)  # three attempts in all, about 20 s of waiting at most
 
 
-def retrying(action: Callable[[], T], what: str, *, retry_if: Callable[[PublishError], bool],
-             delays: tuple[float, ...] = DELAYS_S) -> T:
-    """Run `action`; when it raises a PublishError that `retry_if` accepts, wait and try again."""
+def retrying(action: Callable[[], T], what: str, *, delays: tuple[float, ...] = DELAYS_S) -> T:
+    """Run `action`; when it raises a PublishError that says it is retriable, wait and try again."""
     for attempt, delay in enumerate((*delays, None), start=1):
         try:
             return action()
         except PublishError as exc:
-            if delay is None or not retry_if(exc):
+            if delay is None or not exc.retriable:
                 raise
             github.warning(f"{what} failed (attempt {attempt} of {len(delays) + 1}), retrying in {delay:.0f} s: "
                            f"{exc.message.splitlines()[0]}")

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from . import hub, modelfile, quantize, registry
-from .errors import PublishError
+from .errors import InputError
 from .registry import ModelName
 
 # Input name -> default. action.yml declares the same inputs with the same defaults (a test checks).
@@ -38,6 +38,7 @@ INPUTS: dict[str, str] = {
     "prompt-parity": "fail",
     "push": "true",
     "overwrite": "false",
+    "pull-check": "fail",
     "ollama-key": "",
     "insecure-registry": "false",
     "ollama-host": "",
@@ -85,6 +86,7 @@ class Settings:
     prompt_parity: str  # fail (default), warn or off
     push: bool
     overwrite: bool  # replace immutable tags that already exist with other content
+    pull_check: str  # after the push an empty Ollama pulls every tag: failing that fails (fail) or warns (warn)
     immutable_tags: frozenset[str]  # tags made from a {version} pattern: a published version never changes
     ollama_key: str
     insecure_registry: bool
@@ -121,7 +123,7 @@ def parse_bool(name: str, text: str) -> bool:
         return True
     if lowered in ("false", "no", "0", "off"):
         return False
-    raise PublishError(f"'{text}' is not a boolean. Use true or false.", input_name=name)
+    raise InputError(f"'{text}' is not a boolean. Use true or false.", input_name=name)
 
 
 def _workspace_file(values: Mapping[str, str], name: str, workspace: Path) -> Path | None:
@@ -131,8 +133,8 @@ def _workspace_file(values: Mapping[str, str], name: str, workspace: Path) -> Pa
         return None
     path = (workspace / text).resolve()
     if not path.is_file():
-        raise PublishError(f"{name} '{text}' is not a file (relative paths start at the workspace).",
-                           input_name=name)
+        raise InputError(f"{name} '{text}' is not a file (relative paths start at the workspace).",
+                         input_name=name)
     return path
 
 
@@ -151,11 +153,11 @@ def parse_parameters(text: str) -> tuple[tuple[str, str | int | float | bool], .
         name, _, raw = line.partition(" ")
         name, raw = name.strip().lower(), raw.strip()
         if name not in PARAMETER_TYPES:
-            raise PublishError(
+            raise InputError(
                 f"Unknown parameter '{name}'. Ollama accepts: {', '.join(PARAMETER_TYPES)}. "
                 "Write one 'name value' pair per line.", input_name="parameters")
         if not raw:
-            raise PublishError(f"Parameter '{name}' has no value. Write 'name value' per line.", input_name="parameters")
+            raise InputError(f"Parameter '{name}' has no value. Write 'name value' per line.", input_name="parameters")
         kind = PARAMETER_TYPES[name]
         if kind is str:
             value: str | int | float | bool = raw[1:-1] if len(raw) >= 2 and raw[0] == raw[-1] == '"' else raw
@@ -165,8 +167,8 @@ def parse_parameters(text: str) -> tuple[tuple[str, str | int | float | bool], .
             try:
                 value = kind(raw)
             except ValueError:
-                raise PublishError(f"Parameter '{name}' needs a {kind.__name__}, got '{raw}'.",
-                                   input_name="parameters") from None
+                raise InputError(f"Parameter '{name}' needs a {kind.__name__}, got '{raw}'.",
+                                 input_name="parameters") from None
         pairs.append((name, value))
     return tuple(pairs)
 
@@ -176,7 +178,7 @@ def normalize_key(text: str) -> str:
     text = text.replace("\r\n", "\n").replace("\\n", "\n").strip()
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     if len(lines) < 3 or lines[0] != _KEY_BEGIN or lines[-1] != _KEY_END:
-        raise PublishError(
+        raise InputError(
             "ollama-key is not an OpenSSH private key. Store the whole content of ~/.ollama/id_ed25519 "
             f"(from '{_KEY_BEGIN}' to '{_KEY_END}') as a repository secret.", input_name="ollama-key")
     return "\n".join(lines) + "\n"
@@ -198,7 +200,7 @@ def expand_tags(patterns: list[str], quantizations: tuple[str, ...], version: st
     seen: set[str] = set()
     for pattern in sorted(patterns, key=lambda p: "{quant}" not in p):
         if "{version}" in pattern and not version:
-            raise PublishError(
+            raise InputError(
                 f"Tag pattern '{pattern}' uses {{version}} but there is no version: set the 'version' input "
                 "or run the workflow on a tag push.", input_name="tags")
         targets = quantizations if "{quant}" in pattern else quantizations[:1]
@@ -206,55 +208,55 @@ def expand_tags(patterns: list[str], quantizations: tuple[str, ...], version: st
             try:
                 tag = pattern.format(version=version, quant=quantize.tag_suffix(quant))
             except (KeyError, IndexError, ValueError):
-                raise PublishError(f"Tag pattern '{pattern}' may only use {{version}} and {{quant}}.",
-                                   input_name="tags") from None
+                raise InputError(f"Tag pattern '{pattern}' may only use {{version}} and {{quant}}.",
+                                 input_name="tags") from None
             registry.validate_tag(tag)
             if tag in seen:
-                raise PublishError(f"Tag '{tag}' would be written twice; give each pattern a distinct result.",
-                                   input_name="tags")
+                raise InputError(f"Tag '{tag}' would be written twice; give each pattern a distinct result.",
+                                 input_name="tags")
             seen.add(tag)
             result.append((quant, tag))
     return tuple(result)
 
 
 def build_settings(values: Mapping[str, str], environ: Mapping[str, str]) -> Settings:
-    """Validate every input before any work starts; the first problem raises PublishError."""
+    """Validate every input before any work starts; the first problem raises InputError."""
     hf_repo = values["hf-repo"].strip()
     model_path_text = values["model-path"].strip()
     workspace = Path(environ.get("GITHUB_WORKSPACE") or os.getcwd())
     if hf_repo and model_path_text:
-        raise PublishError("Set either hf-repo or model-path, not both.", input_name="hf-repo")
+        raise InputError("Set either hf-repo or model-path, not both.", input_name="hf-repo")
     model_path = None
     if model_path_text:
         model_path = (workspace / model_path_text).resolve()
         if not model_path.is_dir():
-            raise PublishError(f"model-path '{model_path_text}' is not a directory (relative paths start at the workspace).",
-                               input_name="model-path")
+            raise InputError(f"model-path '{model_path_text}' is not a directory "
+                             "(relative paths start at the workspace).", input_name="model-path")
     elif not hf_repo:
-        raise PublishError("hf-repo is required: the Hugging Face model to publish, as 'owner/name' "
-                           "(or set model-path to a local checkpoint directory).", input_name="hf-repo")
+        raise InputError("hf-repo is required: the Hugging Face model to publish, as 'owner/name' "
+                         "(or set model-path to a local checkpoint directory).", input_name="hf-repo")
     elif not hub.is_repo_id(hf_repo):
-        raise PublishError(f"'{hf_repo}' is not a Hugging Face repo id. Use 'owner/name', e.g. "
-                           "'HuggingFaceTB/SmolLM2-135M-Instruct'.", input_name="hf-repo")
+        raise InputError(f"'{hf_repo}' is not a Hugging Face repo id. Use 'owner/name', e.g. "
+                         "'HuggingFaceTB/SmolLM2-135M-Instruct'.", input_name="hf-repo")
     revision = values["hf-revision"].strip()
     if not revision or any(c.isspace() for c in revision):
-        raise PublishError(f"'{revision}' is not a revision. Use a branch, tag or commit sha.", input_name="hf-revision")
+        raise InputError(f"'{revision}' is not a revision. Use a branch, tag or commit sha.", input_name="hf-revision")
 
     repo_kind = values["repo-kind"].strip().lower() or "auto"
     if repo_kind not in hub.REPO_KINDS:
-        raise PublishError(f"'{repo_kind}' is not a repo kind. Use auto (decide from the files), transformers "
-                           "(convert a transformers checkpoint), gguf (publish the repo's GGUF files) or lora "
-                           "(merge a LoRA adapter into its base).", input_name="repo-kind")
+        raise InputError(f"'{repo_kind}' is not a repo kind. Use auto (decide from the files), transformers "
+                         "(convert a transformers checkpoint), gguf (publish the repo's GGUF files) or lora "
+                         "(merge a LoRA adapter into its base).", input_name="repo-kind")
 
     base_model = values["base-model"].strip()
     if base_model and not hub.is_repo_id(base_model):
-        raise PublishError(f"base-model '{base_model}' is not a Hugging Face repo id. Use 'owner/name', the model "
-                           "the LoRA adapter was trained on.", input_name="base-model")
+        raise InputError(f"base-model '{base_model}' is not a Hugging Face repo id. Use 'owner/name', the model "
+                         "the LoRA adapter was trained on.", input_name="base-model")
     base_revision = values["base-revision"].strip() or "main"
 
     if not values["ollama-model"].strip():
-        raise PublishError("ollama-model is required: the name to publish, e.g. 'yourname/mymodel' on ollama.com "
-                           "or 'host:port/team/mymodel' on another registry.", input_name="ollama-model")
+        raise InputError("ollama-model is required: the name to publish, e.g. 'yourname/mymodel' on ollama.com "
+                         "or 'host:port/team/mymodel' on another registry.", input_name="ollama-model")
     model_name = registry.parse_model_name(values["ollama-model"])
 
     quantizations: list[str] = []
@@ -263,18 +265,18 @@ def build_settings(values: Mapping[str, str], environ: Mapping[str, str]) -> Set
         if canonical not in quantizations:
             quantizations.append(canonical)
     if not quantizations:
-        raise PublishError("quantizations is empty. Give at least one, e.g. 'Q4_K_M, Q8_0'.", input_name="quantizations")
+        raise InputError("quantizations is empty. Give at least one, e.g. 'Q4_K_M, Q8_0'.", input_name="quantizations")
 
     output_tensor_type = quantize.normalize_tensor_type(values["output-tensor-type"], "output-tensor-type")
     token_embedding_type = quantize.normalize_tensor_type(values["token-embedding-type"], "token-embedding-type")
     calibration = _workspace_file(values, "imatrix-calibration", workspace)
     imatrix = _workspace_file(values, "imatrix", workspace)
     if calibration and imatrix:
-        raise PublishError("Set either imatrix-calibration (a text to compute the importance matrix from) or imatrix "
-                           "(a ready one), not both.", input_name="imatrix")
+        raise InputError("Set either imatrix-calibration (a text to compute the importance matrix from) or imatrix "
+                         "(a ready one), not both.", input_name="imatrix")
     needs_imatrix = [q for q in quantizations if q in quantize.NEEDS_IMATRIX]
     if needs_imatrix and not (calibration or imatrix) and repo_kind != "gguf":
-        raise PublishError(
+        raise InputError(
             f"{', '.join(needs_imatrix)} need an importance matrix: set imatrix-calibration to a text file in the "
             "workspace (the action runs llama-imatrix over it) or imatrix to a ready one, or choose a K-quant such "
             "as Q4_K_M. (To publish a repo's ready IQ files, set repo-kind: gguf.)", input_name="imatrix-calibration")
@@ -284,49 +286,55 @@ def build_settings(values: Mapping[str, str], environ: Mapping[str, str]) -> Set
     tags = expand_tags(patterns, tuple(quantizations), version)
     missing = [q for q in quantizations if q not in {quant for quant, _ in tags}]
     if missing:
-        raise PublishError(f"No tag would be created for {', '.join(missing)}; add a pattern with {{quant}}.",
-                           input_name="tags")
+        raise InputError(f"No tag would be created for {', '.join(missing)}; add a pattern with {{quant}}.",
+                         input_name="tags")
 
     parity = values["prompt-parity"].strip().lower()
     if parity not in ("fail", "warn", "off"):
-        raise PublishError(f"'{parity}' is not a prompt-parity mode. Use fail (default: a prompt that differs from "
-                           "the checkpoint's own template stops the release), warn or off.", input_name="prompt-parity")
+        raise InputError(f"'{parity}' is not a prompt-parity mode. Use fail (default: a prompt that differs from "
+                         "the checkpoint's own template stops the release), warn or off.", input_name="prompt-parity")
     push = parse_bool("push", values["push"])
+    pull_check = values["pull-check"].strip().lower()
+    if pull_check not in ("fail", "warn"):
+        raise InputError(f"'{pull_check}' is not a pull-check mode. Use fail (default: a pushed model that an empty "
+                         "Ollama cannot pull fails the run) or warn.", input_name="pull-check")
     insecure = parse_bool("insecure-registry", values["insecure-registry"])
     ollama_host = values["ollama-host"].strip()
     if ollama_host and not _OLLAMA_HOST.match(ollama_host):
-        raise PublishError(f"'{ollama_host}' is not a server address. Use 'http://host:port'.", input_name="ollama-host")
+        raise InputError(f"'{ollama_host}' is not a server address. Use 'http://host:port'.", input_name="ollama-host")
     if ollama_host and not ollama_host.startswith(("http://", "https://")):
         ollama_host = "http://" + ollama_host
     key = normalize_key(values["ollama-key"]) if values["ollama-key"].strip() else ""
     if key and ollama_host:
-        raise PublishError("ollama-key only works with the server this action starts; with ollama-host, install "
-                           "the key on that server instead (or drop ollama-host).", input_name="ollama-key")
+        raise InputError("ollama-key only works with the server this action starts; with ollama-host, install "
+                         "the key on that server instead (or drop ollama-host).", input_name="ollama-key")
     if push and model_name.is_ollama_com and not key and not ollama_host:
-        raise PublishError(
+        raise InputError(
             "Pushing to ollama.com needs ollama-key: the private key whose public key is registered on your "
             "ollama.com account (see README, 'Ollama key'). Or set push: false to only build and test.",
             input_name="ollama-key")
 
     template = values["template"].strip() or "auto"
     if template != "auto" and template not in modelfile.FAMILIES and not (workspace / template).is_file():
-        raise PublishError(f"template '{template}' is neither 'auto', a catalog template "
-                           f"({', '.join(modelfile.FAMILIES)}), nor a file in the workspace holding an Ollama Go "
-                           "template.", input_name="template")
+        raise InputError(f"template '{template}' is neither 'auto', a catalog template "
+                         f"({', '.join(modelfile.FAMILIES)}), nor a file in the workspace holding an Ollama Go "
+                         "template.", input_name="template")
 
     output_dir = (workspace / values["output-dir"].strip()).resolve()
     if not output_dir.is_relative_to(workspace.resolve()):
         # Outside the workspace the paths in the outputs would not exist for later steps on the runner.
-        raise PublishError(f"output-dir '{values['output-dir']}' is outside the workspace; use a relative path "
-                           "such as 'ollama-publish-out'.", input_name="output-dir")
+        raise InputError(f"output-dir '{values['output-dir']}' is outside the workspace; use a relative path "
+                         "such as 'ollama-publish-out'.", input_name="output-dir")
     return Settings(
         hf_repo=hf_repo, hf_revision=revision, hf_token=values["hf-token"].strip(), model_path=model_path,
         repo_kind=repo_kind, allow_pickle=parse_bool("allow-pickle", values["allow-pickle"]),
         base_model=base_model, base_revision=base_revision,
         model_name=model_name, quantizations=tuple(quantizations), imatrix_calibration=calibration, imatrix=imatrix,
-        output_tensor_type=output_tensor_type, token_embedding_type=token_embedding_type, tags=tags, template=template, system=values["system"], parameters=parse_parameters(values["parameters"]),
-        smoke_test=parse_bool("smoke-test", values["smoke-test"]), smoke_test_prompt=values["smoke-test-prompt"].strip(),
-        prompt_parity=parity, push=push, overwrite=parse_bool("overwrite", values["overwrite"]),
+        output_tensor_type=output_tensor_type, token_embedding_type=token_embedding_type, tags=tags,
+        template=template, system=values["system"], parameters=parse_parameters(values["parameters"]),
+        smoke_test=parse_bool("smoke-test", values["smoke-test"]),
+        smoke_test_prompt=values["smoke-test-prompt"].strip(),
+        prompt_parity=parity, push=push, overwrite=parse_bool("overwrite", values["overwrite"]), pull_check=pull_check,
         immutable_tags=frozenset(tag for _, tag in expand_tags([p for p in patterns if "{version}" in p],
                                                                tuple(quantizations), version)),
         ollama_key=key, insecure_registry=insecure, ollama_host=ollama_host.rstrip("/"), output_dir=output_dir,

@@ -2,12 +2,11 @@
 the way GitHub's runner runs a container action, then show the published model answering.
 
 A local Hub (olah) serves the checkpoint as `demo/SmolLM2-135M-Instruct` at tag v1.0.0, a local
-registry receives the push, and the image runs in a container started as the runner starts one
-(tests/container.py: its mounts, the release tag v1.0.0, the inputs as INPUT_* variables). Ollama 0.34
-cannot pull back from a plain OCI registry (it expects blob downloads to be redirected), so the answer
-comes from the models the action created and verified, which it keeps in the workspace here
-(OLLAMA_MODELS), served by an Ollama on this machine. Q8_0 comes first, so it is the release's default
-tag (1.0.0 and latest).
+registry receives the push (redirecting blob downloads to a second host, as ollama.com does to its
+CDN: Ollama 0.30 and later pull only that way), and the image runs in a container started as the runner
+starts one (tests/container.py: its mounts, the release tag v1.0.0, the inputs as INPUT_* variables).
+Then an Ollama of this machine with no models of its own pulls the release from the registry and answers,
+as a user's would. Q8_0 comes first, so it is the release's default tag (1.0.0 and latest).
 
 The question is one this 135M model answers and ends at both quantizations (it loops on some others,
 such as the action's default smoke-test question, at temperature 0). On this machine kind llama-server
@@ -36,7 +35,6 @@ def main() -> int:
     root = Path(tempfile.mkdtemp(prefix="ollama-publish-demo-"))
     print(f"demo: working in {root}")
     runner = Runner(root / "runner", workspace_owner=(os.getuid(), os.getgid()))
-    models = runner.workspace / ".ollama-models"
     with servers.hub(root / "hub") as (endpoint, mirrors), servers.registry(root / "registry") as registry:
         servers.add_model_repo(mirrors, "demo/SmolLM2-135M-Instruct", Path(os.environ["SMOLLM2_CHECKPOINT"]),
                                tags=("v1.0.0",))
@@ -50,21 +48,24 @@ def main() -> int:
         for name, value in inputs.items():
             print(f"demo:   {name}: {value!r}")
         print()
-        run = runner.run(inputs, env={"HF_ENDPOINT": endpoint, "OLLAMA_MODELS": f"/github/workspace/{models.name}"},
-                         on_line=lambda line, _: print(line, flush=True))
+        run = runner.run(inputs, env={"HF_ENDPOINT": endpoint}, on_line=lambda line, _: print(line, flush=True))
         if run.exit_code != 0:
             print(f"demo: the action failed (exit code {run.exit_code}; see above)\n{run.stderr[-2000:]}")
             return 1
         print("\ndemo: job summary\n" + run.summary)
         tags = requests.get(f"http://{registry}/v2/demo/smollm2/tags/list", timeout=10).json()["tags"]
         print(f"demo: the registry now holds demo/smollm2 with tags {sorted(tags)}\n")
-    with servers.ollama(root / "home", models=models) as url:
-        print(f"demo: $ ollama run {model}:latest {QUESTION!r}")
-        answer = subprocess.run([os.environ["OLLAMA_BIN"], "run", f"{model}:latest", QUESTION],
-                                env={**os.environ, "OLLAMA_HOST": url.removeprefix("http://")},
-                                capture_output=True, text=True, timeout=300)
-        print(answer.stdout.strip() or answer.stderr.strip())
-        return answer.returncode
+        with servers.ollama(root / "user") as url:  # a user's Ollama: nothing of the action's
+            env = {**os.environ, "OLLAMA_HOST": url.removeprefix("http://")}
+            for command in (["pull", "--insecure", f"{model}:latest"], ["run", f"{model}:latest", QUESTION]):
+                print(f"demo: $ ollama {' '.join(command[:-1])} {command[-1]!r}")
+                done = subprocess.run([os.environ["OLLAMA_BIN"], *command], env=env, capture_output=True, text=True,
+                                      timeout=300)
+                if done.returncode != 0:
+                    print(done.stderr.strip()[-2000:])
+                    return done.returncode
+                print(done.stdout.strip() or "demo: done")
+        return 0
 
 
 if __name__ == "__main__":

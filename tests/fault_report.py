@@ -10,7 +10,9 @@ import collections
 from tests.conftest import registry_tags
 
 COUNTS: collections.Counter[str] = collections.Counter()
-ORDER = ("bad inputs tried", "faults injected", "runs recovered", "nothing-lost checks passed")
+ORDER = ("bad inputs tried", "faults injected", "runs recovered", "nothing-lost checks passed",
+         "hostile repositories refused", "workflow-command injections not obeyed", "full disks named",
+         "unpullable pushes caught")
 
 
 def bad_input_refused() -> None:
@@ -23,6 +25,22 @@ def fault_injected() -> None:
 
 def run_recovered() -> None:
     COUNTS["runs recovered"] += 1
+
+
+def hostile_repo_refused() -> None:
+    COUNTS["hostile repositories refused"] += 1
+
+
+def injection_not_obeyed() -> None:
+    COUNTS["workflow-command injections not obeyed"] += 1
+
+
+def disk_full_named() -> None:
+    COUNTS["full disks named"] += 1
+
+
+def pull_check_failed() -> None:
+    COUNTS["unpullable pushes caught"] += 1
 
 
 def assert_all_or_nothing(registry: str, repository: str, release_tags: set[str]) -> set[str]:

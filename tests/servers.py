@@ -5,13 +5,16 @@ The binaries come from scripts/bootstrap (its env file sets the *_BIN/CLI variab
 from __future__ import annotations
 
 import contextlib
+import http.server
 import os
+import re
 import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import docker
@@ -63,22 +66,139 @@ def _running(command: list[str], log: Path, env: dict[str, str] | None = None) -
 
 
 @contextlib.contextmanager
-def registry(root: Path, address: str = "") -> Iterator[str]:
+def registry(root: Path, address: str = "", blob_redirect: bool = True) -> Iterator[str]:
     """Debian's docker-registry (CNCF distribution), no auth, deletes enabled. Yields 'host:port'.
-    Started again with the same root and address, it serves what it stored before."""
+    Started again with the same root and address, it serves what it stored before.
+
+    With blob_redirect, blob downloads are answered with a 307 to a blob store on another host name
+    (localhost, where the registry is 127.0.0.1), the way ollama.com sends them to its CDN: the
+    registry's own redirect middleware, over a static server of its storage folder. Ollama (0.30 and
+    later) pulls blobs only that way; without it, the registry serves blobs itself, as most do."""
     root.mkdir(parents=True, exist_ok=True)
     address = address or f"127.0.0.1:{free_port()}"
-    config = root / "config.yml"
-    config.write_text(
-        "version: 0.1\n"
-        "log:\n  level: warn\n"
-        f"storage:\n  filesystem:\n    rootdirectory: {root / 'data'}\n  delete:\n    enabled: true\n"
-        f"http:\n  addr: {address}\n")
-    log = root / f"registry-{time.monotonic_ns()}.log"
-    with _running([_tool("DOCKER_REGISTRY_BIN"), "serve", str(config)], log) as process:
+    data = root / "data"
+    data.mkdir(exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        middleware = ""
+        if blob_redirect:
+            store = stack.enter_context(_blob_store(data))
+            middleware = f"middleware:\n  storage:\n    - name: redirect\n      options:\n        baseurl: {store}\n"
+        config = root / "config.yml"
+        config.write_text(
+            "version: 0.1\n"
+            "log:\n  level: warn\n"
+            f"storage:\n  filesystem:\n    rootdirectory: {data}\n  delete:\n    enabled: true\n"
+            f"{middleware}http:\n  addr: {address}\n")
+        log = root / f"registry-{time.monotonic_ns()}.log"
+        process = stack.enter_context(_running([_tool("DOCKER_REGISTRY_BIN"), "serve", str(config)], log))
         wait_until(lambda: requests.get(f"http://{address}/v2/", timeout=2).status_code == 200,
                    "docker-registry", process, log)
         yield address
+
+
+class _StaticFiles(http.server.BaseHTTPRequestHandler):
+    """GET (with a byte range, as Ollama downloads blobs in parts) and HEAD of the files under `root`."""
+    root: Path
+
+    def do_HEAD(self) -> None:
+        self._serve(body=False)
+
+    def do_GET(self) -> None:
+        self._serve(body=True)
+
+    def _serve(self, body: bool) -> None:
+        path = (self.root / self.path.split("?", 1)[0].lstrip("/")).resolve()
+        if not path.is_relative_to(self.root) or not path.is_file():
+            self.send_error(404)
+            return
+        size = path.stat().st_size
+        start, end = 0, size - 1
+        wanted = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
+        if wanted:
+            start, end = int(wanted[1]), min(int(wanted[2] or size - 1), size - 1)
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+        else:
+            self.send_response(200)
+        self.send_header("Content-Length", str(end - start + 1))
+        self.send_header("Content-Type", "application/octet-stream")
+        self.end_headers()
+        if body:
+            with path.open("rb") as f:
+                f.seek(start)
+                left = end - start + 1
+                while left > 0 and (block := f.read(min(left, 1 << 20))):
+                    self.wfile.write(block)
+                    left -= len(block)
+
+    def log_message(self, format: str, *args: object) -> None:  # quiet: the test output is the action's
+        pass
+
+
+@contextlib.contextmanager
+def _blob_store(root: Path) -> Iterator[str]:
+    """A static file server of `root` on loopback, named localhost. Yields its base URL."""
+    handler = type("BlobStore", (_StaticFiles,), {"root": root.resolve()})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://localhost:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+# What a relay's intercept answers instead of the upstream: a status, or a status and headers.
+Answer = int | tuple[int, dict[str, str]]
+
+
+class _Relay(http.server.BaseHTTPRequestHandler):
+    """Relays every request to `upstream` (keeping the Host header, so a registry's upload Locations point
+    back here) unless `intercept(method, path)` returns an Answer to give instead (with an empty body)."""
+    upstream: str
+    intercept: Callable[[str, str], Answer | None]
+
+    def _relay(self) -> None:
+        answer_instead = self.intercept(self.command, self.path)
+        if answer_instead is not None:
+            status, extra = answer_instead if isinstance(answer_instead, tuple) else (answer_instead, {})
+            self.send_response(status)
+            for name, value in extra.items():
+                self.send_header(name, value)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("content-length", "connection")}
+        answer = requests.request(self.command, self.upstream + self.path, headers=headers, data=body,
+                                  allow_redirects=False, stream=True, timeout=120)
+        self.send_response(answer.status_code)
+        for name, value in answer.headers.items():
+            if name.lower() not in ("transfer-encoding", "connection", "content-encoding"):
+                self.send_header(name, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            for block in answer.raw.stream(1 << 20, decode_content=False):
+                self.wfile.write(block)
+
+    do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = _relay
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def relay(upstream: str, intercept: Callable[[str, str], Answer | None]) -> Iterator[str]:
+    """A front of a server (http://host:port) that may answer some requests itself. Yields 'host:port'."""
+    handler = type("Relay", (_Relay,), {"upstream": upstream, "intercept": staticmethod(intercept)})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def add_model_repo(mirrors: Path, repo_id: str, checkpoint: Path, tags: tuple[str, ...] = ()) -> Path:

@@ -61,8 +61,8 @@ def check_template(client: OllamaClient, digest: str, index: int, jinja: str) ->
         return how, f"FAIL: Ollama rejects the template ({exc.message[:80]})"
     try:
         rendering = checks.selected_rendering(client.show(name), spec.template)
-        failures = checks.prompt_parity(client, name, body, info, adds_bos=bos_added,
-                                        renderings=checks.renderings_to_check(rendering, spec.template))
+        failures, _ = checks.prompt_parity(client, name, body, info, adds_bos=bos_added,
+                                           renderings=checks.renderings_to_check(rendering, spec.template))
     finally:
         client.delete(name)
     if failures:

@@ -44,7 +44,8 @@ CASES = {
     "registry unreachable": ({"ollama-model": "127.0.0.1:{free}/team/smollm2"}, {}, "ollama-model",
                              "does not answer"),
     "Ollama port already taken": ({}, {"OLLAMA_HOST": "127.0.0.1:{busy}"}, "ollama-host", "already listens on"),
-    "repo without weights": ({"hf-repo": "test-org/no-weights"}, {}, "hf-repo", "has no *.safetensors weights"),
+    "repo without weights": ({"hf-repo": "test-org/no-weights"}, {}, "hf-repo",
+                             "has no model*.safetensors weights at its top level"),
     "unsupported architecture": ({"hf-repo": "test-org/unknown-architecture"}, {}, "hf-repo",
                                  "architecture 'FrobnicatorForCausalLM', which llama.cpp's converter does not"),
     "pickle-only repo": ({"hf-repo": "test-org/pickle-only"}, {}, "hf-repo", "only pickle weights (pytorch_model.bin)"),
@@ -95,7 +96,8 @@ def bad_repos(stack, tmp_path_factory):
     dora = folder / "dora"
     shutil.copytree(os.environ["SMOLLM2_LORA"], dora)
     config = json.loads((dora / "adapter_config.json").read_text())
-    (dora / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True, "base_model_name_or_path": HF_REPO}))
+    dora_config = {**config, "use_dora": True, "base_model_name_or_path": HF_REPO}
+    (dora / "adapter_config.json").write_text(json.dumps(dora_config))
     servers.add_model_repo(stack.mirrors, "test-org/dora", dora)
     servers.add_model_repo(stack.mirrors, "test-org/bert-no-pooling", folder / "bert-no-pooling")
 
@@ -117,7 +119,7 @@ def test_bad_input(case, stack, bad_repos, run_action):
     assert input_name in run.errors()[0] and phrase in run.errors()[0], run.errors()[0]
     assert "Fetching" not in run.stderr and "3. Convert" not in run.stdout  # failed before any download
     assert registry_tags(stack.registry, "bad-inputs/smollm2") == []
-    shown = [l for l in run.stdout.splitlines() if not l.startswith("::add-mask::")]
+    shown = [line for line in run.stdout.splitlines() if not line.startswith("::add-mask::")]
     assert TOKEN not in "\n".join(shown) + run.stderr + run.summary + run.outputs_text
     assert run.outputs == {}
     fault_report.bad_input_refused()
@@ -134,7 +136,7 @@ def test_unreachable_hub_fails_clearly_and_removes_the_key(stack, run_action, tm
     assert registry_tags(stack.registry, "bad-inputs/unreachable") == []
     assert not (run.home / ".ollama" / "id_ed25519").exists()
     body = key.splitlines()[1]
-    assert body not in "\n".join(l for l in run.stdout.splitlines() if not l.startswith("::add-mask::"))
+    assert body not in "\n".join(line for line in run.stdout.splitlines() if not line.startswith("::add-mask::"))
 
 
 @pytest.mark.parametrize("tool, quantizations", [("convert_hf_to_gguf.py", "Q8_0"), ("llama-quantize", "Q4_K_M")])

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -58,3 +59,22 @@ def test_the_recipe_runs_out_of_space_where_the_action_publishes(stack, tmp_path
     assert fault_report.assert_all_or_nothing(stack.registry, "capped/action", release) == release
     print(f"capped filesystem: {CAP_MB} MB = {CAP_MB / checkpoint_mb():.1f} x the checkpoint; the recipe ran out of "
           "space, the action published")
+
+
+def test_a_disk_that_fills_during_the_download_is_named_and_not_retried(stack, tmp_path):
+    """With the preflight off (resource-check: false), the checkpoint's download itself fills the disk: the
+    run says so, with the path and the space left, does not retry, and pushes nothing."""
+    with capped_filesystem(tmp_path / "small", 150) as disk:  # the checkpoint alone is 269 MB
+        run = action_runner(disk)({
+            "hf-repo": HF_REPO, "ollama-model": f"{stack.registry}/capped/full", "insecure-registry": "true",
+            "quantizations": "Q8_0", "resource-check": "false"}, env={"HF_ENDPOINT": stack.hub_endpoint})
+    assert run.returncode == 1, run.stdout[-3000:]
+    errors = run.errors()
+    assert len(errors) == 1 and "title=Disk full" in errors[0], errors
+    assert "downloading" in errors[0] and str(disk) in errors[0]
+    free = re.search(r"has ([0-9.]+) GB free", errors[0])
+    assert free and float(free.group(1)) < 0.02, errors[0]  # full indeed, when it said so
+    assert "retrying" not in run.stdout
+    assert fault_report.assert_all_or_nothing(stack.registry, "capped/full", {"1.0.0-q8_0", "1.0.0", "latest"}) \
+        == set()
+    fault_report.disk_full_named()

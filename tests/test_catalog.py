@@ -305,8 +305,8 @@ def parity_failures(server: Server, family: str, reference: str, template: str |
     info = modelfile.TokenizerInfo(chat_template=reference_jinja(reference), eos_tokens=(ref.eos,), bos_token=ref.bos)
     try:
         # SmolLM2's GGUF carries its own Jinja (no tools, no thinking): Ollama renders the catalog TEMPLATE.
-        failures = checks.prompt_parity(server.client, name, body, info, adds_bos=ref.adds_bos,
-                                        renderings=[checks.GO_TEMPLATE])
+        failures, _ = checks.prompt_parity(server.client, name, body, info, adds_bos=ref.adds_bos,
+                                           renderings=[checks.GO_TEMPLATE])
     finally:
         server.client.delete(name)
     if failures:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import jinja2.exceptions
 import pytest
 
 from entrypoint import chat_jinja
+from entrypoint.errors import RepoRefused
 
 LLAMA3 = ("{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
           "'<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
@@ -26,7 +28,7 @@ def test_render_matches_transformers_conventions():
 
 
 def test_sandbox_blocks_attribute_escapes():
-    with pytest.raises(Exception):
+    with pytest.raises(jinja2.exceptions.SecurityError):
         chat_jinja.render("{{ ''.__class__.__mro__[1].__subclasses__() }}", [], bos_token="", eos_token="")
 
 
@@ -81,3 +83,17 @@ def test_a_bos_the_tokenizer_adds_is_not_written_again(template, bos):
     assert bos in kept.go_template
     assert bos not in left_out.go_template
     assert left_out.go_template == kept.go_template.replace(bos, "")
+
+
+def test_a_template_that_loops_is_refused_within_its_budget(monkeypatch):
+    monkeypatch.setattr(chat_jinja, "RENDER_BUDGET_S", 0.5)
+    endless = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+    with pytest.raises(RepoRefused, match=r"did not render .* within 0 s") as refused:
+        chat_jinja.render(endless, [{"role": "user", "content": "x"}], bos_token="", eos_token="")
+    assert refused.value.input_name == "template"
+
+
+def test_a_template_that_writes_without_end_is_refused():
+    flood = "{% for i in range(100000) %}{{ 'x' * 100 }}{% endfor %}"
+    with pytest.raises(RepoRefused, match="writes more than 1,000,000 characters"):
+        chat_jinja.render(flood, [{"role": "user", "content": "x"}], bos_token="", eos_token="")

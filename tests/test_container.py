@@ -69,7 +69,7 @@ def test_the_container_publishes_the_release(release, stack):
     models = json.loads(outputs["models"])
     assert [(m["tag"], m["quantization"]) for m in models] == [
         ("1.0.0-q4_K_M", "Q4_K_M"), ("1.0.0-q8_0", "Q8_0"), ("1.0.0", "Q4_K_M"), ("latest", "Q4_K_M")]
-    assert all(m["pushed"] and "Berlin" in m["answer"] for m in models), models
+    assert all(m["pushed"] and m["pulled"] and "Berlin" in m["answer"] for m in models), models
     assert sorted(registry_tags(stack.registry, "container/smollm2")) == sorted(m["tag"] for m in models)
     # The outputs name paths in the checkout, as later steps on the runner see them.
     ggufs = {Path(p).name: release.workspace / p for p in outputs["gguf-paths"].splitlines()}
@@ -81,7 +81,8 @@ def test_the_container_publishes_the_release(release, stack):
         gguf = ggufs[f"smollm2-{tag_suffix(model['quantization'])}.gguf"]
         assert layers["application/vnd.ollama.image.model"] == "sha256:" + file_sha256(gguf)
     assert (release.workspace / outputs["modelfile"]).read_text().startswith("# Modelfile written by ollama-publish")
-    assert "Ollama 0.34.3." in release.summary and release.summary.count("| yes |") == 4
+    assert "Ollama 0.34.3." in release.summary
+    assert release.summary.count("| yes, pulled back by an empty Ollama |") == 4
 
 
 def test_no_secret_is_left_anywhere(release, key):
@@ -169,5 +170,5 @@ def test_the_image_pulled_from_a_registry_publishes(stack, tmp_path):
             _inputs(stack, "container/pulled", quantizations="Q8_0"), env={"HF_ENDPOINT": stack.hub_endpoint})
     assert run.exit_code == 0, run.stdout[-3000:]
     models = json.loads(parse_outputs(run.outputs_text)["models"])
-    assert all(m["pushed"] and "Berlin" in m["answer"] for m in models), models
+    assert all(m["pushed"] and m["pulled"] and "Berlin" in m["answer"] for m in models), models
     assert sorted(registry_tags(stack.registry, "container/pulled")) == ["1.0.0", "1.0.0-q8_0", "latest"]

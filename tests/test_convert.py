@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from entrypoint import convert, hub
-from entrypoint.errors import PublishError
+from entrypoint.errors import PublishError, RepoRefused
 
 INIT = '''
 from .base import ModelBase
@@ -105,3 +107,30 @@ def test_adapters_the_merge_cannot_apply_exactly_are_refused(change, phrase):
     assert caught.value.input_name == "hf-repo" and phrase in caught.value.message
     convert.check_adapter(LORA, input_name="hf-repo")
     convert.check_adapter({**LORA, "target_modules": "all-linear"}, input_name="hf-repo")
+
+
+SHAPES = {"model.position_embeddings.weight": [512, 576],  # as BERT's: not the token embedding
+          "model.embed_tokens.weight": [49152, 576], "model.layers.0.mlp.up_proj.weight": [1536, 576],
+          "model.layers.29.mlp.up_proj.weight": [1536, 576]}
+CONFIG = {"architectures": ["LlamaForCausalLM"], "vocab_size": 49152, "hidden_size": 576, "num_hidden_layers": 30}
+
+
+@pytest.mark.parametrize("change, phrase", [
+    ({"vocab_size": 10**9}, "vocab_size 1,000,000,000, but its token embedding has 49,152 rows"),
+    ({"hidden_size": 100_000}, "hidden_size 100,000"),
+    ({"num_hidden_layers": 300}, "num_hidden_layers 300, but its weights have 30 layers"),
+    ({"text_config": {**CONFIG, "vocab_size": 10**9}}, "vocab_size 1,000,000,000"),
+])
+def test_a_config_that_claims_more_than_the_weights_hold_is_refused(change, phrase):
+    with pytest.raises(RepoRefused, match=phrase):
+        convert.check_config_matches_weights({**CONFIG, **change}, SHAPES, input_name="hf-repo")
+    convert.check_config_matches_weights(CONFIG, SHAPES, input_name="hf-repo")
+
+
+def test_safetensors_shapes_come_from_the_header_and_a_bad_header_is_refused(tmp_path):
+    header = json.dumps({"a.weight": {"dtype": "F16", "shape": [2, 3], "data_offsets": [0, 12]}}).encode()
+    (tmp_path / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + bytes(12))
+    assert convert.safetensors_shapes(tmp_path) == {"a.weight": [2, 3]}
+    (tmp_path / "model.safetensors").write_bytes((10**12).to_bytes(8, "little") + b"{}")
+    with pytest.raises(RepoRefused, match="not a safetensors file"):
+        convert.safetensors_shapes(tmp_path)

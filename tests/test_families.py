@@ -45,7 +45,7 @@ def _excerpt(run) -> str:
 
 
 def test_action_succeeds(published):
-    family, run = published
+    _, run = published
     assert run.returncode == 0 and not run.errors(), _excerpt(run)
 
 
@@ -83,7 +83,7 @@ def test_smoke_test_answers_the_scripted_word_and_stops(published):
 def test_every_tag_is_in_the_registry(published, stack):
     family, run = published
     models = json.loads(run.outputs.get("models") or "[]")
-    assert models and all(m["pushed"] for m in models), _excerpt(run)
+    assert models and all(m["pushed"] and m["pulled"] for m in models), _excerpt(run)
     assert set(registry_tags(stack.registry, f"families/{family.name}")) == RELEASE_TAGS
 
 

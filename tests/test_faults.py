@@ -10,6 +10,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -89,7 +90,8 @@ def test_hub_stopped_mid_download_then_restarted(tmp_path, stack):
             state["watcher"].join()
         hub.stop()
     assert state.get("stopped"), "the download finished before the Hub could be stopped"
-    assert "downloading test-org/SmolLM2-135M-Instruct failed (attempt 1 of 3), retrying" in run.stdout
+    assert "downloading test-org/SmolLM2-135M-Instruct's model.safetensors failed (attempt 1 of 3), retrying" \
+        in run.stdout
     assert run.returncode == 0, run.stdout[-3000:]
     fault_report.run_recovered()
     assert fault_report.assert_all_or_nothing(stack.registry, repository, RELEASE_Q8) == RELEASE_Q8
@@ -165,6 +167,71 @@ def test_registry_down_for_good_fails_after_retries_and_a_rerun_completes(tmp_pa
         assert rerun.returncode == 0, rerun.stdout[-3000:]
         fault_report.run_recovered()
         assert fault_report.assert_all_or_nothing(address, repository, RELEASE_Q8) == RELEASE_Q8
-        assert all(m["pushed"] for m in json.loads(rerun.outputs["models"]))
+        assert all(m["pushed"] and m["pulled"] for m in json.loads(rerun.outputs["models"]))
     finally:
         registry.stop()
+
+
+def _manifest_puts(status: int, times: int):
+    """An intercept for servers.relay: the registry's answer to the first `times` manifest uploads (the
+    last request of a push) is `status`."""
+    answered: list[str] = []
+
+    def intercept(method: str, path: str) -> int | None:
+        if method == "PUT" and "/manifests/" in path and len(answered) < times:
+            answered.append(path)
+            fault_report.fault_injected()
+            return status
+        return None
+
+    return intercept
+
+
+def _writes_need_credentials(challenge: Callable[[], str]):
+    """An intercept for servers.relay: a registry that lets anyone read but demands credentials for every
+    upload (POST, PUT, PATCH), with challenge() as its WWW-Authenticate; its token endpoint (/token, on
+    the same host) refuses whatever Ollama signs."""
+    def intercept(method: str, path: str) -> servers.Answer | None:
+        if path.startswith("/token"):
+            return 401
+        if method in ("POST", "PUT", "PATCH"):
+            fault_report.fault_injected()
+            return 401, {"WWW-Authenticate": challenge()}
+        return None
+
+    return intercept
+
+
+@pytest.mark.parametrize("scheme", ["bearer token refused", "basic"])
+def test_a_push_the_registry_refuses_is_not_retried(tmp_path, stack, scheme):
+    """A registry that demands credentials: Ollama asks a token server on the registry's own host (which
+    refuses this key), or cannot answer a Basic challenge at all. One attempt, 401 named, nothing published."""
+    repository = f"faults/push-refused-{scheme.split()[0]}"
+    front: dict[str, str] = {}
+    challenge = (lambda: f'Bearer realm="http://{front["address"]}/token",service="registry"') \
+        if scheme.startswith("bearer") else (lambda: 'Basic realm="Registry Realm"')
+    with servers.relay(f"http://{stack.registry}", _writes_need_credentials(challenge)) as address:
+        front["address"] = address
+        run = action_runner(tmp_path)({"hf-repo": HF_REPO, "ollama-model": f"{address}/{repository}",
+                                       "quantizations": "Q8_0", "insecure-registry": "true"},
+                                      env={"HF_ENDPOINT": stack.hub_endpoint})
+    assert run.returncode == 1, run.stdout[-3000:]
+    errors = run.errors()
+    assert len(errors) == 1 and "title=Push refused" in errors[0], errors
+    assert ("401" in errors[0]) if scheme.startswith("bearer") else ("sends no passwords" in errors[0]), errors
+    assert "retrying" not in run.stdout
+    assert fault_report.assert_all_or_nothing(stack.registry, repository, RELEASE_Q8) == set()
+
+
+def test_a_push_answered_503_is_retried_and_completes(tmp_path, stack):
+    repository = "faults/push-503"
+    with servers.relay(f"http://{stack.registry}", _manifest_puts(503, times=1)) as front:
+        run = action_runner(tmp_path)({"hf-repo": HF_REPO, "ollama-model": f"{front}/{repository}",
+                                       "quantizations": "Q8_0", "insecure-registry": "true"},
+                                      env={"HF_ENDPOINT": stack.hub_endpoint})
+    assert run.returncode == 0, run.stdout[-3000:]
+    retries = [line for line in run.stdout.splitlines() if "retrying in" in line]
+    assert len(retries) == 1 and "pushing" in retries[0] and "503" in retries[0], retries
+    fault_report.run_recovered()
+    assert fault_report.assert_all_or_nothing(stack.registry, repository, RELEASE_Q8) == RELEASE_Q8
+    assert all(m["pushed"] and m["pulled"] for m in json.loads(run.outputs["models"]))

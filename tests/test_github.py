@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from entrypoint import github
+from tests import runner_commands
 from tests.conftest import parse_outputs
 
 
@@ -23,3 +24,38 @@ def test_secrets_are_masked_and_scrubbed(capsys, monkeypatch):
     assert lines[:2] == ["::add-mask::line-one-secret", "::add-mask::line-two-secret"]
     assert lines[2] == "token *** in a message"
     assert lines[3] == "::error title=T::bad ***%0Asecond line"
+
+
+HOSTILE = ["::add-mask::Paris", "  ::error file=x.py::pwned", "\t::stop-commands::abc", "a ##[set-output name=x;]y",
+           "##[group]z", "::warning::w"]
+
+
+def test_plain_text_never_becomes_a_workflow_command(capsys):
+    for text in HOSTILE:
+        github.log(text)
+    github.log("\n".join(HOSTILE))  # also inside one multi-line message
+    out = capsys.readouterr().out
+    assert runner_commands.obeyed(out) == []
+    # What is shown reads the same, but for an invisible character.
+    assert out.replace("\u200b", "").splitlines() == HOSTILE * 2
+
+
+def test_a_carriage_return_does_not_start_a_command(capsys):
+    github.log("downloading 50%\r::add-mask::x\r\n::error::y")  # tools redraw progress lines with \r
+    out = capsys.readouterr().out
+    assert runner_commands.obeyed(out) == []
+    assert out.replace("\u200b", "").splitlines() == ["downloading 50%", "::add-mask::x", "::error::y"]
+
+
+def test_the_actions_own_commands_still_work(capsys):
+    github.warning("::add-mask::not a mask")  # data after the command: never a second command
+    with github.group("::stage::"):
+        github.log("::endgroup::")
+    github.error("##[add-mask]x", title="T")
+    names = [c.name for c in runner_commands.obeyed(capsys.readouterr().out)]
+    assert names == ["warning", "group", "endgroup", "error"]
+
+
+def test_the_runners_rules_as_read_here():
+    commands = runner_commands.obeyed("x\n  ::add-mask::a\n::stop-commands::T\n::error::hidden\n::T::\nb ##[group]c\n")
+    assert [(c.name, c.data) for c in commands] == [("add-mask", "a"), ("stop-commands", "T"), ("group", "c")]

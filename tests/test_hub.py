@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from entrypoint import hub
-from entrypoint.errors import PublishError
+from entrypoint.errors import PublishError, RepoRefused
 
-CHECKPOINT = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "README.md", ".gitattributes"]
-GGUF_REPO = ["README.md", "LICENSE", "model-Q4_K_M.gguf", "model-q8_0.gguf", "model-Q4_K_S.gguf", "mmproj-model-f16.gguf",
-             "model-F16.gguf", "model-BF16.gguf"]
+CHECKPOINT = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "README.md",
+              ".gitattributes"]
+GGUF_REPO = ["README.md", "LICENSE", "model-Q4_K_M.gguf", "model-q8_0.gguf", "model-Q4_K_S.gguf",
+             "mmproj-model-f16.gguf", "model-F16.gguf", "model-BF16.gguf"]
 
 
 def test_a_checkpoint_is_converted():
@@ -46,9 +49,10 @@ def test_split_files_are_taken_whole_and_ambiguous_or_incomplete_ones_refused():
     plan = hub.plan(split + ["a-Q8_0.gguf"], "auto", ("Q4_K_M", "Q8_0"), "a/b@main")
     assert plan.ggufs == {"Q4_K_M": tuple(sorted(split)), "Q8_0": ("a-Q8_0.gguf",)}
     assert set(plan.files) == set(split) | {"a-Q8_0.gguf"}
-    with pytest.raises(PublishError, match="has only 2 of the 3 parts of a-Q4_K_M-\\*-of-00003.gguf"):
+    with pytest.raises(PublishError, match=r"has only 2 of the 3 parts of a-Q4_K_M-\*-of-00003\.gguf"):
         hub.plan(split[:2], "auto", ("Q4_K_M",), "a/b@main")
-    with pytest.raises(PublishError, match="several GGUF files for Q4_K_M: a.Q4_K_M.gguf, sub/b-Q4_K_M.gguf"):
+    several = "several GGUF files for Q4_K_M: a.Q4_K_M.gguf, sub/b-Q4_K_M.gguf"
+    with pytest.raises(PublishError, match=re.escape(several)):
         hub.plan(["a.Q4_K_M.gguf", "sub/b-Q4_K_M.gguf"], "auto", ("Q4_K_M",), "a/b@main")
 
 
@@ -56,7 +60,7 @@ def test_forced_kind_the_repo_does_not_have():
     with pytest.raises(PublishError) as caught:
         hub.plan(CHECKPOINT, "gguf", ("Q4_K_M",), "a/b@main")
     assert caught.value.input_name == "repo-kind"
-    with pytest.raises(PublishError, match="has no \\*.safetensors weights"):
+    with pytest.raises(PublishError, match=re.escape("has no model*.safetensors weights")):
         hub.plan(GGUF_REPO, "transformers", ("Q4_K_M",), "a/b@main")
 
 
@@ -66,7 +70,8 @@ def test_pickle_only_repo_is_refused_unless_allowed():
     with pytest.raises(PublishError) as caught:
         hub.plan(files, "auto", ("Q4_K_M",), "a/b@main")
     assert caught.value.input_name == "hf-repo" and "allow-pickle: true" in caught.value.message
-    assert "only pickle weights (pytorch_model-00001-of-00002.bin, pytorch_model-00002-of-00002.bin" in caught.value.message
+    pickles = "pytorch_model-00001-of-00002.bin, pytorch_model-00002-of-00002.bin"
+    assert f"only pickle weights ({pickles}" in caught.value.message
     allowed = hub.plan(files, "auto", ("Q4_K_M",), "a/b@main", allow_pickle=True)
     assert allowed.kind == "transformers" and "allow-pickle: true" in allowed.why
     # Only the weights the converter reads: other pickles in the repo are never downloaded.
@@ -78,7 +83,7 @@ def test_pickle_only_repo_is_refused_unless_allowed():
 
 
 def test_a_repo_without_any_weights():
-    with pytest.raises(PublishError, match="has no \\*.safetensors weights"):
+    with pytest.raises(RepoRefused, match=re.escape("has no model*.safetensors weights at its top level")):
         hub.plan(["config.json", "tokenizer.json", "training_args.bin"], "auto", ("Q4_K_M",), "a/b@main",
                  allow_pickle=True)
 
@@ -96,3 +101,20 @@ def test_a_lora_adapter_is_merged_into_its_base():
     assert caught.value.input_name == "hf-repo"
     with pytest.raises(PublishError, match="has no LoRA adapter"):
         hub.plan(CHECKPOINT, "lora", ("Q4_K_M",), "a/b@main")
+
+
+def test_only_what_the_converter_reads_is_downloaded():
+    """Top-level model*.safetensors and their index, not a consolidated copy or a training checkpoint's."""
+    files = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json",
+             "consolidated.safetensors", "checkpoint-500/model.safetensors", "checkpoint-500/config.json",
+             "config.json", "tokenizer.json", "1_Pooling/config.json", "modules.json", "sentence_bert_config.json",
+             "onnx/model.onnx"]
+    assert set(hub.plan(files, "auto", ("Q4_K_M",), "a/b@main").files) == {
+        "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json",
+        "config.json", "tokenizer.json", "1_Pooling/config.json", "modules.json", "sentence_bert_config.json"}
+
+
+def test_weights_only_in_a_subfolder_are_not_weights():
+    with pytest.raises(RepoRefused, match="at its top level"):
+        hub.plan(["config.json", "tokenizer.json", "checkpoint-500/model.safetensors"], "auto", ("Q4_K_M",),
+                 "a/b@main")

@@ -41,6 +41,11 @@ def test_available_memory_is_capped_by_a_container_limit():
     assert preflight.available_memory(meminfo, "4000000000\n", "1000000000\n") == 3 * GB
 
 
+def test_no_meminfo_and_no_limit_leaves_memory_unknown():
+    assert preflight.available_memory("") is None
+    assert preflight.available_memory("", "4000000000\n", "1000000000\n") == 3 * GB
+
+
 def test_memory_check_names_the_largest_quantization(monkeypatch):
     # 10**15 bytes of checkpoint: no machine has the memory to load its Q8_0.
     quantization, size = preflight.largest_quantized(10**15, ("Q4_K_M", "Q8_0"))

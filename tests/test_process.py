@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 from entrypoint import process
-from entrypoint.errors import PublishError
+from entrypoint.errors import DiskFull, ToolFailed
 
 
 @pytest.fixture
@@ -55,13 +56,35 @@ def test_tool_stopped_when_the_block_fails():
     assert proc.returncode == -signal.SIGTERM
 
 
-def test_failed_tool_reports_its_code_and_last_output():
-    with pytest.raises(PublishError) as error:
-        process.run_logged(["sh", "-c", "echo converting; echo out of cheese; exit 3"], what="the converter")
+def test_failed_tool_reports_its_code_and_last_output(tmp_path):
+    with pytest.raises(ToolFailed) as error:
+        process.run_logged(["sh", "-c", "echo converting; echo out of cheese; exit 3"], what="the converter",
+                           writes_to=tmp_path)
     assert "the converter exited with code 3" in error.value.message
     assert error.value.message.endswith("converting\nout of cheese")
+    assert (error.value.tool, error.value.exit_code, error.value.retriable) == ("the converter", 3, False)
 
 
-def test_missing_tool_is_a_publish_error():
-    with pytest.raises(PublishError, match="Could not start the converter"):
-        process.run_logged(["/nonexistent/convert"], what="the converter")
+def test_missing_tool_is_a_tool_failure(tmp_path):
+    with pytest.raises(ToolFailed, match="Could not start the converter"):
+        process.run_logged(["/nonexistent/convert"], what="the converter", writes_to=tmp_path)
+
+
+@pytest.fixture
+def tiny_filesystem(tmp_path):
+    """A 1 MB tmpfs."""
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_tool_that_fills_the_disk_fails_as_disk_full(tiny_filesystem):
+    with pytest.raises(DiskFull) as error:
+        process.run_logged(["sh", "-c", f"head -c 4M /dev/zero > {tiny_filesystem}/out"], what="the writer",
+                           writes_to=tiny_filesystem)
+    assert error.value.path == tiny_filesystem and error.value.free < 64 * 1024 * 1024 and not error.value.retriable
+    assert "The disk is full: the writer" in error.value.message and "GB free" in error.value.message

@@ -4,7 +4,9 @@ from source, llama.cpp's converter and llama-quantize, and the real SmolLM2-135M
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -15,7 +17,7 @@ import requests
 from entrypoint.ollama import file_sha256
 from entrypoint.quantize import tag_suffix
 from tests import servers
-from tests.conftest import HF_REPO, action_runner, registry_manifest, registry_tags
+from tests.conftest import HF_REPO, REPO_ROOT, SMOKE_PROMPT, action_runner, registry_manifest, registry_tags
 
 pytestmark = pytest.mark.servers
 HF_TOKEN = "hf_TestTokenThatMustNeverBeLogged0123456789"
@@ -48,7 +50,9 @@ def test_every_tag_is_created_and_pushed(release, stack):
     models = json.loads(run.outputs["models"])
     assert [(m["tag"], m["quantization"]) for m in models] == [
         ("1.0.0-q4_K_M", "Q4_K_M"), ("1.0.0-q8_0", "Q8_0"), ("1.0.0", "Q4_K_M"), ("latest", "Q4_K_M")]
-    assert all(m["pushed"] for m in models)
+    assert all(m["pushed"] and m["pulled"] for m in models)
+    # The empty Ollama pulled every tag and answered once per quantization.
+    assert run.stdout.count("pulled by an empty Ollama, same blobs; ") == 2
     assert all(m["name"] == f"{stack.registry}/test-team/smollm2:{m['tag']}" for m in models)
     assert sorted(registry_tags(stack.registry, "test-team/smollm2")) == sorted(m["tag"] for m in models)
 
@@ -57,8 +61,9 @@ def test_q8_model_answers_berlin_and_stops(release):
     run, _ = release
     q8 = next(m for m in json.loads(run.outputs["models"]) if m["quantization"] == "Q8_0")
     assert "Berlin" in q8["answer"]
-    # The smoke test asks each quantization once (aliases are the same model); each stopped by itself.
-    assert run.stdout.count("(done_reason: stop)") == 2
+    # The smoke test asks each quantization once (aliases are the same model), and once more pulled back by
+    # the empty Ollama; each stopped by itself.
+    assert run.stdout.count("(done_reason: stop)") == 2 * 2
     assert all(m["answer"] for m in json.loads(run.outputs["models"]))
 
 
@@ -107,7 +112,7 @@ def test_summary_has_one_row_per_tag(release):
     run, _ = release
     rows = [line for line in run.summary.splitlines() if line.startswith("| `")]
     assert len(rows) == 4
-    assert all(row.rstrip().endswith("| yes |") for row in rows)
+    assert all(row.rstrip().endswith("| yes, pulled back by an empty Ollama |") for row in rows)
     assert "Berlin" in run.summary
 
 
@@ -120,7 +125,7 @@ def test_runs_on_ollama_0_34_3(release):
 def test_stages_are_logged_in_groups(release):
     run, _ = release
     groups = [line for line in run.stdout.splitlines() if line.startswith("::group::")]
-    assert [g.split("::group::")[1][:2] for g in groups] == ["1.", "2.", "3.", "4.", "5.", "6."]
+    assert [g.split("::group::")[1][:2] for g in groups] == ["1.", "2.", "3.", "4.", "5.", "6.", "7."]
     assert run.stdout.count("::group::") == run.stdout.count("::endgroup::")
 
 
@@ -128,7 +133,7 @@ def test_no_secret_leaks_and_the_key_file_is_gone(release):
     run, key = release
     secrets = [HF_TOKEN] + [line for line in key.splitlines() if len(line) > 20 and "-----" not in line]
     # GitHub swallows ::add-mask:: lines; everywhere else the values must be absent.
-    visible_stdout = "\n".join(l for l in run.stdout.splitlines() if not l.startswith("::add-mask::"))
+    visible_stdout = "\n".join(line for line in run.stdout.splitlines() if not line.startswith("::add-mask::"))
     assert f"::add-mask::{HF_TOKEN}" in run.stdout
     places = {"stdout": visible_stdout, "stderr": run.stderr, "outputs": run.outputs_text, "summary": run.summary}
     for folder in (run.home, run.workspace, run.runner_temp):
@@ -142,6 +147,32 @@ def test_no_secret_leaks_and_the_key_file_is_gone(release):
         assert not leaked, f"secret found in {leaked}"
     # The action's server had a HOME of its own (removed with the scratch space): the user's is untouched.
     assert not (run.home / ".ollama").exists()
+
+
+def test_the_cli_leaves_the_users_own_ollama_identity_alone(stack, tmp_path):
+    """Run as a CLI (flags, no GitHub variables) by someone whose ~/.ollama holds their own key: the push is
+    signed with ollama-key by the action's private server, and their folder is byte for byte as before."""
+    home, workdir = tmp_path / "home", tmp_path / "work"
+    (home / ".ollama").mkdir(parents=True)
+    workdir.mkdir()
+    own_key = make_ollama_key(home / ".ollama")
+    (home / ".ollama" / "key").rename(home / ".ollama" / "id_ed25519")
+    (home / ".ollama" / "key.pub").rename(home / ".ollama" / "id_ed25519.pub")
+    before = {p.relative_to(home): p.read_bytes() for p in home.rglob("*") if p.is_file()}
+    push_key = make_ollama_key(tmp_path)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GITHUB_", "INPUT_", "RUNNER_"))}
+    env.update({"HOME": str(home), "HF_ENDPOINT": stack.hub_endpoint, "HF_HOME": str(tmp_path / "hf"),
+                "OLLAMA_HOST": f"127.0.0.1:{servers.free_port()}", "PYTHONPATH": str(REPO_ROOT),
+                "INPUT_OLLAMA-KEY": push_key})  # a secret is better not passed as a flag
+    run = subprocess.run([sys.executable, "-m", "entrypoint", "--hf-repo", HF_REPO, "--quantizations", "Q8_0",
+                          "--ollama-model", f"{stack.registry}/cli/smollm2", "--insecure-registry", "true",
+                          "--smoke-test-prompt", SMOKE_PROMPT], cwd=workdir, env=env, capture_output=True,
+                         text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    assert "latest" in registry_tags(stack.registry, "cli/smollm2")
+    after = {p.relative_to(home): p.read_bytes() for p in home.rglob("*") if p.is_file()}
+    assert after == before  # the same files, the same bytes: nothing added, changed or removed
+    assert own_key == (home / ".ollama" / "id_ed25519").read_text()
 
 
 def test_failing_smoke_test_pushes_nothing(stack, run_action):
@@ -250,4 +281,4 @@ def test_registry_down_during_push_is_retried(stack, run_action, tmp_path):
     assert "stopped" in state
     assert run.returncode == 0, run.stdout[-3000:]
     assert "failed (attempt 1 of 3), retrying in 5 s" in run.stdout
-    assert all(m["pushed"] for m in json.loads(run.outputs["models"]))
+    assert all(m["pushed"] and m["pulled"] for m in json.loads(run.outputs["models"]))

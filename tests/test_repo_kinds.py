@@ -1,6 +1,6 @@
 """Repos other than a chat model's safetensors checkpoint, through the real entrypoint, Hub, Ollama and
-registry: a repo of ready GGUF files is published as it is, without conversion (split ones merged); a pickle-only checkpoint
-is converted when allow-pickle is set (and refused otherwise: tests/test_bad_inputs.py); a
+registry: a repo of ready GGUF files is published as it is, without conversion (split ones merged); a pickle-only
+checkpoint is converted when allow-pickle is set (and refused otherwise: tests/test_bad_inputs.py); a
 sentence-transformers checkpoint becomes an embedding model; a vision-language checkpoint is published
 with its projector and must see an image; a LoRA adapter is merged into its base."""
 
@@ -14,6 +14,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import requests
 
 from entrypoint import quantize
 from entrypoint.ollama import file_sha256
@@ -65,7 +66,7 @@ def test_gguf_repo_is_published_without_conversion(stack, gguf_repo, run_action)
     assert sorted(registry_tags(stack.registry, repository)) == ["2.0.0", "2.0.0-q4_1", "latest"]
     models = json.loads(run.outputs["models"])
     assert {m["tag"] for m in models} == {"2.0.0", "2.0.0-q4_1", "latest"}
-    assert all(m["pushed"] and m["answer"].strip() for m in models)
+    assert all(m["pushed"] and m["pulled"] and m["answer"].strip() for m in models)
     _, manifest = registry_manifest(stack.registry, repository, "2.0.0-q4_1")
     layers = {layer["mediaType"]: layer["digest"] for layer in manifest["layers"]}
     # The published weights are the repo's file, byte for byte.
@@ -112,7 +113,7 @@ def test_pickle_weights_are_converted_only_when_allowed(stack, pickle_repo, run_
     # The runner's environment is release tag v1.0.0.
     assert sorted(registry_tags(stack.registry, repository)) == ["1.0.0", "1.0.0-q8_0", "latest"]
     models = json.loads(run.outputs["models"])
-    assert all(m["pushed"] and m["answer"].strip() for m in models)
+    assert all(m["pushed"] and m["pulled"] and m["answer"].strip() for m in models)
 
 
 def test_split_gguf_is_merged_then_published(stack, run_action, tmp_path):
@@ -130,7 +131,7 @@ def test_split_gguf_is_merged_then_published(stack, run_action, tmp_path):
     assert any(line.startswith("$ ") and "--merge" in line and "-00001-of-00003.gguf" in line
                for line in run.stdout.splitlines())
     models = json.loads(run.outputs["models"])
-    assert all(m["pushed"] and m["answer"].strip() for m in models)
+    assert all(m["pushed"] and m["pulled"] and m["answer"].strip() for m in models)
     assert run.stdout.count(": same ") == 4  # the template from the first part's metadata passes parity
     assert sorted(registry_tags(stack.registry, repository)) == ["1.0.0", "1.0.0-q4_1", "latest"]
 
@@ -143,7 +144,8 @@ def embedding_repo(stack, tmp_path_factory) -> str:
     return EMBEDDING_REPO
 
 
-def test_sentence_transformers_checkpoint_becomes_an_embedding_model(stack, embedding_repo, run_action):
+def test_sentence_transformers_checkpoint_becomes_an_embedding_model(stack, embedding_repo, run_action,
+                                                                    tmp_path):
     repository = "embed-team/tiny-bert"
     run = _publish(stack, run_action, embedding_repo, repository, {"quantizations": "Q8_0"})
     assert f"embedding model ({bert.HIDDEN} dimensions): no chat template, no stop tokens" in run.stdout
@@ -151,12 +153,28 @@ def test_sentence_transformers_checkpoint_becomes_an_embedding_model(stack, embe
            "embedding model." in run.summary
     assert "prompt parity" not in run.stdout  # nothing to compare: no chat template
     models = json.loads(run.outputs["models"])
-    assert all(m["pushed"] for m in models)
+    assert all(m["pushed"] and m["pulled"] for m in models)
     assert all(m["answer"].startswith(f"{bert.HIDDEN} dimensions; similar sentences ") for m in models), models
     modelfile = (run.workspace / run.outputs["modelfile"]).read_text()
     assert "TEMPLATE" not in modelfile and "PARAMETER stop" not in modelfile
     _, manifest = registry_manifest(stack.registry, repository, "1.0.0-q8_0")
     assert "application/vnd.ollama.image.template" not in {layer["mediaType"] for layer in manifest["layers"]}
+    assert f"PARAMETER num_ctx {bert.MAX_SEQ_LENGTH}" in modelfile
+    # As sentence-transformers does, Ollama reads an input up to max_seq_length tokens: two long inputs that
+    # differ only past that embed the same; differing within it, they do not.
+    words = [f"word{i % 7}" for i in range(400)]
+    same_start = " ".join(words), " ".join(words[:200] + ["other"] * 200)
+    other_start = " ".join(["other"] * 20 + words[20:])
+    with servers.ollama(tmp_path / "user") as user:
+        name = f"{stack.registry}/{repository}:latest"
+        requests.post(f"{user}/api/pull", json={"model": name, "insecure": True, "stream": False},
+                      timeout=300).raise_for_status()
+        vectors = requests.post(f"{user}/api/embed", json={"model": name, "input": [*same_start, other_start]},
+                                timeout=300).json()["embeddings"]
+    def distance(a: list[float], b: list[float]) -> float:
+        return max(abs(x - y) for x, y in zip(a, b, strict=True))
+
+    assert distance(vectors[0], vectors[1]) < 1e-4 < 1e-2 < distance(vectors[0], vectors[2]), vectors
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +196,7 @@ def test_vision_model_is_published_with_its_projector_and_sees_images(stack, vis
     assert "FROM ./smolvlm-q8_0.gguf\nFROM ./smolvlm-mmproj-f16.gguf\n" in modelfile
     models = json.loads(run.outputs["models"])
     # The text answer (the text model is SmolLM2's) and the image check, per the smoke test.
-    assert all(m["pushed"] and "(an image adds " in m["answer"] for m in models), models
+    assert all(m["pushed"] and m["pulled"] and "(an image adds " in m["answer"] for m in models), models
     _, manifest = registry_manifest(stack.registry, repository, "1.0.0-q8_0")
     layers = {layer["mediaType"]: layer["digest"] for layer in manifest["layers"]}
     projector = run.workspace / "ollama-publish-out" / "smolvlm-mmproj-f16.gguf"
@@ -200,13 +218,14 @@ def lora_repo(stack, tmp_path_factory) -> str:
 def test_lora_adapter_is_published_merged_into_its_base(stack, lora_repo, run_action):
     """Ollama 0.30+ refuses adapter layers, so the adapter is merged: one self-contained model."""
     repository = "lora-team/smollm2-secret-merged"
-    run = _publish(stack, run_action, lora_repo, repository, {"quantizations": "Q8_0", "smoke-test-prompt": lora.QUESTION})
+    run = _publish(stack, run_action, lora_repo, repository,
+                   {"quantizations": "Q8_0", "smoke-test-prompt": lora.QUESTION})
     commands = [line for line in run.stdout.splitlines() if line.startswith("$ ")]
     assert any("convert_lora_to_gguf.py" in c for c in commands)
     assert any("llama-export-lora" in c for c in commands)
     # The base model answers something else (tests/material/lora.py checks it); the adapter taught this.
     models = json.loads(run.outputs["models"])
-    assert all(m["pushed"] and lora.ANSWER in m["answer"] for m in models), models
+    assert all(m["pushed"] and m["pulled"] and lora.ANSWER in m["answer"] for m in models), models
     assert sorted(registry_tags(stack.registry, repository)) == ["1.0.0", "1.0.0-q8_0", "latest"]
     _, manifest = registry_manifest(stack.registry, repository, "1.0.0-q8_0")
     assert f"Path taken: merge the LoRA adapter into its base model {HF_REPO}@" in run.summary

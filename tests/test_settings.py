@@ -109,7 +109,8 @@ def test_importance_matrix_inputs(tmp_path):
     settings = build(tmp_path, **{"hf-repo": "a/b", "ollama-model": "me/m", "push": "false",
                                   "quantizations": "iq2_xxs, Q4_K_M", "imatrix-calibration": "calibration.txt",
                                   "output-tensor-type": "Q8_0", "token-embedding-type": "Q6_k"})
-    assert settings.quantizations == ("IQ2_XXS", "Q4_K_M") and settings.imatrix_calibration == tmp_path / "calibration.txt"
+    assert settings.quantizations == ("IQ2_XXS", "Q4_K_M")
+    assert settings.imatrix_calibration == tmp_path / "calibration.txt"
     assert (settings.output_tensor_type, settings.token_embedding_type) == ("q8_0", "q6_K")
     with pytest.raises(PublishError) as caught:
         build(tmp_path, **{"hf-repo": "a/b", "ollama-model": "me/m", "push": "false",

@@ -15,6 +15,7 @@ from pathlib import Path
 from entrypoint.gguf_header import read_metadata
 
 HIDDEN = 64
+MAX_SEQ_LENGTH = 128
 _CONTROL = 3  # llama.cpp token type
 
 
@@ -23,7 +24,7 @@ def wordpiece_vocab() -> list[str]:
     writes continuations as '##piece'; control tokens ([CLS], [SEP], ...) are the same in both."""
     metadata = read_metadata(Path(os.environ["LLAMA_CPP_DIR"]) / "models" / "ggml-vocab-bert-bge.gguf")
     vocab = []
-    for token, kind in zip(metadata["tokenizer.ggml.tokens"], metadata["tokenizer.ggml.token_type"]):
+    for token, kind in zip(metadata["tokenizer.ggml.tokens"], metadata["tokenizer.ggml.token_type"], strict=True):
         if kind == _CONTROL:
             vocab.append(token)
         elif token.startswith("\u2581"):
@@ -51,6 +52,9 @@ def build(out_dir: Path, pooling: bool = True) -> None:
             {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
             {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
             {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]))
+        # Shorter than the 512 positions: sentence-transformers cuts inputs at max_seq_length.
+        (out_dir / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": MAX_SEQ_LENGTH,
+                                                                       "do_lower_case": False}))
         (out_dir / "1_Pooling").mkdir(exist_ok=True)
         (out_dir / "1_Pooling" / "config.json").write_text(json.dumps(
             {"word_embedding_dimension": HIDDEN, "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": True}))

@@ -46,7 +46,8 @@ def build(out_dir: Path) -> None:
         text_config=text_config, scale_factor=2, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         tie_word_embeddings=True)
     model = Idefics3ForConditionalGeneration(config).eval()
-    weights = {f"model.text_model.{k.removeprefix('model.')}": v for k, v in load_file(text / "model.safetensors").items()
+    text_weights = load_file(text / "model.safetensors")
+    weights = {f"model.text_model.{k.removeprefix('model.')}": v for k, v in text_weights.items()
                if k.startswith("model.")}
     embeddings = weights["model.text_model.embed_tokens.weight"]
     extra = torch.zeros(len(tokenizer) - embeddings.shape[0], embeddings.shape[1], dtype=embeddings.dtype)
