@@ -54,6 +54,17 @@ def wait_until(check, what: str, process: subprocess.Popen, log: Path, timeout: 
 
 
 @contextlib.contextmanager
+def tmpfs(path: Path, megabytes: int) -> Iterator[Path]:
+    """A size-capped tmpfs mounted at `path` (made here) for the block: a small disk that fills for real."""
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={megabytes}M", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "--lazy", str(path)], check=True)
+
+
+@contextlib.contextmanager
 def _running(command: list[str], log: Path, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen]:
     # Run in the log's folder: some servers (olah) write files into their working directory.
     with log.open("wb") as out:

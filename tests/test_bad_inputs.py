@@ -8,7 +8,6 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -183,13 +182,8 @@ def test_cancelled_run_cleans_up_and_pushes_nothing(stack, run_action, tmp_path,
 @pytest.fixture
 def small_filesystem(tmp_path):
     """A 400 MB tmpfs: less than converting SmolLM2 needs (its 269 MB checkpoint plus the 16-bit GGUF)."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400M", "tmpfs", str(mount)], check=True)
-    try:
+    with servers.tmpfs(tmp_path / "small", 400) as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=True)
 
 
 def test_too_little_disk_stops_before_download(stack, small_filesystem):

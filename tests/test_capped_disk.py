@@ -5,33 +5,21 @@ with Ollama's models, the Hub cache, the work dir, the workspace) lives in one s
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from bench import recipes
 from entrypoint.quantize import tag_suffix
-from tests import fault_report
+from tests import fault_report, servers
 from tests.conftest import HF_REPO, action_runner
 
 pytestmark = pytest.mark.servers
 QUANTIZATIONS = ("Q4_K_M", "Q8_0")
 CAP_MB = 700  # SmolLM2's checkpoint S is 269 MB: 2.6 x S. The recipe needs about 3.9 x S.
-
-
-@contextlib.contextmanager
-def capped_filesystem(path: Path, megabytes: int):
-    path.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={megabytes}M", "tmpfs", str(path)], check=True)
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "--lazy", str(path)], check=True)
 
 
 def checkpoint_mb() -> float:
@@ -41,7 +29,7 @@ def checkpoint_mb() -> float:
 
 def test_the_recipe_runs_out_of_space_where_the_action_publishes(stack, tmp_path):
     release = {f"1.0.0-{tag_suffix(q)}" for q in QUANTIZATIONS} | {"1.0.0", "latest"}
-    with capped_filesystem(tmp_path / "recipe", CAP_MB) as disk:
+    with servers.tmpfs(tmp_path / "recipe", CAP_MB) as disk:
         setup = recipes.Setup(hub_endpoint=stack.hub_endpoint, registry=stack.registry, quantizations=QUANTIZATIONS,
                               interval=1.0, exclude=frozenset())
         with pytest.raises(RuntimeError) as failure:
@@ -51,7 +39,7 @@ def test_the_recipe_runs_out_of_space_where_the_action_publishes(stack, tmp_path
         assert free_mb < 16, f"the recipe failed with {free_mb:.0f} MB still free: {failure.value}"
     fault_report.assert_all_or_nothing(stack.registry, "capped/recipe", release)
 
-    with capped_filesystem(tmp_path / "action", CAP_MB) as disk:
+    with servers.tmpfs(tmp_path / "action", CAP_MB) as disk:
         run = action_runner(disk)({
             "hf-repo": HF_REPO, "ollama-model": f"{stack.registry}/capped/action", "insecure-registry": "true",
             "quantizations": ", ".join(QUANTIZATIONS)}, env={"HF_ENDPOINT": stack.hub_endpoint})
@@ -64,7 +52,7 @@ def test_the_recipe_runs_out_of_space_where_the_action_publishes(stack, tmp_path
 def test_a_disk_that_fills_during_the_download_is_named_and_not_retried(stack, tmp_path):
     """With the preflight off (resource-check: false), the checkpoint's download itself fills the disk: the
     run says so, with the path and the space left, does not retry, and pushes nothing."""
-    with capped_filesystem(tmp_path / "small", 150) as disk:  # the checkpoint alone is 269 MB
+    with servers.tmpfs(tmp_path / "small", 150) as disk:  # the checkpoint alone is 269 MB
         run = action_runner(disk)({
             "hf-repo": HF_REPO, "ollama-model": f"{stack.registry}/capped/full", "insecure-registry": "true",
             "quantizations": "Q8_0", "resource-check": "false"}, env={"HF_ENDPOINT": stack.hub_endpoint})

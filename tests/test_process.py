@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import pytest
 
 from entrypoint import process
 from entrypoint.errors import DiskFull, ToolFailed
+from tests import servers
 
 
 @pytest.fixture
@@ -73,13 +73,8 @@ def test_missing_tool_is_a_tool_failure(tmp_path):
 @pytest.fixture
 def tiny_filesystem(tmp_path):
     """A 1 MB tmpfs."""
-    mount = tmp_path / "tiny"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", str(mount)], check=True)
-    try:
+    with servers.tmpfs(tmp_path / "tiny", 1) as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=True)
 
 
 def test_a_tool_that_fills_the_disk_fails_as_disk_full(tiny_filesystem):
