@@ -56,7 +56,11 @@ def summary_markdown(report: pipeline.Report, source: str, workspace: Path) -> s
         lines += [f"Checkpoint commit `{report.commit}`, Ollama {report.ollama_version}.", ""]
     lines += [f"Path taken: {report.path_taken}.", ""]
     if report.rendering:
-        lines += [f"Prompts are rendered by Ollama with {report.rendering}.", ""]
+        offered = " and ".join(report.capabilities) or "neither tools nor thinking"
+        lines += [f"Prompts are rendered by Ollama with {report.rendering}. The models offer {offered}.", ""]
+    if report.sampling:
+        lines += ["Sampling defaults: " + ", ".join(f"{name} {value} ({source})" for name, value, source in
+                                                    report.sampling) + ".", ""]
     lines += ["| Model | Quantization | Size | Digest | Smoke test answer | Pushed |",
               "|---|---|---:|---|---|---|"]
     pushed = {(True, True): "yes, pulled back by an empty Ollama", (True, False): "yes, **not pulled back**",

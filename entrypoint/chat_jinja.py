@@ -70,11 +70,11 @@ def _time_budget(seconds: float) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
-def render(template: str, messages: list[dict[str, str]], *, bos_token: str, eos_token: str,
+def render(template: str, messages: list[dict[str, Any]], *, bos_token: str, eos_token: str,
            add_generation_prompt: bool = True, today: datetime.datetime | None = None,
            variables: Mapping[str, Any] | None = None) -> str:
     """The prompt text `template` makes of `messages` (`today` fixes strftime_now's date; `variables` are
-    further ones, as transformers' apply_chat_template passes its keyword arguments, e.g. enable_thinking).
+    further ones, as transformers' apply_chat_template passes its keyword arguments: tools, enable_thinking).
     Raises jinja2.TemplateError if it cannot, RepoRefused past the budget."""
     env = jinja2.sandbox.ImmutableSandboxedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationBlocks, jinja2.ext.loopcontrols])
@@ -94,6 +94,9 @@ def render(template: str, messages: list[dict[str, str]], *, bos_token: str, eos
                                       f"characters for a conversation of {len(messages)} short messages. Set the "
                                       "template input to a catalog template or a Go template file.",
                                       input_name="template", title="Chat template refused")
+    except (TypeError, ValueError, LookupError, AttributeError, ArithmeticError) as exc:
+        # Python's own errors inside an untrusted template (tojson of a generator, say): it cannot render this.
+        raise jinja2.TemplateError(f"{type(exc).__name__}: {exc}") from exc
     except _OutOfTime:
         raise RepoRefused(f"The checkpoint's chat template did not render a conversation of {len(messages)} short "
                           f"messages within {RENDER_BUDGET_S:.0f} s (real ones take milliseconds: a loop?). Set the "
@@ -115,6 +118,7 @@ _SYSTEM, _USER1, _ASSISTANT1, _USER2, _ASSISTANT2, _USER3 = (
 class Derived:
     go_template: str
     default_system: str  # what the template inserts when a conversation has no system message
+    supports_system: bool  # False: the template refuses system messages or silently drops them
     end_of_turn: tuple[str, ...]  # special tokens that close an assistant turn
     begin_of_turn: tuple[str, ...]  # special tokens that open a turn (never stop tokens)
 
@@ -186,13 +190,15 @@ def derive(template: str, *, bos_token: str, eos_token: str, special_tokens: tup
     start_user, user_to_assistant, assistant_to_user, user_end = no_system
     if longer != [start_user, user_to_assistant, assistant_to_user, user_to_assistant, assistant_to_user, user_end]:
         raise CannotDerive("the text between turns depends on their position in the conversation")
+    with_system_messages = [("system", _SYSTEM), ("user", _USER1), ("assistant", _ASSISTANT1), ("user", _USER2)]
     try:
+        if _SYSTEM not in run(with_system_messages, _DATES[0]):
+            raise jinja2.TemplateError("the template drops system messages")
         start_system, system_to_user, *with_system = _dated_pieces(
-            run, [("system", _SYSTEM), ("user", _USER1), ("assistant", _ASSISTANT1), ("user", _USER2)],
-            [_SYSTEM, _USER1, _ASSISTANT1, _USER2])
+            run, with_system_messages, [_SYSTEM, _USER1, _ASSISTANT1, _USER2])
         if with_system != [user_to_assistant, assistant_to_user, user_end]:
             raise CannotDerive("a system message changes how the other turns are rendered")
-    except jinja2.TemplateError:  # the template refuses system messages: Ollama's are dropped
+    except jinja2.TemplateError:  # the template refuses system messages, or drops them: so are Ollama's
         start_system, system_to_user = None, ""
 
     if bos_added and bos_token:
@@ -230,5 +236,59 @@ def derive(template: str, *, bos_token: str, eos_token: str, special_tokens: tup
             break
     opening_text = start_user + user_to_assistant + closing[len(end_of_turn[0]) if end_of_turn else 0:]
     begin_of_turn = tuple(t for t in special_tokens if t in opening_text and t not in end_of_turn)
-    return Derived(go_template=go_template, default_system=default_system, end_of_turn=end_of_turn,
-                   begin_of_turn=begin_of_turn)
+    return Derived(go_template=go_template, default_system=default_system, supports_system=start_system is not None,
+                   end_of_turn=end_of_turn, begin_of_turn=begin_of_turn)
+
+
+@dataclasses.dataclass(frozen=True)
+class Capabilities:
+    """What a chat template writes, found by rendering marker conversations (never by searching its text)."""
+    tools: bool  # the tool definitions of a request with `tools`
+    tool_round_trip: bool  # an assistant turn's tool calls and the tool results after it
+    thinking: bool  # a thinking block: earlier turns' reasoning_content, a <think> it opens, or a switch
+    thinking_switch: bool  # enable_thinking changes the prompt
+
+    def names(self) -> tuple[str, ...]:
+        """As Ollama's /api/show lists them."""
+        return tuple(name for name, present in (("tools", self.tools), ("thinking", self.thinking)) if present)
+
+
+NO_CAPABILITIES = Capabilities(tools=False, tool_round_trip=False, thinking=False, thinking_switch=False)
+
+_TOOL_NAME, _CALL_NAME, _RESULT, _REASONING = "TOOLMARKERG", "CALLMARKERH", "RESULTMARKERI", "REASONINGMARKERJ"
+
+
+def _marker_tool(name: str) -> dict[str, Any]:
+    return {"type": "function", "function": {"name": name, "description": "A marker tool", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "description": "A city"}}, "required": ["city"]}}}
+
+
+def capabilities(template: str, *, bos_token: str, eos_token: str) -> Capabilities:
+    """Which of tools and thinking `template` supports: each is rendered in a marker conversation and must
+    show up in the prompt (a template that fails on one lacks it)."""
+    def shows(marker: str, messages: list[dict[str, Any]], **variables: Any) -> bool:
+        try:
+            return marker in render(template, messages, bos_token=bos_token, eos_token=eos_token,
+                                    add_generation_prompt=variables.pop("add_generation_prompt", True),
+                                    today=_DATES[0], variables=variables)
+        except jinja2.TemplateError:
+            return False
+
+    user = {"role": "user", "content": _USER1}
+    call = {"role": "assistant", "content": "", "tool_calls": [{"id": "call00001", "type": "function", "function": {
+        "name": _CALL_NAME, "arguments": {"city": "Paris"}}}]}
+    result = {"role": "tool", "content": _RESULT, "tool_call_id": "call00001"}
+    tools = [_marker_tool(_TOOL_NAME), _marker_tool(_CALL_NAME)]
+    with_tools = shows(_TOOL_NAME, [user], tools=tools)
+    round_trip = shows(_CALL_NAME, [user, call, result], tools=[_marker_tool(_TOOL_NAME)]) and \
+        shows(_RESULT, [user, call, result], tools=[_marker_tool(_TOOL_NAME)])
+    answer = {"role": "assistant", "content": _ASSISTANT1, "reasoning_content": _REASONING}
+    reasoning = shows(_REASONING, [user, answer], add_generation_prompt=False)
+    try:
+        on, off, opened = (render(template, [user], bos_token=bos_token, eos_token=eos_token, today=_DATES[0],
+                                  variables=v) for v in ({"enable_thinking": True}, {"enable_thinking": False}, None))
+        switch, opens = on != off, "<think>" in opened.rpartition(_USER1)[2]
+    except jinja2.TemplateError:
+        switch = opens = False
+    return Capabilities(tools=with_tools, tool_round_trip=with_tools and round_trip,
+                        thinking=reasoning or switch or opens, thinking_switch=switch)

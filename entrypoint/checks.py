@@ -21,7 +21,7 @@ SMOKE_MAX_TOKENS = 256
 GREEDY = {"temperature": 0, "seed": 0}
 
 SYSTEM = "You are a terse assistant."
-CONVERSATIONS: dict[str, list[dict[str, str]]] = {
+CONVERSATIONS: dict[str, list[dict[str, Any]]] = {
     "user": [{"role": "user", "content": "Name a prime number."}],
     "system + user": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Name a prime number."}],
     "multi-turn": [{"role": "user", "content": "Name a prime number."}, {"role": "assistant", "content": "7"},
@@ -29,6 +29,62 @@ CONVERSATIONS: dict[str, list[dict[str, str]]] = {
     "system + multi-turn": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Name a prime number."},
                             {"role": "assistant", "content": "7"}, {"role": "user", "content": "And an even one?"}],
 }
+
+# Two tools in the form Ollama passes every request's tools on (its Go structs' key order: type, required,
+# properties; empty lists left out), so that the comparison measures the template, not that reordering.
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Get the current weather in a city",
+    "parameters": {"type": "object", "required": ["city"], "properties": {
+        "city": {"type": "string", "description": "The city, e.g. Paris"},
+        "unit": {"type": "string", "description": "Temperature unit", "enum": ["celsius", "fahrenheit"]}}}}}
+CLOCK = {"type": "function", "function": {
+    "name": "get_time", "description": "Get the current time", "parameters": {"type": "object", "properties": {}}}}
+TOOLS = [WEATHER, CLOCK]
+ASK = {"role": "user", "content": "What is the weather in Paris?"}
+CALL_ID = "call00001"  # 9 characters: Mistral's templates refuse other ids
+CALL = {"role": "assistant", "content": "", "tool_calls": [{"id": CALL_ID, "type": "function", "function": {
+    "name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}}]}
+RESULT = {"role": "tool", "content": "18 C, sunny", "tool_call_id": CALL_ID}
+REASONING = "The user wants the weather: call get_weather."
+
+
+@dataclasses.dataclass(frozen=True)
+class Conversation:
+    """A parity conversation as transformers takes it, with the request's tools and think (None: not sent;
+    a think sent is the Jinja's enable_thinking)."""
+    messages: list[dict[str, Any]]
+    tools: list[dict[str, Any]] | None = None
+    think: bool | None = None
+    kind: str = "plain"  # plain, tools or thinking: the report's columns
+
+
+def conversations(caps: chat_jinja.Capabilities) -> dict[str, Conversation]:
+    """The plain conversations, and those of the tools and thinking the checkpoint's template supports."""
+    cases = {label: Conversation(messages) for label, messages in CONVERSATIONS.items()}
+    system = {"role": "system", "content": SYSTEM}
+    if caps.tools:
+        cases["two tools"] = Conversation([ASK], TOOLS, kind="tools")
+        cases["two tools + system"] = Conversation([system, ASK], TOOLS, kind="tools")
+        if caps.tool_round_trip:
+            cases["tool call + result"] = Conversation([ASK, CALL, RESULT], TOOLS, kind="tools")
+    if caps.thinking_switch:
+        cases["thinking on"] = Conversation([ASK], think=True, kind="thinking")
+        cases["thinking off"] = Conversation([ASK], think=False, kind="thinking")
+    if caps.thinking and caps.tool_round_trip:
+        cases["thinking + tool call + result"] = Conversation(
+            [ASK, {**CALL, "reasoning_content": REASONING}, RESULT], TOOLS, think=True, kind="thinking")
+    return cases
+
+
+def for_ollama(message: dict[str, Any]) -> dict[str, Any]:
+    """A message as Ollama's API takes it: tool calls without their type, thinking as "thinking" (transformers'
+    reasoning_content)."""
+    out = {k: v for k, v in message.items() if k != "reasoning_content"}
+    if "reasoning_content" in message:
+        out["thinking"] = message["reasoning_content"]
+    if "tool_calls" in message:
+        out["tool_calls"] = [{k: v for k, v in call.items() if k != "type"} for call in message["tool_calls"]]
+    return out
 
 
 def smoke_test(client: OllamaClient, model: str, prompt: str, parameters: tuple[tuple[str, Any], ...]) -> str:
@@ -161,18 +217,21 @@ class ParityFailure:
 
 
 def prompt_parity(client: OllamaClient, model: str, create_body: dict[str, Any], info: modelfile.TokenizerInfo,
-                  adds_bos: bool, renderings: list[str]) -> tuple[list[ParityFailure], int]:
-    """For each fixed conversation and each of `renderings` (renderings_to_check's: the model's own
-    first), the prompt Ollama builds for a chat request must be the checkpoint's own Jinja rendering,
-    character for character (so token for token). Returns the conversations that differ, and how many
-    were compared (a conversation the checkpoint's own template cannot render is skipped).
+                  adds_bos: bool, renderings: list[str],
+                  cases: dict[str, Conversation] | None = None) -> tuple[list[ParityFailure], int]:
+    """For each conversation of `cases` (default: the plain ones) and each of `renderings`
+    (renderings_to_check's: the model's own first), the prompt Ollama builds for a chat request must be
+    the checkpoint's own Jinja rendering, character for character (so token for token). Returns the
+    conversations that differ, and how many were compared (a conversation the checkpoint's own template
+    cannot render is skipped).
 
     Ollama's chat endpoint returns the prompt a request renders to, without running the model, when
     asked with _debug_render_only; on the Jinja rendering it is llama-server's. The model itself is
     asked for its own rendering; a probe created like it but forced to the Go TEMPLATE for that one.
-    The requests carry no `think`, as most clients' do: a model Ollama deems able to think then thinks
+    A request without `think`, as most clients send, makes a model Ollama deems able to think think
     (think: true, passed to the Jinja as enable_thinking), so the Jinja rendering compared gets the same.
     """
+    cases = cases if cases is not None else {label: Conversation(m) for label, m in CONVERSATIONS.items()}
     probe = f"{model.rpartition(':')[0]}:parity-probe"
     forced = GO_TEMPLATE in renderings[1:]
     if forced:
@@ -180,19 +239,22 @@ def prompt_parity(client: OllamaClient, model: str, create_body: dict[str, Any],
     failures, compared = [], 0
     try:
         targets = {rendering: probe if forced and rendering == GO_TEMPLATE else model for rendering in renderings}
-        thinks = {rendering: "thinking" in client.show(target).get("capabilities", [])
-                  for rendering, target in targets.items()}
-        for label, conversation in CONVERSATIONS.items():
+        offered = {rendering: set(client.show(target).get("capabilities", [])) for rendering, target in targets.items()}
+        thinks = {rendering: "thinking" in offered[rendering] for rendering in targets}
+        for label, case in cases.items():
             for rendering, target in targets.items():
+                if case.kind != "plain" and case.kind not in offered[rendering]:
+                    continue  # that rendering offers no tools (or thinking): check_capabilities tells
                 try:
-                    expected = _reference(info, conversation, thinks[rendering], adds_bos)
+                    expected = _reference(info, case, thinks[rendering], adds_bos)
                 except jinja2.TemplateError as exc:
                     github.warning(f"prompt parity: the checkpoint's template cannot render '{label}' ({exc}); "
                                    "skipped")
                     break
                 compared += 1
                 try:
-                    actual = client.render_chat(target, conversation)
+                    actual = client.render_chat(target, [for_ollama(m) for m in case.messages], case.tools,
+                                                case.think)
                 except OllamaRefused as exc:  # the chat template itself fails in Ollama's renderer
                     failures.append(ParityFailure(label, rendering, expected, f"(Ollama could not build it: {exc})"))
                     github.log(f"  {label} [{rendering}]: FAILED TO RENDER")
@@ -208,17 +270,36 @@ def prompt_parity(client: OllamaClient, model: str, create_body: dict[str, Any],
     return failures, compared
 
 
-def _reference(info: modelfile.TokenizerInfo, conversation: list[dict[str, str]], thinking: bool,
-               adds_bos: bool) -> str:
-    """The checkpoint's own rendering of `conversation`, as the prompt should reach the model."""
-    expected = chat_jinja.render(info.chat_template, conversation, bos_token=info.bos_token,
-                                 eos_token=(info.eos_tokens or ("",))[0],
-                                 variables={"enable_thinking": True} if thinking else None)
+def _reference(info: modelfile.TokenizerInfo, case: Conversation, thinks: bool, adds_bos: bool) -> str:
+    """The checkpoint's own rendering of `case`, as the prompt should reach the model."""
+    variables: dict[str, Any] = {}
+    if case.tools is not None:
+        variables["tools"] = case.tools
+    if case.think is not None or thinks:
+        variables["enable_thinking"] = case.think if case.think is not None else True
+    expected = chat_jinja.render(info.chat_template, case.messages, bos_token=info.bos_token,
+                                 eos_token=(info.eos_tokens or ("",))[0], variables=variables)
     # When the GGUF's tokenizer prepends BOS, the prompt must not hold it (llama-server leaves it out of
     # its Jinja rendering too). A TEMPLATE that writes BOS itself then differs: the model would see BOS twice.
     if adds_bos and info.bos_token and expected.startswith(info.bos_token):
         expected = expected[len(info.bos_token):]
     return expected
+
+
+def offered_capabilities(show: dict[str, Any]) -> tuple[str, ...]:
+    """The tools and thinking a model offers, from its /api/show."""
+    return tuple(name for name in ("tools", "thinking") if name in show.get("capabilities", []))
+
+
+def capability_failures(caps: chat_jinja.Capabilities, show: dict[str, Any]) -> list[ParityFailure]:
+    """A model must offer the checkpoint's tools and thinking, no more and no fewer: fewer and clients
+    are refused what the model was trained for, more and they get what it never learned."""
+    offered = offered_capabilities(show)
+    if offered == caps.names():
+        return []
+    return [ParityFailure("capabilities", "api/show", f"the checkpoint's template supports: "
+                          f"{', '.join(caps.names()) or 'no tools, no thinking'}",
+                          f"the model offers: {', '.join(offered) or 'no tools, no thinking'}")]
 
 
 def explain(failures: list[ParityFailure]) -> str:

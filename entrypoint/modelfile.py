@@ -30,6 +30,7 @@ class ChatFormat:
     begin_of_turn: tuple[str, ...]
     default_system: str = ""
     family: str = ""  # the catalog family it is or resembles, "" if none
+    supports_system: bool = True  # False: the checkpoint's template refuses or drops system messages
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,7 +204,39 @@ def choose_format(template_input: str, info: TokenizerInfo, workspace: Path, bos
     detected = f" ({family.name} family)" if family is not None else ""
     return ChatFormat(name=f"derived from the checkpoint's chat template{detected}", template=derived.go_template,
                       end_of_turn=derived.end_of_turn, begin_of_turn=derived.begin_of_turn,
-                      default_system=derived.default_system, family=family.name if family else "")
+                      default_system=derived.default_system, family=family.name if family else "",
+                      supports_system=derived.supports_system)
+
+
+def candidate_formats(template_input: str, info: TokenizerInfo, workspace: Path,
+                      bos_added: bool = False) -> list[ChatFormat]:
+    """The templates to try, in order, until one proves itself in Ollama: choose_format's, then (for
+    `auto`) the detected family's catalog template, which writes tools and thinking where the family has
+    them while a derived template writes neither."""
+    first = choose_format(template_input, info, workspace, bos_added)
+    family = detect_family(info) if template_input == "auto" else None
+    if family is None or first.name == family.chat_format().name:
+        return [first]
+    return [first, dataclasses.replace(family.chat_format(), default_system=first.default_system)]
+
+
+# generation_config.json's sampling fields and the Ollama parameters they become.
+SAMPLING_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                   "repetition_penalty": "repeat_penalty"}
+
+
+def sampling_defaults(checkpoint: Path, base: Path | None = None) -> tuple[tuple[str, float | int], ...]:
+    """The checkpoint's own sampling defaults (generation_config.json, else a LoRA base's), as Ollama
+    parameters. transformers samples with them only when do_sample is true; otherwise it decodes greedily
+    and they mean nothing, so none are taken."""
+    path = checkpoint / "generation_config.json"
+    if not path.is_file() and base is not None:
+        path = base / "generation_config.json"
+    config = _read_json(path)
+    if config.get("do_sample") is not True:
+        return ()
+    return tuple((parameter, config[field]) for field, parameter in SAMPLING_FIELDS.items()
+                 if isinstance(config.get(field), int | float) and not isinstance(config.get(field), bool))
 
 
 def stop_tokens(chat_format: ChatFormat, info: TokenizerInfo) -> tuple[str, ...]:

@@ -133,13 +133,23 @@ class OllamaClient:
             raise PublishError(f"Ollama create of {body['model']} ended without success (last status: {last}).",
                                title="Ollama create failed")
 
-    def chat(self, model: str, messages: list[dict[str, Any]], options: dict[str, Any]) -> dict[str, Any]:
-        body = {"model": model, "messages": messages, "options": options, "stream": False}
+    def chat(self, model: str, messages: list[dict[str, Any]], options: dict[str, Any],
+             tools: list[dict[str, Any]] | None = None, think: bool | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"model": model, "messages": messages, "options": options, "stream": False}
+        if tools is not None:
+            body["tools"] = tools
+        if think is not None:
+            body["think"] = think
         return self._check(self._send("POST", "/api/chat", "chat", json=body), "chat").json()
 
-    def render_chat(self, model: str, messages: list[dict[str, str]]) -> str:
+    def render_chat(self, model: str, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
+                    think: bool | None = None) -> str:
         """The prompt a chat request renders to, as the model would get it, without running the model."""
-        body = {"model": model, "messages": messages, "stream": False, "_debug_render_only": True}
+        body: dict[str, Any] = {"model": model, "messages": messages, "stream": False, "_debug_render_only": True}
+        if tools is not None:
+            body["tools"] = tools
+        if think is not None:
+            body["think"] = think
         response = self._check(self._send("POST", "/api/chat", "chat rendering", json=body), "chat rendering")
         return response.json()["_debug_info"]["rendered_template"]
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from . import checks, convert, github, gguf_header, hub, modelfile, preflight, quantize, registry, retry
+from . import chat_jinja, checks, convert, github, gguf_header, hub, modelfile, preflight, quantize, registry, retry
 from .errors import CheckFailed, InputError, RegistryError
 from .ollama import OllamaClient, free_loopback_address, serve
 from .settings import Settings
@@ -44,6 +44,8 @@ class Report:
     path_taken: str  # how the repo was published, and why (hub.Plan.why)
     extra_ggufs: tuple[Path, ...]  # a vision model's projector: shared by every tag
     rendering: str  # what renders the prompts in users' Ollama (checks.selected_rendering); "" for embeddings
+    capabilities: tuple[str, ...] = ()  # tools, thinking: what the published models offer (as proven)
+    sampling: tuple[tuple[str, Any, str], ...] = ()  # (parameter, value, where it came from)
 
 
 def run(settings: Settings) -> Report:
@@ -70,7 +72,8 @@ def run(settings: Settings) -> Report:
                 info = _tokenizer_info(checkpoint)
                 embedding_context = _embedding_context(checkpoint) if task == "embedding" else None
                 if task != "embedding":  # a template that cannot work fails now
-                    modelfile.choose_format(settings.template, info, settings.workspace)
+                    _check_system_support(settings, modelfile.choose_format(settings.template, info,
+                                                                            settings.workspace))
                 license_text = modelfile.read_license(checkpoint.adapter or checkpoint.path) or \
                     modelfile.read_license(checkpoint.path)
             projector = _extra_path(settings, "mmproj-f16") if task == "vision" else None
@@ -81,30 +84,45 @@ def run(settings: Settings) -> Report:
                 with github.group("3. Convert to GGUF and quantize"):
                     ggufs = _build_ggufs(settings, checkpoint, scratch, projector)
             with github.group("4. Render the Modelfile"):
+                formats = [] if task == "embedding" else modelfile.candidate_formats(
+                    settings.template, info, settings.workspace, convert.adds_bos(ggufs[settings.quantizations[0]]))
+                sampling = _sampling(settings, checkpoint) if task != "embedding" else ()
                 spec, embedding_size = _describe(settings, task, info, ggufs, projector, license_text,
-                                                 embedding_context)
+                                                 embedding_context, formats[0] if formats else None, sampling)
                 modelfile_path = _write_modelfile(settings, spec, ggufs, projector)
             with github.group("5. Create the models and prove they work"):
                 digests = {q: client.upload_blob(path) for q, path in ggufs.items()}
                 projector_file = (projector.name, client.upload_blob(projector)) if projector else None
                 results = _create(client, settings, spec, ggufs, digests, projector_file)
                 rendering = ""
+                offered: tuple[str, ...] = ()
                 smoke: Callable[[OllamaClient, str], str] = (
                     (lambda server, name: checks.embedding_smoke_test(server, name, embedding_size))
                     if task == "embedding" else (lambda server, name: _chat_smoke_test(server, settings, name, task)))
-                if task == "embedding":
-                    _smoke_test(client, settings, results, lambda name: smoke(client, name))
-                else:
-                    # Every tag has the same template and GGUF metadata, so the same rendering.
-                    rendering = checks.selected_rendering(client.show(results[0].name), spec.template)
-                    if settings.prompt_parity != "off" and \
-                            _check_prompt_parity(client, settings, spec, info, ggufs, digests, results, rendering):
-                        spec = dataclasses.replace(spec, parser=checks.PIN_PARSER)
-                        modelfile_path = _write_modelfile(settings, spec, ggufs, projector)
-                        results = _create(client, settings, spec, ggufs, digests, projector_file)
-                        rendering = checks.selected_rendering(client.show(results[0].name), spec.template)
-                    github.log(f"Ollama renders the prompts with {checks.describe_rendering(rendering)}")
-                    _smoke_test(client, settings, results, lambda name: smoke(client, name))
+                if task != "embedding":
+                    caps = chat_jinja.capabilities(info.chat_template, bos_token=info.bos_token,
+                                                   eos_token=(info.eos_tokens or ("",))[0]) \
+                        if info.chat_template else chat_jinja.NO_CAPABILITIES
+                    github.log(f"the checkpoint's chat template supports: {_names(caps.names())}")
+                    for attempt, chat_format in enumerate(formats):
+                        if attempt:  # the previous template failed its proof: the next one, from scratch
+                            spec = _describe_model(settings, info, license_text, chat_format, sampling)
+                            modelfile_path = _write_modelfile(settings, spec, ggufs, projector)
+                            results = _create(client, settings, spec, ggufs, digests, projector_file)
+                        spec, results, rendering, failures = _prove_template(
+                            client, settings, spec, info, caps, ggufs, digests, results, projector_file)
+                        if failures is None or not failures:
+                            break
+                        if attempt + 1 < len(formats):
+                            github.log(f"{chat_format.name}: {_failure_headline(failures)}; trying "
+                                       f"{formats[attempt + 1].name} instead.\n" + checks.explain(failures))
+                            continue
+                        _parity_failed(settings, results[0].name, failures)
+                    modelfile_path = _write_modelfile(settings, spec, ggufs, projector)
+                    offered = checks.offered_capabilities(client.show(results[0].name))
+                    github.log(f"Ollama renders the prompts with {checks.describe_rendering(rendering)}; the models "
+                               f"offer: {_names(offered)}")
+                _smoke_test(client, settings, results, lambda name: smoke(client, name))
             if settings.push:
                 with github.group("6. Push"):
                     _push(client, settings, results)
@@ -113,7 +131,8 @@ def run(settings: Settings) -> Report:
             return Report(results=results, modelfile=modelfile_path, commit=checkpoint.commit,
                           ollama_version=client.version(), path_taken=checkpoint.plan.why + TASK_NOTES[task],
                           extra_ggufs=(projector,) if projector else (),
-                          rendering=checks.describe_rendering(rendering) if rendering else "")
+                          rendering=checks.describe_rendering(rendering) if rendering else "",
+                          capabilities=offered, sampling=sampling)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
         github.give_to_workspace_owner(settings.output_dir, settings.workspace)
@@ -246,11 +265,12 @@ def _embedding_context(checkpoint: hub.Checkpoint) -> int | None:
 
 
 def _describe(settings: Settings, task: str, info: modelfile.TokenizerInfo, ggufs: dict[str, Path],
-              projector: Path | None, license_text: str,
-              embedding_context: int | None = None) -> tuple[modelfile.ModelSpec, int]:
+              projector: Path | None, license_text: str, embedding_context: int | None,
+              chat_format: modelfile.ChatFormat | None,
+              sampling: tuple[tuple[str, Any, str], ...]) -> tuple[modelfile.ModelSpec, int]:
     """The model's spec, and for an embedding model its embedding size (else 0)."""
     default_gguf = ggufs[settings.quantizations[0]]
-    if task == "embedding":
+    if task == "embedding" or chat_format is None:
         size = convert.check_embedding_model(gguf_header.read_metadata(default_gguf), _source_input(settings))
         parameters = settings.parameters
         if embedding_context and "num_ctx" not in dict(parameters):
@@ -260,8 +280,30 @@ def _describe(settings: Settings, task: str, info: modelfile.TokenizerInfo, gguf
         github.log(f"embedding model ({size} dimensions): no chat template, no stop tokens")
         return modelfile.ModelSpec(template="", system="", parameters=parameters, license=license_text,
                                    source=settings.source_label), size
-    # Only the GGUF tells whether its tokenizer prepends BOS, which the template must then leave out.
-    return _describe_model(settings, info, license_text, convert.adds_bos(default_gguf)), 0
+    return _describe_model(settings, info, license_text, chat_format, sampling), 0
+
+
+def _check_system_support(settings: Settings, chat_format: modelfile.ChatFormat) -> None:
+    if settings.system and not chat_format.supports_system:
+        raise InputError("The checkpoint's chat template has no system turn (it refuses or drops system messages), "
+                         "so the system prompt would never reach the model as it was trained. Remove the system "
+                         "input, or set the template input to a catalog template that places it.",
+                         input_name="system")
+
+
+def _sampling(settings: Settings, checkpoint: hub.Checkpoint) -> tuple[tuple[str, Any, str], ...]:
+    """Sampling parameters and where each comes from: the parameters input wins over the checkpoint's
+    generation_config.json."""
+    own = {name: value for name, value in settings.parameters}
+    folder = checkpoint.adapter or checkpoint.path
+    found = modelfile.sampling_defaults(folder, base=checkpoint.path) if checkpoint.plan.kind != "gguf" else ()
+    chosen = [(name, own.get(name, value), "parameters input" if name in own else "generation_config.json")
+              for name, value in found]
+    chosen += [(name, own[name], "parameters input") for name in modelfile.SAMPLING_FIELDS.values()
+               if name in own and name not in dict(found)]
+    for name, value, source in chosen:
+        github.log(f"sampling: {name} {value} ({source})")
+    return tuple(chosen)
 
 
 def _chat_smoke_test(client: OllamaClient, settings: Settings, name: str, task: str) -> str:
@@ -288,14 +330,15 @@ def _tokenizer_folder(checkpoint: hub.Checkpoint) -> Path:
 
 
 def _describe_model(settings: Settings, info: modelfile.TokenizerInfo, license_text: str,
-                    bos_added: bool) -> modelfile.ModelSpec:
+                    chat_format: modelfile.ChatFormat, sampling: tuple[tuple[str, Any, str], ...]
+                    ) -> modelfile.ModelSpec:
     """Template, stop tokens, system prompt, parameters and license of every tag."""
-    chat_format = modelfile.choose_format(settings.template, info, settings.workspace, bos_added)
     stops = modelfile.stop_tokens(chat_format, info)
     system = settings.system or chat_format.default_system
     github.log(f"chat template: {chat_format.name}; stop tokens: {', '.join(stops) or '(none)'}")
     user_stops = [v for n, v in settings.parameters if n == "stop"]
-    parameters = tuple(("stop", s) for s in stops if s not in user_stops) + settings.parameters
+    defaults = tuple((name, value) for name, value, source in sampling if source == "generation_config.json")
+    parameters = tuple(("stop", s) for s in stops if s not in user_stops) + defaults + settings.parameters
     return modelfile.ModelSpec(template=chat_format.template, system=system, parameters=parameters,
                                license=license_text, source=settings.source_label)
 
@@ -422,24 +465,33 @@ def _create(client: OllamaClient, settings: Settings, spec: modelfile.ModelSpec,
     return results
 
 
-def _check_prompt_parity(client: OllamaClient, settings: Settings, spec: modelfile.ModelSpec,
-                         info: modelfile.TokenizerInfo, ggufs: dict[str, Path], digests: dict[str, str],
-                         results: list[TagResult], rendering: str) -> bool:
-    """Once per release, on the smallest quantization (the quickest to load): every quantization has the
-    same template and the same tokenizer (llama-quantize copies the metadata), so the same prompts.
-    Checked on every rendering users' Ollama may use (checks.renderings_to_check). Returns whether the
-    TEMPLATE must be pinned: it builds the checkpoint's prompts, and the GGUF's Jinja, which Ollama
-    prefers, does not (llama-server renders it other than transformers, or the GGUF's copy is stale)."""
+def _prove_template(client: OllamaClient, settings: Settings, spec: modelfile.ModelSpec,
+                    info: modelfile.TokenizerInfo, caps: chat_jinja.Capabilities, ggufs: dict[str, Path],
+                    digests: dict[str, str], results: list[TagResult], projector: tuple[str, str] | None
+                    ) -> tuple[modelfile.ModelSpec, list[TagResult], str, list[checks.ParityFailure] | None]:
+    """Prompt parity and capabilities of the created models: (spec, results and rendering, maybe pinned;
+    the failures, None when nothing was checked).
+
+    Parity runs once per release, on the smallest quantization (the quickest to load): every quantization
+    has the same template and the same tokenizer (llama-quantize copies the metadata), so the same prompts.
+    It is checked on every rendering users' Ollama may use (checks.renderings_to_check), with the tools and
+    thinking conversations the checkpoint's template supports. When only the GGUF's Jinja, which Ollama
+    prefers, fails (llama-server renders it other than transformers, or the GGUF's copy is stale) the
+    TEMPLATE is pinned. Then the models must offer exactly the checkpoint's tools and thinking."""
+    rendering = checks.selected_rendering(client.show(results[0].name), spec.template)
+    if settings.prompt_parity == "off":
+        return spec, results, rendering, None
     if not info.chat_template:
         github.warning("prompt parity not checked: the checkpoint has no chat template to compare with")
-        return False
+        return spec, results, rendering, None
     quant = min(ggufs, key=lambda q: ggufs[q].stat().st_size)
     name = next(r.name for r in results if r.quantization == quant)
     renderings = checks.renderings_to_check(rendering, spec.template)
     github.log(f"prompt parity of {name} with the checkpoint's chat template (the same for every quantization), "
                f"as Ollama renders it [{', '.join(renderings)}]:")
     body = modelfile.create_request(spec, name, digests[quant], ggufs[quant].name)
-    failures, compared = checks.prompt_parity(client, name, body, info, convert.adds_bos(ggufs[quant]), renderings)
+    failures, compared = checks.prompt_parity(client, name, body, info, convert.adds_bos(ggufs[quant]), renderings,
+                                              checks.conversations(caps))
     if not compared:
         message = ("Prompt parity compared nothing: the checkpoint's own chat template could render none of the "
                    "conversations (see the warnings). Nothing proves Ollama's prompts; set the template input, or "
@@ -447,25 +499,35 @@ def _check_prompt_parity(client: OllamaClient, settings: Settings, spec: modelfi
         if settings.prompt_parity == "fail":
             raise CheckFailed(message, input_name="template", title="Prompt parity failed")
         github.warning(message)
-        return False
-    if not failures:
-        return False
-    if checks.GO_TEMPLATE in renderings[1:] and all(f.rendering == checks.CHAT_TEMPLATE for f in failures):
+        return spec, results, rendering, None
+    if failures and checks.GO_TEMPLATE in renderings[1:] and all(f.rendering == checks.CHAT_TEMPLATE for f in failures):
         github.warning(f"Ollama would render the prompts of {name} with the GGUF's own Jinja chat template, in "
                        "llama-server (it supports more than the TEMPLATE: tools, thinking), and that builds other "
-                       f"prompts than the checkpoint for {len(failures)} of {len(checks.CONVERSATIONS)} conversations; "
-                       f"the TEMPLATE builds the same. The models pin the TEMPLATE (PARSER {checks.PIN_PARSER}), so "
-                       "Ollama renders that, and offers no tool calling through the Jinja.\n"
+                       f"prompts than the checkpoint for {len(failures)} conversations; the TEMPLATE builds the same. "
+                       f"The models pin the TEMPLATE (PARSER {checks.PIN_PARSER}), so Ollama renders that.\n"
                        + checks.explain(failures))
-        return True
-    message = (f"Prompt parity failed for {name}: Ollama builds a different prompt than the checkpoint's own "
-               f"chat template for {len(failures)} of {compared} conversations and renderings. Set the template "
-               "input to the right template (or prompt-parity: warn to publish anyway).\n"
-               + checks.explain(failures))
+        spec = dataclasses.replace(spec, parser=checks.PIN_PARSER)
+        results = _create(client, settings, spec, ggufs, digests, projector)
+        rendering = checks.selected_rendering(client.show(results[0].name), spec.template)
+        failures = []
+    return spec, results, rendering, failures + checks.capability_failures(caps, client.show(name))
+
+
+def _failure_headline(failures: list[checks.ParityFailure]) -> str:
+    return f"{len(failures)} failed checks ({', '.join(dict.fromkeys(f.conversation for f in failures))})"
+
+
+def _parity_failed(settings: Settings, name: str, failures: list[checks.ParityFailure]) -> None:
+    message = (f"Prompt parity failed for {name}: Ollama builds other prompts than the checkpoint's own chat "
+               f"template, or offers other capabilities: {_failure_headline(failures)}. Set the template input to "
+               "the right template (or prompt-parity: warn to publish anyway).\n" + checks.explain(failures))
     if settings.prompt_parity == "fail":
         raise CheckFailed(message, input_name="template", title="Prompt parity failed")
     github.warning(message)
-    return False
+
+
+def _names(capabilities: tuple[str, ...]) -> str:
+    return ", ".join(capabilities) or "no tools, no thinking"
 
 
 def _smoke_test(client: OllamaClient, settings: Settings, results: list[TagResult],

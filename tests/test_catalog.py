@@ -346,24 +346,13 @@ def ollama_chat_prompt(server: Server, model: str, messages: list[dict[str, Any]
     return response.json()["_debug_info"]["rendered_template"]
 
 
-# Tool definitions in the order Ollama's Go template writes them (see catalog.toml), properties sorted.
-WEATHER = {"type": "function", "function": {
-    "name": "get_weather", "description": "Get the current weather in a city",
-    "parameters": {"type": "object", "properties": {
-        "city": {"type": "string", "description": "The city, e.g. Paris"},
-        "unit": {"type": "string", "description": "Temperature unit", "enum": ["celsius", "fahrenheit"]}},
-        "required": ["city"]}}}
-CLOCK = {"type": "function", "function": {
-    "name": "get_time", "description": "Get the current time",
-    "parameters": {"type": "object", "properties": {}, "required": []}}}
-TOOLS = [WEATHER, CLOCK]
-
-ASK = {"role": "user", "content": "What is the weather in Paris?"}
+# The action's own tools and tool turns (checks.py): tools in the form Ollama passes them on.
+TOOLS = checks.TOOLS
+ASK = checks.ASK
 SYSTEM = {"role": "system", "content": checks.SYSTEM}
-CALL_ID = "call00001"  # Mistral's templates need a 9-character id; Ollama 0.11's messages carry none
-CALL = {"role": "assistant", "content": "", "tool_calls": [{"id": CALL_ID, "type": "function", "function": {
-    "name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}}]}
-RESULT = {"role": "tool", "content": "18 C, sunny", "tool_call_id": CALL_ID}
+CALL_ID = checks.CALL_ID
+CALL = checks.CALL
+RESULT = checks.RESULT
 TOOL_CONVERSATIONS = {
     "tools + user": [ASK],
     "tools + system + user": [SYSTEM, ASK],
@@ -398,13 +387,11 @@ CALL_ID_TEXT = {
 
 
 def for_ollama(message: dict[str, Any]) -> dict[str, Any]:
-    """The same message as Ollama's API takes it: tool calls as {"function": ...} (no id, no type),
-    no tool_call_id, thinking as "thinking" (transformers' reasoning_content)."""
-    out = {k: v for k, v in message.items() if k not in ("reasoning_content", "tool_call_id")}
-    if "reasoning_content" in message:
-        out["thinking"] = message["reasoning_content"]
-    if "tool_calls" in message:
-        out["tool_calls"] = [{"function": call["function"]} for call in message["tool_calls"]]
+    """checks.for_ollama, without the ids Ollama 0.11's messages did not carry (the catalog's Mistral
+    templates do not write them)."""
+    out = {k: v for k, v in checks.for_ollama(message).items() if k != "tool_call_id"}
+    if "tool_calls" in out:
+        out["tool_calls"] = [{"function": call["function"]} for call in out["tool_calls"]]
     return out
 
 
@@ -498,12 +485,13 @@ def test_ollama_log_prompts_are_read_exactly(server):
     assert prompt == f"<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n"
 
 
-def test_tool_definitions_are_in_the_order_the_templates_write():
-    """The Jinja side renders the tool dicts in their own key order, the Go templates in a fixed one
-    (Ollama parses tools into structs): the test's tools must be in that order for parity to mean
-    anything, which the tool parity cases would otherwise only report as a mismatch."""
+def test_tool_definitions_are_in_the_order_ollama_passes_them_on():
+    """The Jinja side renders the tool dicts in their own key order; Ollama parses tools into structs and
+    passes them on (to llama-server, to a Go template's fields) in the structs' order, empty lists left out.
+    The test's tools must already be in that order for parity to measure the templates."""
     for tool in TOOLS:
-        properties = tool["function"]["parameters"]["properties"]
-        assert list(properties) == sorted(properties)
-        assert list(tool["function"]["parameters"]) == ["type", "properties", "required"]
-        assert all(list(p)[:2] == ["type", "description"] for p in properties.values())
+        parameters = tool["function"]["parameters"]
+        assert list(parameters) == (["type", "required", "properties"] if parameters.get("required")
+                                    else ["type", "properties"])
+        assert list(parameters["properties"]) == sorted(parameters["properties"])
+        assert all(list(p)[:2] == ["type", "description"] for p in parameters["properties"].values())

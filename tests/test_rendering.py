@@ -7,8 +7,9 @@ with Qwen3's tool-calling Jinja template: the derived TEMPLATE has no tools, so 
 GGUF's Jinja, rendered by llama-server; parity checks that and the TEMPLATE (which Ollama renders with
 OLLAMA_GO_TEMPLATE=1). A checkpoint whose GGUF ends up with another Jinja template than the one
 transformers uses (tokenizer_config.json's stale chat_template next to chat_template.jinja: the
-converter embeds the former) differs on the Jinja path: the models pin the TEMPLATE, which matches. With
-a wrong TEMPLATE too, no rendering matches: the run fails and pushes nothing."""
+converter embeds the former) differs on the Jinja path: the models would pin the TEMPLATE, which matches,
+but it has no tools, so the run fails. With a wrong TEMPLATE too, no rendering matches: the run fails
+and pushes nothing."""
 
 from __future__ import annotations
 
@@ -98,8 +99,14 @@ def test_a_tool_calling_template_is_rendered_by_llama_server_and_both_renderings
     assert "(gguf_chat_template)" in run.summary
     # Parity asked the published model itself for that rendering, and a probe for the TEMPLATE's: created
     # like it with a parser, which Ollama renders with the TEMPLATE whatever the GGUF's Jinja offers.
-    assert run.stdout.count(" [gguf_chat_template]: same ") == 4
+    # The four plain conversations on both renderings, and the three tool ones on the Jinja's, which has
+    # tools (the TEMPLATE has none: Ollama with OLLAMA_GO_TEMPLATE=1 offers none).
+    assert run.stdout.count(" [gguf_chat_template]: same ") == 7
+    for label in ("two tools", "two tools + system", "tool call + result"):
+        assert f"  {label} [gguf_chat_template]: same prompt" in run.stdout
     assert run.stdout.count(" [go_template]: same ") == 4
+    assert "the checkpoint's chat template supports: tools" in run.stdout and "the models offer: tools" in run.stdout
+    assert "The models offer tools." in run.summary
     template = _template(run)
     gguf = run.workspace / run.outputs["gguf-paths"].splitlines()[0]
     probe = {"model": f"{stack.registry}/rendering/tools:probe", "files": {gguf.name: "sha256:" + file_sha256(gguf)},
@@ -120,27 +127,29 @@ STALE_TEMPLATE = TOOLS_TEMPLATE.replace(
     "'<|im_start|>' + message.role + ':\\n' + content + '<|im_end|>' + '\\n'", 1)
 
 
-def test_a_jinja_rendering_that_differs_pins_the_template_that_matches(stack, ollama, tmp_path_factory):
+def test_a_jinja_rendering_that_differs_pins_the_template_but_not_without_the_tools(stack, ollama,
+                                                                                   tmp_path_factory):
     """The GGUF carries the stale template (the converter embeds tokenizer_config.json's), Ollama would
-    render that, and the TEMPLATE derived from chat_template.jinja is right: the models pin the TEMPLATE."""
-    url, _ = ollama
+    render that, and the TEMPLATE derived from chat_template.jinja builds the right plain prompts: the models
+    would pin it. But it has no tools, which the checkpoint's template has: the pinned models would refuse
+    tool requests. The catalog's qwen3 template, tried next, writes tools but thinks, which this checkpoint
+    does not. So nothing is published, and the error says why."""
     assert STALE_TEMPLATE != TOOLS_TEMPLATE
     folder = _with_template(tmp_path_factory.mktemp("stale") / "checkpoint", TOOLS_TEMPLATE, STALE_TEMPLATE)
     servers.add_model_repo(stack.mirrors, "test-org/SmolLM2-stale-template", folder, tags=("v1.0.0",))
     run = _publish(stack, ollama, tmp_path_factory, "test-org/SmolLM2-stale-template", "rendering/stale")
-    assert run.returncode == 0, run.stdout[-3000:]
-    assert run.stdout.count(" [gguf_chat_template]: DIFFERENT") == 4
-    assert run.stdout.count(" [go_template]: same ") == 4
-    warnings = [line for line in run.stdout.splitlines() if line.startswith("::warning::")]
-    assert len(warnings) == 1 and "The models pin the TEMPLATE (PARSER passthrough)" in warnings[0]
-    assert "pinned by PARSER passthrough (parser)" in run.summary
-    assert "\nPARSER passthrough\n" in (run.workspace / run.outputs["modelfile"]).read_text()
-    for tag in ("1.0.0-q8_0", "1.0.0", "latest"):  # every tag, as pushed: Ollama renders it with the TEMPLATE
-        show = requests.post(f"{url}/api/show", json={"model": f"{stack.registry}/rendering/stale:{tag}"},
-                             timeout=30).json()
-        assert checks.selected_rendering(show, _template(run)) == checks.PINNED
-        assert show["template"] == _template(run)
-    assert sorted(registry_tags(stack.registry, "rendering/stale")) == ["1.0.0", "1.0.0-q8_0", "latest"]
+    assert run.returncode == 1
+    # The derived TEMPLATE: the Jinja differs on the plain conversations, the TEMPLATE matches them.
+    assert run.stdout.count("  user [gguf_chat_template]: DIFFERENT") == 1
+    assert "  user [go_template]: same prompt" in run.stdout
+    assert "The models pin the TEMPLATE (PARSER passthrough)" in run.stdout
+    assert "trying qwen3 (catalog) instead" in run.stdout
+    assert len(run.errors()) == 1 and "Prompt parity failed" in run.errors()[0]
+    error = run.errors()[0].replace("%0A", "\n")
+    assert "the checkpoint's template supports: tools\n--- Ollama builds [api/show]\nthe model offers: tools, " \
+           "thinking" in error
+    assert "6. Push" not in run.stdout
+    assert registry_tags(stack.registry, "rendering/stale") == []
 
 
 def test_a_mismatch_on_the_rendering_ollama_uses_fails_and_pushes_nothing(stack, ollama, tmp_path_factory):
@@ -152,7 +161,8 @@ def test_a_mismatch_on_the_rendering_ollama_uses_fails_and_pushes_nothing(stack,
                    template="zephyr")
     assert run.returncode == 1
     assert len(run.errors()) == 1 and "Prompt parity failed" in run.errors()[0]
-    assert run.stdout.count(" [gguf_chat_template]: DIFFERENT") == 4
+    # The plain and tool conversations on the stale Jinja; the plain ones on zephyr (no tools to compare).
+    assert run.stdout.count(" [gguf_chat_template]: DIFFERENT") == 7
     assert run.stdout.count(" [go_template]: DIFFERENT") == 4
     assert "[gguf_chat_template]" in run.errors()[0] and "[go_template]" in run.errors()[0]
     assert "6. Push" not in run.stdout
