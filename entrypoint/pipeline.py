@@ -70,6 +70,7 @@ def run(settings: Settings) -> Report:
                                                          _source_input(settings))
                 task = _task(checkpoint)
                 info = _tokenizer_info(checkpoint)
+                sampling = _sampling(settings, checkpoint) if task != "embedding" else ()
                 embedding_context = _embedding_context(checkpoint) if task == "embedding" else None
                 if task != "embedding":  # a template that cannot work fails now
                     _check_system_support(settings, modelfile.choose_format(settings.template, info,
@@ -86,7 +87,6 @@ def run(settings: Settings) -> Report:
             with github.group("4. Render the Modelfile"):
                 formats = [] if task == "embedding" else modelfile.candidate_formats(
                     settings.template, info, settings.workspace, convert.adds_bos(ggufs[settings.quantizations[0]]))
-                sampling = _sampling(settings, checkpoint) if task != "embedding" else ()
                 spec, embedding_size = _describe(settings, task, info, ggufs, projector, license_text,
                                                  embedding_context, formats[0] if formats else None, sampling)
                 modelfile_path = _write_modelfile(settings, spec, ggufs, projector)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jinja2.exceptions
 import pytest
 
-from entrypoint import chat_jinja
+from entrypoint import chat_jinja, checks
 from entrypoint.errors import RepoRefused
 
 LLAMA3 = ("{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
@@ -54,6 +54,19 @@ def test_a_template_refusing_system_messages_skips_them():
     derived = chat_jinja.derive(NO_SYSTEM, bos_token="<s>", eos_token="</s>", special_tokens=("</s>",))
     assert derived.go_template.startswith('{{ $prev := "" }}{{ range $m := .Messages }}{{ if ne $m.Role "system" }}')
     assert derived.end_of_turn == ("</s>",)
+    assert not derived.supports_system
+
+
+# The same format, with system messages skipped instead of refused: they are rendered zero times.
+DROPS_SYSTEM = ("{% for m in messages %}{% if m.role != 'system' %}<|{{ m.role }}|>{{ m.content }}</s>{% endif %}"
+                "{% endfor %}<|assistant|>")
+
+
+def test_a_template_dropping_system_messages_is_handled_as_one_refusing_them():
+    dropped = chat_jinja.derive(DROPS_SYSTEM, bos_token="<s>", eos_token="</s>", special_tokens=("</s>",))
+    refused = chat_jinja.derive(NO_SYSTEM, bos_token="<s>", eos_token="</s>", special_tokens=("</s>",))
+    assert dropped == refused
+    assert chat_jinja.derive(LLAMA3, bos_token="<s>", eos_token="</s>", special_tokens=()).supports_system
 
 
 def test_delimiters_in_literal_text_are_quoted():
@@ -97,3 +110,75 @@ def test_a_template_that_writes_without_end_is_refused():
     flood = "{% for i in range(100000) %}{{ 'x' * 100 }}{% endfor %}"
     with pytest.raises(RepoRefused, match="writes more than 1,000,000 characters"):
         chat_jinja.render(flood, [{"role": "user", "content": "x"}], bos_token="", eos_token="")
+
+
+# ------------------------------------------------------------------------------------------------
+# Capabilities, read off renderings.
+
+QWEN3_LIKE = """{%- if tools %}<|im_start|>system
+{% for tool in tools %}{{ tool | tojson }}
+{% endfor %}<|im_end|>
+{% endif %}{%- for m in messages %}<|im_start|>{{ m.role }}
+{% if m.reasoning_content %}<think>{{ m.reasoning_content }}</think>{% endif %}{{ m.content }}
+{%- for call in m.tool_calls or [] %}<tool_call>{{ call.function | tojson }}</tool_call>{% endfor %}<|im_end|>
+{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant
+{% if enable_thinking is defined and not enable_thinking %}<think></think>{% endif %}{% endif %}"""
+# Mentions tools and thinking in its text but writes neither: detection goes by what is rendered.
+MENTIONS_ONLY = ("{# tools, tool_calls, <think></think> are not supported #}{% for m in messages %}"
+                 "<|{{ m.role }}|>{{ m.content }}</s>{% endfor %}<|assistant|>")
+ALWAYS_THINKS = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}</s>{% endfor %}<|assistant|><think>\n")
+TOOLS_WITHOUT_RESULTS = ("{% if tools %}{{ tools | tojson }}{% endif %}{% for m in messages %}"
+                         "{% if m.role != 'tool' %}<|{{ m.role }}|>{{ m.content }}</s>{% endif %}{% endfor %}"
+                         "<|assistant|>")
+
+
+def _caps(template: str) -> chat_jinja.Capabilities:
+    return chat_jinja.capabilities(template, bos_token="<s>", eos_token="</s>")
+
+
+def test_capabilities_of_a_template_with_tools_and_thinking():
+    caps = _caps(QWEN3_LIKE)
+    assert caps == chat_jinja.Capabilities(tools=True, tool_round_trip=True, thinking=True, thinking_switch=True)
+    assert caps.names() == ("tools", "thinking")
+
+
+def test_capabilities_come_from_renderings_not_from_the_text():
+    assert _caps(MENTIONS_ONLY) == chat_jinja.NO_CAPABILITIES
+    assert _caps(MENTIONS_ONLY).names() == ()
+
+
+def test_a_generation_prompt_that_opens_a_think_block_thinks_without_a_switch():
+    assert _caps(ALWAYS_THINKS) == chat_jinja.Capabilities(tools=False, tool_round_trip=False, thinking=True,
+                                                           thinking_switch=False)
+
+
+def test_tools_without_tool_results_have_no_round_trip():
+    caps = _caps(TOOLS_WITHOUT_RESULTS)
+    assert caps.tools and not caps.tool_round_trip and caps.names() == ("tools",)
+
+
+def test_a_python_error_inside_a_template_is_a_template_error():
+    # tojson of a generator: transformers' templates raise TypeError there; it means "cannot render".
+    with pytest.raises(jinja2.exceptions.TemplateError):
+        chat_jinja.render("{{ (messages | map(attribute='role')) | tojson }}", [{"role": "user", "content": "x"}],
+                          bos_token="", eos_token="")
+
+
+def test_the_parity_conversations_follow_the_capabilities():
+    plain = set(checks.conversations(chat_jinja.NO_CAPABILITIES))
+    assert plain == set(checks.CONVERSATIONS)
+    full = checks.conversations(_caps(QWEN3_LIKE))
+    assert set(full) - plain == {"two tools", "two tools + system", "tool call + result", "thinking on",
+                                 "thinking off", "thinking + tool call + result"}
+    assert [c.tools for c in full.values() if c.kind == "tools"] == [checks.TOOLS] * 3
+    assert {c.think for c in full.values() if c.kind == "thinking"} == {True, False}
+    assert set(checks.conversations(_caps(TOOLS_WITHOUT_RESULTS))) - plain == {"two tools", "two tools + system"}
+
+
+def test_a_model_must_offer_exactly_the_checkpoints_tools_and_thinking():
+    caps = _caps(TOOLS_WITHOUT_RESULTS)
+    assert checks.capability_failures(caps, {"capabilities": ["completion", "tools"]}) == []
+    fewer = checks.capability_failures(caps, {"capabilities": ["completion"]})
+    more = checks.capability_failures(caps, {"capabilities": ["completion", "tools", "thinking"]})
+    assert [f.actual for f in fewer + more] == ["the model offers: no tools, no thinking",
+                                               "the model offers: tools, thinking"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -180,3 +181,40 @@ def test_gguf_end_of_turn_tokens_follow_eos():
         "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.eot_token_id": 3})
     assert info.eos_tokens == ("<|end_of_text|>", "<|eot_id|>") and info.bos_token == "<|begin_of_text|>"
     assert info.special_tokens == ("<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>") and info.chat_template == ""
+
+
+def test_sampling_defaults_come_from_generation_config_when_it_samples(tmp_path):
+    (tmp_path / "generation_config.json").write_text(json.dumps({
+        "do_sample": True, "temperature": 0.6, "top_p": 0.95, "top_k": 20, "min_p": 0,
+        "repetition_penalty": 1.05, "max_new_tokens": 512, "eos_token_id": 2}))
+    assert m.sampling_defaults(tmp_path) == (("temperature", 0.6), ("top_p", 0.95), ("top_k", 20), ("min_p", 0),
+                                             ("repeat_penalty", 1.05))
+
+
+@pytest.mark.parametrize("config", [{"temperature": 0.6}, {"do_sample": False, "temperature": 0.6}, {}])
+def test_no_sampling_defaults_when_transformers_decodes_greedily(tmp_path, config):
+    (tmp_path / "generation_config.json").write_text(json.dumps(config))
+    assert m.sampling_defaults(tmp_path) == ()
+
+
+def test_an_adapters_sampling_defaults_fall_back_to_its_base(tmp_path):
+    adapter, base = tmp_path / "adapter", tmp_path / "base"
+    adapter.mkdir()
+    base.mkdir()
+    (base / "generation_config.json").write_text(json.dumps({"do_sample": True, "temperature": 0.7}))
+    assert m.sampling_defaults(adapter, base=base) == (("temperature", 0.7),)
+
+
+QWEN3_LIKE = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+              "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+              "{# <tool_call> <tool_response> # Tools\\n\\n #}")
+
+
+def test_auto_tries_the_derived_template_then_the_detected_familys_catalog_template():
+    info = m.TokenizerInfo(chat_template=QWEN3_LIKE, eos_tokens=("<|im_end|>",), bos_token="",
+                           special_tokens=("<|im_start|>", "<|im_end|>"))
+    formats = m.candidate_formats("auto", info, Path("."))
+    assert [f.name for f in formats] == ["derived from the checkpoint's chat template (qwen3 family)",
+                                         "qwen3 (catalog)"]
+    assert ".Tools" in formats[1].template and ".Tools" not in formats[0].template
+    assert [f.name for f in m.candidate_formats("qwen3", info, Path("."))] == ["qwen3 (catalog)"]

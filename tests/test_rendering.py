@@ -86,6 +86,10 @@ def test_a_tool_calling_template_is_rendered_by_llama_server_and_both_renderings
                                                                                        tmp_path_factory):
     url, log = ollama
     folder = _with_template(tmp_path_factory.mktemp("tools") / "checkpoint", TOOLS_TEMPLATE)
+    # Qwen3-4B-Instruct-2507's own sampling defaults: they become parameters.
+    generation = json.loads((folder / "generation_config.json").read_text())
+    generation.update({"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20})
+    (folder / "generation_config.json").write_text(json.dumps(generation))
     servers.add_model_repo(stack.mirrors, "test-org/SmolLM2-tools", folder, tags=("v1.0.0",))
     run = _publish(stack, ollama, tmp_path_factory, "test-org/SmolLM2-tools", "rendering/tools")
     assert run.returncode == 0, run.stdout[-3000:]
@@ -107,6 +111,11 @@ def test_a_tool_calling_template_is_rendered_by_llama_server_and_both_renderings
     assert run.stdout.count(" [go_template]: same ") == 4
     assert "the checkpoint's chat template supports: tools" in run.stdout and "the models offer: tools" in run.stdout
     assert "The models offer tools." in run.summary
+    assert "Sampling defaults: temperature 0.7 (generation_config.json), top_p 0.8 (generation_config.json), " \
+           "top_k 20 (generation_config.json)." in run.summary
+    modelfile_text = (run.workspace / run.outputs["modelfile"]).read_text()
+    assert "PARAMETER temperature 0.7\nPARAMETER top_p 0.8\nPARAMETER top_k 20\n" in modelfile_text
+    assert show["parameters"].count("temperature") == 1 and "0.7" in show["parameters"]
     template = _template(run)
     gguf = run.workspace / run.outputs["gguf-paths"].splitlines()[0]
     probe = {"model": f"{stack.registry}/rendering/tools:probe", "files": {gguf.name: "sha256:" + file_sha256(gguf)},
