@@ -19,10 +19,9 @@ pytestmark = pytest.mark.servers
 RELEASE_TAGS = {"1.0.0-q8_0", "1.0.0", "latest"}  # v1.0.0, Q8_0, default tag patterns
 
 
-@pytest.fixture(scope="module", params=sorted(scripted.FAMILIES))
-def published(request, stack, tmp_path_factory):
+def _publish(name: str, stack, tmp_path_factory):
     """Build the family's checkpoint, commit it to the Hub at v1.0.0 and run the action on it once."""
-    family = scripted.FAMILIES[request.param]
+    family = scripted.FAMILIES[name]
     folder = scripted.build(family.name, tmp_path_factory.mktemp(f"tiny-{family.name}"))
     servers.add_model_repo(stack.mirrors, f"test-org/tiny-{family.name}", folder, tags=("v1.0.0",))
     run = action_runner(tmp_path_factory.mktemp(f"publish-{family.name}"))({
@@ -32,6 +31,16 @@ def published(request, stack, tmp_path_factory):
     }, env={"HF_ENDPOINT": stack.hub_endpoint})
     print(run.stdout[-3000:], run.stderr[-1500:])
     return family, run
+
+
+# Gemma 4's template (tools, thinking) on the Gemma 3 architecture: no template here offers its tools
+# and thinking with the prompts it builds, so it is not published (test_gemma_... below).
+PUBLISHED = sorted(set(scripted.FAMILIES) - {"gemma"})
+
+
+@pytest.fixture(scope="module", params=PUBLISHED)
+def published(request, stack, tmp_path_factory):
+    return _publish(request.param, stack, tmp_path_factory)
 
 
 def _excerpt(run) -> str:
@@ -50,16 +59,34 @@ def test_action_succeeds(published):
 
 
 # Ollama 0.34 prefers each family's Jinja (it has tools) to the derived TEMPLATE. In llama-server, Llama
-# 3.3's writes today's date where transformers writes its fixed "26 Jul 2024", and Gemma 4's thinks unless
-# told not to (transformers renders it without thinking): those two pin the TEMPLATE, which matches.
-PINNED = {"llama3", "gemma"}
+# 3.3's writes today's date where transformers writes its fixed "26 Jul 2024": the derived TEMPLATE, which
+# matches, would be pinned, but it has no tools; the llama3.1 catalog template, tried next, has them.
+PINNED: set[str] = set()
+
+
+def test_gemma_4s_tool_and_thinking_template_without_a_template_offering_them_is_not_published(
+        stack, tmp_path_factory):
+    """Ollama's Jinja rendering of Gemma 4's template differs from transformers' (it thinks unless told
+    not to), and the TEMPLATE derived from it, which matches, offers neither tools nor thinking: a model
+    published with it would refuse the tool requests the checkpoint was trained for. The run fails before
+    pushing, naming the template input."""
+    _, run = _publish("gemma", stack, tmp_path_factory)
+    assert run.returncode == 1
+    assert "  user [gguf_chat_template]: DIFFERENT" in run.stdout and "  user [go_template]: same prompt" in run.stdout
+    assert len(run.errors()) == 1, _excerpt(run)
+    error = run.errors()[0].replace("%0A", "\n")
+    assert "Prompt parity failed" in error and "template input" in error
+    assert "the checkpoint's template supports: tools, thinking\n--- Ollama builds [api/show]\n" \
+           "the model offers: no tools, no thinking" in error
+    assert "6. Push" not in run.stdout and registry_tags(stack.registry, "families/gemma") == []
 
 
 def test_prompt_parity_passes_for_every_conversation(published):
     family, run = published
     assert "prompt parity of " in run.stdout, _excerpt(run)
+    renderings = ("go_template", "gguf_chat_template") if family.name == "chatml" else ("go_template",)
     for label in CONVERSATIONS:
-        for rendering in ("go_template", "gguf_chat_template"):
+        for rendering in renderings:
             outcome = "DIFFERENT" if rendering == "gguf_chat_template" and family.name in PINNED else "same prompt"
             assert re.search(rf"^  {re.escape(label)} \[{rendering}\]: {outcome}", run.stdout, re.MULTILINE), \
                 f"{family.name}: '{label}' [{rendering}] is not '{outcome}'\n" + _excerpt(run)
