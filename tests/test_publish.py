@@ -203,7 +203,7 @@ def test_wrong_template_fails_prompt_parity_and_pushes_nothing(stack, run_action
     }, env={"HF_ENDPOINT": stack.hub_endpoint})
     assert run.returncode == 1
     assert len(run.errors()) == 1 and "Prompt parity failed" in run.errors()[0]
-    assert "4 of 4 conversations" in run.errors()[0]
+    assert "4 failed checks (user, system + user, multi-turn, system + multi-turn)" in run.errors()[0]
     assert marker in run.errors()[0] and "<|im_start|>user" in run.errors()[0]  # both renderings shown
     assert "6. Push" not in run.stdout
     assert registry_tags(stack.registry, repository) == []

@@ -73,7 +73,20 @@ class Family:
     eos: str  # tokenizer_config's eos_token
     generation_eos: tuple[str, ...]  # generation_config's eos_token_id, as tokens
     tied: bool
+    # A reply of several tokens instead of `answer` (chain families below): the text the model writes,
+    # whatever it is asked, before end_of_turn.
+    reply: str = ""
+    extra_tokens: tuple[tuple[int, str, bool], ...] = ()  # (id, text, special): added, replacing [PAD<id>]
 
+
+# The added tokens of Qwen 2.5 and Qwen 3 (id, text, special) that llama.cpp's Qwen 2 vocabulary lacks: its
+# [PAD<id>] entries stand where they are. Tool and thinking tags are not special (written as text).
+QWEN3_ADDED = tuple((151646 + i, text, not text.startswith(("<tool", "</tool", "<think", "</think", "<|fim", "<|repo",
+                                                              "<|file"))) for i, text in enumerate((
+    "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>",
+    "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>",
+    "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>",
+    "<|file_sep|>", "<tool_response>", "</tool_response>", "<think>", "</think>")))
 
 FAMILIES = {
     "chatml": Family(
@@ -89,7 +102,23 @@ FAMILIES = {
         name="gemma", architecture="Gemma3ForCausalLM", vocab="gemma-4", template="google-gemma-4-31B-it",
         header_last="<channel|>", answer="Paris", end_of_turn="<turn|>", begin_of_turn=("<bos>", "<|turn>"),
         bos="<bos>", eos="<eos>", generation_eos=("<eos>", "<turn|>"), tied=True),
+    # Chain families: the reply is a tool call (with Qwen 3 thinking first), for the tool round trip. The
+    # reply's tokens must all differ (each token's embedding picks the next one), so the JSON mixes spacing.
+    "qwen3-tools": Family(
+        name="qwen3-tools", architecture="Qwen3ForCausalLM", vocab="qwen2", template="Qwen-Qwen3-0.6B",
+        header_last="\n", answer="", end_of_turn="<|im_end|>", begin_of_turn=("<|im_start|>",), bos=None,
+        eos="<|im_end|>", generation_eos=("<|im_end|>", "<|endoftext|>"), tied=False,
+        reply='<think>Weather lookup.</think>\n\n<tool_call>{"name":"get_weather","arguments":{"city": "Paris"}}'
+              "</tool_call>",
+        extra_tokens=QWEN3_ADDED),
+    "llama3.1-tools": Family(
+        name="llama3.1-tools", architecture="LlamaForCausalLM", vocab="llama-bpe",
+        template="meta-llama-Llama-3.1-8B-Instruct", header_last="\n\n", answer="", end_of_turn="<|eot_id|>",
+        begin_of_turn=("<|begin_of_text|>", "<|start_header_id|>"), bos="<|begin_of_text|>", eos="<|eot_id|>",
+        generation_eos=("<|end_of_text|>", "<|eot_id|>"), tied=False,
+        reply='{"name":"get_weather","parameters":{"city": "Paris"}}'),
 }
+CHAIN_FAMILIES = {name for name, family in FAMILIES.items() if family.reply}
 
 # The byte-level BPE pre-tokenizers of the real tokenizer.json files (the converter hashes their output).
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -146,9 +175,12 @@ def _byte_level_tokenizer(family: Family, vocab: Vocab):
         pre_tokenizers.Split(Regex(LLAMA3_SPLIT if llama3 else QWEN2_SPLIT), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False)])
     tokenizer.decoder = decoders.ByteLevel()
-    added = [(i, t) for i, (t, k) in enumerate(zip(vocab.tokens, vocab.types, strict=True))
+    added = [(i, t, k) for i, (t, k) in enumerate(zip(vocab.tokens, vocab.types, strict=True))
              if k in (CONTROL, USER_DEFINED) and not _is_padding(vocab, i)]
-    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for _, t in added])
+    # With extra tokens, as in the real tokenizer, some added tokens are not special (written as text).
+    tokenizer.add_tokens([AddedToken(t, special=k == CONTROL or not family.extra_tokens, normalized=False)
+                          for _, t, k in added])
+    added = [(i, t) for i, t, _ in added]
     assert all(tokenizer.token_to_id(t) == i for i, t in added)
     if family.bos:  # Llama 3's tokenizer prepends <|begin_of_text|>
         bos = [family.bos, vocab.id(family.bos)]
@@ -227,7 +259,7 @@ def _sentencepiece_style_tokenizer(vocab: Vocab, unk: str):
 
 def _config(family: Family, vocab: Vocab):
     import torch
-    from transformers import Gemma3TextConfig, LlamaConfig, Qwen2Config
+    from transformers import Gemma3TextConfig, LlamaConfig, Qwen2Config, Qwen3Config
 
     ids = {t: vocab.id(t) for t in {family.eos, *family.generation_eos} | ({family.bos} if family.bos else set())}
     common = dict(vocab_size=len(vocab.tokens), hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, num_hidden_layers=1,
@@ -237,7 +269,10 @@ def _config(family: Family, vocab: Vocab):
     if family.name == "chatml":
         return Qwen2Config(**common, max_position_embeddings=32768, rope_theta=1000000.0,
                            bos_token_id=ids["<|endoftext|>"])
-    if family.name == "llama3":
+    if family.architecture == "Qwen3ForCausalLM":
+        return Qwen3Config(**common, max_position_embeddings=40960, rope_theta=1000000.0,
+                           bos_token_id=ids["<|endoftext|>"])
+    if family.architecture == "LlamaForCausalLM":
         return LlamaConfig(**common, max_position_embeddings=8192, rope_theta=500000.0, bos_token_id=ids[family.bos])
     return Gemma3TextConfig(**common, max_position_embeddings=32768, query_pre_attn_scalar=HIDDEN // 4,
                             sliding_window=512, layer_types=["sliding_attention"], bos_token_id=ids[family.bos],
@@ -266,6 +301,23 @@ def _script_weights(model, family: Family, h: int, a: int, t: int) -> None:
             out[t, DIM_B] = 2.0
 
 
+def _script_chain(model, chain: list[int]) -> None:
+    """Chain families: token chain[i] makes the model write chain[i + 1] (untied output). Each token of the
+    chain but the last gets a dimension of its own: E[chain[i]] = e_i, lm_head[chain[i + 1]] += 2 e_i,
+    so after RMSNorm (e_i becomes 8 e_i) the next token's logit is 16 and every other 0."""
+    import torch
+
+    assert len(set(chain[:-1])) == len(chain) - 1, "a token that appears twice would need two successors"
+    assert len(chain) - 1 <= HIDDEN, f"a chain of {len(chain)} tokens needs a wider model"
+    with torch.no_grad():
+        for name, tensor in model.named_parameters():
+            tensor.fill_(1.0 if name.endswith("norm.weight") else 0.0)
+        embed, out = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+        for i, token in enumerate(chain[:-1]):
+            embed[token, i] = 1.0
+            out[chain[i + 1], i] = 2.0
+
+
 def _check_tokenizer(family: Family, backend, sentencepiece_file: Path | None) -> None:
     """The rebuilt tokenizer must split llama.cpp's test strings (models/ggml-vocab-<name>.gguf.inp) into the
     token ids that the real Hugging Face tokenizer gave (the .out file next to it)."""
@@ -288,8 +340,9 @@ def _check_tokenizer(family: Family, backend, sentencepiece_file: Path | None) -
                                  f"{family.vocab} test strings differently from the real tokenizer, e.g. {wrong[0]!r}")
 
 
-def _verify(model, tokenizer, family: Family, a: int, t: int) -> None:
-    """transformers' own greedy generation on the rendered chat must give exactly the answer, then T."""
+def _verify(model, tokenizer, family: Family, expected: list[int]) -> None:
+    """transformers' own greedy generation on the rendered chat must give exactly `expected` (the answer
+    or the reply, then T)."""
     import torch
 
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": QUESTION}], tokenize=False,
@@ -298,12 +351,12 @@ def _verify(model, tokenizer, family: Family, a: int, t: int) -> None:
     assert tokenizer.convert_ids_to_tokens(int(ids[0, -1])) == tokenizer.convert_ids_to_tokens(
         tokenizer(family.header_last, add_special_tokens=False).input_ids[-1]), prompt
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
-                             eos_token_id=[t], pad_token_id=t)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=len(expected) + 2,
+                             do_sample=False, eos_token_id=[expected[-1]], pad_token_id=expected[-1])
     generated = out[0, ids.shape[1]:].tolist()
-    if generated != [a, t]:
+    if generated != expected:
         raise AssertionError(f"{family.name}: the scripted model generates {tokenizer.convert_ids_to_tokens(generated)}"
-                             f" after {prompt!r}, not {[family.answer, family.end_of_turn]}")
+                             f" after {prompt!r}, not {tokenizer.convert_ids_to_tokens(expected)}")
 
 
 def build(family: str, out_dir: Path) -> Path:
@@ -313,6 +366,9 @@ def build(family: str, out_dir: Path) -> Path:
 
     spec = FAMILIES[family]
     vocab = read_vocab(spec.vocab)
+    for token_id, text, special in spec.extra_tokens:
+        assert _is_padding(vocab, token_id), token_id
+        vocab.tokens[token_id], vocab.types[token_id] = text, CONTROL if special else USER_DEFINED
     template = (llama_cpp_dir() / "models" / "templates" / f"{spec.template}.jinja").read_text(encoding="utf-8")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -335,21 +391,28 @@ def build(family: str, out_dir: Path) -> Path:
                                         **{k: v for k, v in specials.items() if v is not None})
 
     h = tokenizer(spec.header_last, add_special_tokens=False).input_ids[-1]
-    a, t = vocab.id(spec.answer), vocab.id(spec.end_of_turn)
-    assert tokenizer(spec.answer, add_special_tokens=False).input_ids == [a]
+    t = vocab.id(spec.end_of_turn)
     torch.manual_seed(0)  # from_config initialises randomly before every weight is overwritten
     model = AutoModelForCausalLM.from_config(_config(spec, vocab), dtype=torch.float32)
-    _script_weights(model, spec, h, a, t)
+    if spec.reply:
+        chain = [h, *tokenizer(spec.reply, add_special_tokens=False).input_ids, t]
+        _script_chain(model, chain)
+        expected = chain[1:]
+    else:
+        a = vocab.id(spec.answer)
+        assert tokenizer(spec.answer, add_special_tokens=False).input_ids == [a]
+        _script_weights(model, spec, h, a, t)
+        expected = [a, t]
     model.generation_config.eos_token_id = [vocab.id(x) for x in spec.generation_eos]
     model.generation_config.bos_token_id = vocab.id(spec.bos) if spec.bos else None
-    _verify(model, tokenizer, spec, a, t)
+    _verify(model, tokenizer, spec, expected)
 
     model.to(torch.bfloat16).save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir, save_jinja_files=False)  # the template inside tokenizer_config.json
     (out_dir / "README.md").write_text(
         f"# tiny-{spec.name}\n\nA test checkpoint made by ollama-publish's tests/material/scripted.py: the "
         f"{spec.vocab} tokenizer and the {spec.template} chat template from llama.cpp, with scripted weights that "
-        f"answer {spec.answer!r} and then {spec.end_of_turn} to any question.\n", encoding="utf-8")
+        f"write {spec.reply or spec.answer!r} and then {spec.end_of_turn} to any question.\n", encoding="utf-8")
     return out_dir
 
 

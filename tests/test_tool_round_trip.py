@@ -1,0 +1,81 @@
+"""Tools and thinking survive publishing, end to end: tiny checkpoints with real tokenizers and scripted
+weights (tests/material/scripted.py) whose every reply is their family's tool-call text, Qwen 3's after
+a thinking block. The action publishes each with its defaults to the test registry, on an Ollama server of
+the test's own (ollama-host); then a client asks the published model, through /api/chat with tools, and
+must get the call back as message.tool_calls, and Qwen 3's reasoning as message.thinking."""
+
+from __future__ import annotations
+
+import pytest
+import requests
+
+from entrypoint import checks
+from tests import servers
+from tests.conftest import action_runner, registry_tags
+from tests.material import scripted
+
+pytestmark = pytest.mark.servers
+
+CITY_CALL = [{"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]
+# family: (the template that proves itself, the thinking returned, think sent)
+CASES = {"qwen3-tools": ("qwen3 (catalog)", "Weather lookup.", True),
+         "llama3.1-tools": ("llama3.1 (catalog)", "", None)}
+
+
+@pytest.fixture(scope="module")
+def ollama(tmp_path_factory):
+    with servers.ollama(tmp_path_factory.mktemp("round-trip-ollama")) as url:
+        yield url
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def published(request, stack, ollama, tmp_path_factory):
+    family = scripted.FAMILIES[request.param]
+    folder = scripted.build(family.name, tmp_path_factory.mktemp(f"tiny-{family.name}"))
+    repo = f"test-org/tiny-{family.name}"
+    servers.add_model_repo(stack.mirrors, repo, folder, tags=("v1.0.0",))
+    model = f"round-trip/{family.name.replace('.', '-')}"
+    run = action_runner(tmp_path_factory.mktemp(f"publish-{family.name}"))({
+        "hf-repo": repo, "hf-revision": "v1.0.0", "ollama-model": f"{stack.registry}/{model}",
+        "insecure-registry": "true", "quantizations": "Q8_0", "ollama-host": ollama,
+    }, env={"HF_ENDPOINT": stack.hub_endpoint})
+    print(run.stdout[-5000:], run.stderr[-1500:])
+    return family, run, f"{stack.registry}/{model}"
+
+
+def _chat(url: str, model: str, think: bool | None) -> dict:
+    body = {"model": model, "messages": [checks.ASK], "tools": checks.TOOLS, "stream": False,
+            "options": {"temperature": 0, "num_predict": 64}}
+    if think is not None:
+        body["think"] = think
+    response = requests.post(f"{url}/api/chat", json=body, timeout=300)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_published_with_the_template_that_offers_the_checkpoints_tools(published, stack):
+    family, run, model = published
+    chosen, thinking, _ = CASES[family.name]
+    assert run.returncode == 0, run.stdout[-4000:]
+    assert f"chat template: {chosen}" in run.stdout
+    offered = "tools, thinking" if thinking else "tools"
+    assert f"the checkpoint's chat template supports: {offered}" in run.stdout
+    assert f"the models offer: {offered}" in run.stdout
+    assert "Ollama renders the prompts with the Modelfile's TEMPLATE (go_template)" in run.stdout
+    assert "  tool call + result [go_template]: same prompt" in run.stdout
+    assert sorted(registry_tags(stack.registry, model.split("/", 1)[1])) == ["1.0.0", "1.0.0-q8_0", "latest"]
+
+
+@pytest.mark.parametrize("tag", ["1.0.0-q8_0", "latest"])
+def test_the_published_model_returns_the_tool_call_and_its_thinking(published, ollama, tag):
+    family, run, model = published
+    assert run.returncode == 0, run.stdout[-4000:]
+    _, thinking, think = CASES[family.name]
+    reply = _chat(ollama, f"{model}:{tag}", think)
+    message = reply["message"]
+    calls = [{"function": {k: v for k, v in call["function"].items() if k in ("name", "arguments")}}
+             for call in message.get("tool_calls", [])]
+    assert calls == CITY_CALL, reply
+    assert message.get("thinking", "").strip() == thinking, reply
+    assert message["content"].strip() == "", reply  # the call's text is not left in the answer
+    assert reply["done_reason"] == "stop", reply
