@@ -216,14 +216,25 @@ class ParityFailure:
     actual: str  # Ollama's prompt (or why Ollama could not build it)
 
 
+def compared_capabilities(caps: chat_jinja.Capabilities, offered: set[str]) -> chat_jinja.Capabilities:
+    """What to compare on a rendering that offers `offered`: the tools and thinking conversations of what
+    it offers, as detailed as the checkpoint's template allows. A rendering offering what the checkpoint's
+    template lacks is compared on all of it: those requests must still build the checkpoint's prompts (a
+    think: false the template ignores, say). What it lacks is capability_failures' to report."""
+    tools, thinking = "tools" in offered, "thinking" in offered
+    return chat_jinja.Capabilities(
+        tools=tools, tool_round_trip=tools and (caps.tool_round_trip or not caps.tools),
+        thinking=thinking, thinking_switch=thinking and (caps.thinking_switch or not caps.thinking))
+
+
 def prompt_parity(client: OllamaClient, model: str, create_body: dict[str, Any], info: modelfile.TokenizerInfo,
                   adds_bos: bool, renderings: list[str],
-                  cases: dict[str, Conversation] | None = None) -> tuple[list[ParityFailure], int]:
-    """For each conversation of `cases` (default: the plain ones) and each of `renderings`
-    (renderings_to_check's: the model's own first), the prompt Ollama builds for a chat request must be
-    the checkpoint's own Jinja rendering, character for character (so token for token). Returns the
-    conversations that differ, and how many were compared (a conversation the checkpoint's own template
-    cannot render is skipped).
+                  caps: chat_jinja.Capabilities | None = None) -> tuple[list[ParityFailure], int]:
+    """For each conversation and each of `renderings` (renderings_to_check's: the model's own first), the
+    prompt Ollama builds for a chat request must be the checkpoint's own Jinja rendering, character for
+    character (so token for token). The conversations: the plain ones, and with `caps` (the checkpoint's
+    template's) those of compared_capabilities for each rendering. Returns the conversations that differ,
+    and how many were compared (a conversation the checkpoint's own template cannot render is skipped).
 
     Ollama's chat endpoint returns the prompt a request renders to, without running the model, when
     asked with _debug_render_only; on the Jinja rendering it is llama-server's. The model itself is
@@ -231,7 +242,6 @@ def prompt_parity(client: OllamaClient, model: str, create_body: dict[str, Any],
     A request without `think`, as most clients send, makes a model Ollama deems able to think think
     (think: true, passed to the Jinja as enable_thinking), so the Jinja rendering compared gets the same.
     """
-    cases = cases if cases is not None else {label: Conversation(m) for label, m in CONVERSATIONS.items()}
     probe = f"{model.rpartition(':')[0]}:parity-probe"
     forced = GO_TEMPLATE in renderings[1:]
     if forced:
@@ -241,15 +251,23 @@ def prompt_parity(client: OllamaClient, model: str, create_body: dict[str, Any],
         targets = {rendering: probe if forced and rendering == GO_TEMPLATE else model for rendering in renderings}
         offered = {rendering: set(client.show(target).get("capabilities", [])) for rendering, target in targets.items()}
         thinks = {rendering: "thinking" in offered[rendering] for rendering in targets}
-        for label, case in cases.items():
+        cases = {rendering: conversations(compared_capabilities(caps, offered[rendering])) if caps else
+                 {label: Conversation(messages) for label, messages in CONVERSATIONS.items()}
+                 for rendering in targets}
+        labels = dict.fromkeys(label for by_label in cases.values() for label in by_label)
+        for label in labels:
             for rendering, target in targets.items():
-                if case.kind != "plain" and case.kind not in offered[rendering]:
-                    continue  # that rendering offers no tools (or thinking): check_capabilities tells
+                if label not in cases[rendering]:
+                    continue
+                case = cases[rendering][label]
                 try:
                     expected = _reference(info, case, thinks[rendering], adds_bos)
                 except jinja2.TemplateError as exc:
-                    github.warning(f"prompt parity: the checkpoint's template cannot render '{label}' ({exc}); "
-                                   "skipped")
+                    if case.kind == "plain":
+                        github.warning(f"prompt parity: the checkpoint's template cannot render '{label}' ({exc}); "
+                                       "skipped")
+                    else:  # a request with what the checkpoint's template lacks: nothing to compare with
+                        github.log(f"  {label}: the checkpoint's template cannot render it ({exc}); skipped")
                     break
                 compared += 1
                 try:
@@ -292,10 +310,10 @@ def offered_capabilities(show: dict[str, Any]) -> tuple[str, ...]:
 
 
 def capability_failures(caps: chat_jinja.Capabilities, show: dict[str, Any]) -> list[ParityFailure]:
-    """A model must offer the checkpoint's tools and thinking, no more and no fewer: fewer and clients
-    are refused what the model was trained for, more and they get what it never learned."""
+    """A model must offer the checkpoint's tools and thinking: with fewer, clients are refused what the
+    model was trained for. (What it offers beyond them prompt_parity compares like the rest.)"""
     offered = offered_capabilities(show)
-    if offered == caps.names():
+    if set(caps.names()) <= set(offered):
         return []
     return [ParityFailure("capabilities", "api/show", f"the checkpoint's template supports: "
                           f"{', '.join(caps.names()) or 'no tools, no thinking'}",

@@ -477,7 +477,7 @@ def _prove_template(client: OllamaClient, settings: Settings, spec: modelfile.Mo
     It is checked on every rendering users' Ollama may use (checks.renderings_to_check), with the tools and
     thinking conversations the checkpoint's template supports. When only the GGUF's Jinja, which Ollama
     prefers, fails (llama-server renders it other than transformers, or the GGUF's copy is stale) the
-    TEMPLATE is pinned. Then the models must offer exactly the checkpoint's tools and thinking."""
+    TEMPLATE is pinned. Then the models must offer at least the checkpoint's tools and thinking."""
     rendering = checks.selected_rendering(client.show(results[0].name), spec.template)
     if settings.prompt_parity == "off":
         return spec, results, rendering, None
@@ -491,7 +491,7 @@ def _prove_template(client: OllamaClient, settings: Settings, spec: modelfile.Mo
                f"as Ollama renders it [{', '.join(renderings)}]:")
     body = modelfile.create_request(spec, name, digests[quant], ggufs[quant].name)
     failures, compared = checks.prompt_parity(client, name, body, info, convert.adds_bos(ggufs[quant]), renderings,
-                                              checks.conversations(caps))
+                                              caps)
     if not compared:
         message = ("Prompt parity compared nothing: the checkpoint's own chat template could render none of the "
                    "conversations (see the warnings). Nothing proves Ollama's prompts; set the template input, or "

@@ -175,10 +175,24 @@ def test_the_parity_conversations_follow_the_capabilities():
     assert set(checks.conversations(_caps(TOOLS_WITHOUT_RESULTS))) - plain == {"two tools", "two tools + system"}
 
 
-def test_a_model_must_offer_exactly_the_checkpoints_tools_and_thinking():
+def test_a_model_must_offer_at_least_the_checkpoints_tools_and_thinking():
     caps = _caps(TOOLS_WITHOUT_RESULTS)
     assert checks.capability_failures(caps, {"capabilities": ["completion", "tools"]}) == []
+    # More is compared by prompt parity like the rest (compared_capabilities), not refused here.
+    assert checks.capability_failures(caps, {"capabilities": ["completion", "tools", "thinking"]}) == []
     fewer = checks.capability_failures(caps, {"capabilities": ["completion"]})
-    more = checks.capability_failures(caps, {"capabilities": ["completion", "tools", "thinking"]})
-    assert [f.actual for f in fewer + more] == ["the model offers: no tools, no thinking",
-                                               "the model offers: tools, thinking"]
+    assert [(f.expected, f.actual) for f in fewer] == [("the checkpoint's template supports: tools",
+                                                       "the model offers: no tools, no thinking")]
+
+
+def test_what_a_rendering_offers_beyond_the_checkpoint_is_compared_too():
+    plain_caps = _caps(MENTIONS_ONLY)
+    extra = checks.compared_capabilities(plain_caps, {"completion", "tools", "thinking"})
+    assert set(checks.conversations(extra)) - set(checks.CONVERSATIONS) == {
+        "two tools", "two tools + system", "tool call + result", "thinking on", "thinking off",
+        "thinking + tool call + result"}
+    # What a rendering lacks is not compared (capability_failures reports it); the rest as detailed as the
+    # checkpoint's template allows: no round trip where it writes no results.
+    lacking = checks.compared_capabilities(_caps(QWEN3_LIKE), {"completion", "tools"})
+    assert lacking == chat_jinja.Capabilities(tools=True, tool_round_trip=True, thinking=False, thinking_switch=False)
+    assert not checks.compared_capabilities(_caps(TOOLS_WITHOUT_RESULTS), {"tools"}).tool_round_trip

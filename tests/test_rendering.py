@@ -141,8 +141,9 @@ def test_a_jinja_rendering_that_differs_pins_the_template_but_not_without_the_to
     """The GGUF carries the stale template (the converter embeds tokenizer_config.json's), Ollama would
     render that, and the TEMPLATE derived from chat_template.jinja builds the right plain prompts: the models
     would pin it. But it has no tools, which the checkpoint's template has: the pinned models would refuse
-    tool requests. The catalog's qwen3 template, tried next, writes tools but thinks, which this checkpoint
-    does not. So nothing is published, and the error says why."""
+    tool requests. The catalog's qwen3 template, tried next, writes tools but also offers thinking, and
+    its think: false writes an empty thinking block this checkpoint's template never writes. So nothing
+    is published, and the error says why."""
     assert STALE_TEMPLATE != TOOLS_TEMPLATE
     folder = _with_template(tmp_path_factory.mktemp("stale") / "checkpoint", TOOLS_TEMPLATE, STALE_TEMPLATE)
     servers.add_model_repo(stack.mirrors, "test-org/SmolLM2-stale-template", folder, tags=("v1.0.0",))
@@ -152,11 +153,14 @@ def test_a_jinja_rendering_that_differs_pins_the_template_but_not_without_the_to
     assert run.stdout.count("  user [gguf_chat_template]: DIFFERENT") == 1
     assert "  user [go_template]: same prompt" in run.stdout
     assert "The models pin the TEMPLATE (PARSER passthrough)" in run.stdout
-    assert "trying qwen3 (catalog) instead" in run.stdout
+    assert "1 failed checks (capabilities); trying qwen3 (catalog) instead" in run.stdout
+    assert "the checkpoint's template supports: tools\n--- Ollama builds [api/show]\nthe model offers: no tools, " \
+           "no thinking" in run.stdout
     assert len(run.errors()) == 1 and "Prompt parity failed" in run.errors()[0]
     error = run.errors()[0].replace("%0A", "\n")
-    assert "the checkpoint's template supports: tools\n--- Ollama builds [api/show]\nthe model offers: tools, " \
-           "thinking" in error
+    assert "2 failed checks (thinking off, thinking + tool call + result)" in error
+    assert "--- Ollama builds [go_template]\n<|im_start|>user\nWhat is the weather in Paris?<|im_end|>\n" \
+           "<|im_start|>assistant\n<think>\n\n</think>" in error
     assert "6. Push" not in run.stdout
     assert registry_tags(stack.registry, "rendering/stale") == []
 
