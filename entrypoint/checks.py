@@ -304,20 +304,34 @@ def _reference(info: modelfile.TokenizerInfo, case: Conversation, thinks: bool, 
     return expected
 
 
+def pins_template(failures: list[ParityFailure], renderings: list[str]) -> bool:
+    """Whether to pin the TEMPLATE: only the GGUF's Jinja, which Ollama prefers, built other prompts, and the
+    TEMPLATE (also checked) built the checkpoint's."""
+    return bool(failures) and GO_TEMPLATE in renderings[1:] and all(f.rendering == CHAT_TEMPLATE for f in failures)
+
+
 def offered_capabilities(show: dict[str, Any]) -> tuple[str, ...]:
     """The tools and thinking a model offers, from its /api/show."""
     return tuple(name for name in ("tools", "thinking") if name in show.get("capabilities", []))
 
 
 def capability_failures(caps: chat_jinja.Capabilities, show: dict[str, Any]) -> list[ParityFailure]:
-    """A model must offer the checkpoint's tools and thinking: with fewer, clients are refused what the
-    model was trained for. (What it offers beyond them prompt_parity compares like the rest.)"""
+    """A model must offer the checkpoint's tools: without them, clients are refused the tool calls the model
+    was trained for. (What it offers beyond them prompt_parity compares like the rest; thinking it does not
+    offer is missing_thinking's.)"""
     offered = offered_capabilities(show)
-    if set(caps.names()) <= set(offered):
+    if not caps.tools or "tools" in offered:
         return []
     return [ParityFailure("capabilities", "api/show", f"the checkpoint's template supports: "
-                          f"{', '.join(caps.names()) or 'no tools, no thinking'}",
+                          f"{', '.join(caps.names())}",
                           f"the model offers: {', '.join(offered) or 'no tools, no thinking'}")]
+
+
+def missing_thinking(caps: chat_jinja.Capabilities, show: dict[str, Any]) -> bool:
+    """The checkpoint thinks and the model does not offer thinking: Ollama then leaves the reasoning in the
+    answer (Ollama 0.34 splits it off only between tags it knows, <think> among them). The prompts are
+    proven all the same, so the action warns instead of refusing."""
+    return caps.thinking and "thinking" not in offered_capabilities(show)
 
 
 def explain(failures: list[ParityFailure]) -> str:

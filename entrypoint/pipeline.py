@@ -477,7 +477,7 @@ def _prove_template(client: OllamaClient, settings: Settings, spec: modelfile.Mo
     It is checked on every rendering users' Ollama may use (checks.renderings_to_check), with the tools and
     thinking conversations the checkpoint's template supports. When only the GGUF's Jinja, which Ollama
     prefers, fails (llama-server renders it other than transformers, or the GGUF's copy is stale) the
-    TEMPLATE is pinned. Then the models must offer at least the checkpoint's tools and thinking."""
+    TEMPLATE is pinned. Then the models must offer the checkpoint's tools (and should offer its thinking)."""
     rendering = checks.selected_rendering(client.show(results[0].name), spec.template)
     if settings.prompt_parity == "off":
         return spec, results, rendering, None
@@ -500,7 +500,7 @@ def _prove_template(client: OllamaClient, settings: Settings, spec: modelfile.Mo
             raise CheckFailed(message, input_name="template", title="Prompt parity failed")
         github.warning(message)
         return spec, results, rendering, None
-    if failures and checks.GO_TEMPLATE in renderings[1:] and all(f.rendering == checks.CHAT_TEMPLATE for f in failures):
+    if checks.pins_template(failures, renderings):
         github.warning(f"Ollama would render the prompts of {name} with the GGUF's own Jinja chat template, in "
                        "llama-server (it supports more than the TEMPLATE: tools, thinking), and that builds other "
                        f"prompts than the checkpoint for {len(failures)} conversations; the TEMPLATE builds the same. "
@@ -510,7 +510,12 @@ def _prove_template(client: OllamaClient, settings: Settings, spec: modelfile.Mo
         results = _create(client, settings, spec, ggufs, digests, projector)
         rendering = checks.selected_rendering(client.show(results[0].name), spec.template)
         failures = []
-    return spec, results, rendering, failures + checks.capability_failures(caps, client.show(name))
+    failures += checks.capability_failures(caps, client.show(name))
+    if not failures and checks.missing_thinking(caps, client.show(name)):
+        github.warning(f"The checkpoint's chat template thinks, and {name} does not offer thinking: Ollama "
+                       f"{client.version()} leaves the reasoning in the answer (it splits it off only between tags it "
+                       "knows, such as <think>). The prompts are the checkpoint's.")
+    return spec, results, rendering, failures
 
 
 def _failure_headline(failures: list[checks.ParityFailure]) -> str:

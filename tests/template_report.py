@@ -1,19 +1,22 @@
 """Template report: for each real chat template in llama.cpp's models/templates (the chat templates of
-current model families), how ollama-publish handles it (catalog entry, derived, or refused) and whether
-Ollama then builds the same prompts as the template itself (the prompt-parity check, in a real Ollama).
+current model families), how ollama-publish handles it (the template it publishes, or refused), which
+rendering Ollama then uses, and whether Ollama builds the same prompts as the template itself for the
+plain, tools and thinking conversations (the prompt-parity check, in a real Ollama).
 
     scripts/template-report [--markdown FILE]
 
-Every template is checked on one real model, SmolLM2-135M-Instruct converted to Q8_0: parity is about
-the prompt text, which does not depend on the model. That GGUF carries SmolLM2's own Jinja template
-(no tools, no thinking), so Ollama renders the TEMPLATE derived from each corpus template.
-bos_token/eos_token are given as <s> and </s>; a template that writes BOS first is checked as for a GGUF
-that prepends BOS itself (as its family's does).
+Every template is checked on one real model, SmolLM2-135M-Instruct's Q4_1 GGUF, rewritten with the
+template as its tokenizer.chat_template (as the converter embeds a checkpoint's): Ollama sees each
+template's own Jinja and picks between it and the TEMPLATE as it would for the real model, and the
+Jinja path is llama-server's real rendering. Parity is about the prompt text, which does not depend on
+the weights; BOS and EOS are SmolLM2's. As in the action, the candidate templates are tried in order
+(modelfile.candidate_formats) and the first that proves itself is the one reported.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import os
 import shutil
@@ -24,80 +27,162 @@ from pathlib import Path
 
 import jinja2
 
-from entrypoint import chat_jinja, checks, convert, modelfile
+from entrypoint import chat_jinja, checks, convert, gguf_header, modelfile
 from entrypoint.errors import PublishError
 from entrypoint.ollama import OllamaClient
 from tests import servers
 
-BOS, EOS = "<s>", "</s>"
+# Each conversation's kind (plain, tools, thinking), for the report's columns.
+KINDS = {label: case.kind for label, case in checks.conversations(
+    chat_jinja.Capabilities(tools=True, tool_round_trip=True, thinking=True, thinking_switch=True)).items()}
 
 
-def _starts_with_bos(jinja: str) -> bool:
+@dataclasses.dataclass(frozen=True)
+class Row:
+    name: str
+    handled: str  # the template published, "caught: ..." (every candidate failed) or "refused"
+    rendering: str
+    supports: tuple[str, ...]  # the checkpoint's template's tools and thinking
+    parity: dict[str, str]  # kind -> "pass", "FAIL (labels)" or "" (not compared)
+
+    @property
+    def published(self) -> bool:
+        return not self.handled.startswith(("caught", "refused"))
+
+
+def _writes_bos_first(jinja: str) -> bool:
+    """Whether the template starts with its bos_token (probed with a text of its own: SmolLM2's BOS,
+    <|im_start|>, is also ChatML's turn marker)."""
+    probe = "<BOSPROBE>"
     try:
-        return chat_jinja.render(jinja, [{"role": "user", "content": "hi"}], bos_token=BOS,
-                                 eos_token=EOS).startswith(BOS)
+        return chat_jinja.render(jinja, [{"role": "user", "content": "hi"}], bos_token=probe,
+                                 eos_token="").startswith(probe)
     except jinja2.TemplateError:
         return False
 
 
-def check_template(client: OllamaClient, digest: str, index: int, jinja: str) -> tuple[str, str]:
-    """(how it is handled, parity result) for one template."""
-    info = modelfile.TokenizerInfo(chat_template=jinja, eos_tokens=(EOS,), bos_token=BOS)
-    # A family whose template writes BOS first has a tokenizer that prepends BOS (its GGUF says so):
-    # check what the action does for such a GGUF, although SmolLM2's own adds none.
-    bos_added = _starts_with_bos(jinja)
+def _with_template(source: Path, template: Path, target: Path) -> None:
+    """A copy of `source` carrying `template`; one that prepends BOS itself when the template writes BOS
+    first, as the GGUFs of those families do (so both sides get one BOS token, as for the real model)."""
+    scripts = Path(os.environ["LLAMA_CPP_DIR"]) / "gguf-py" / "gguf" / "scripts"
+    subprocess.run([sys.executable, str(scripts / "gguf_new_metadata.py"), "--force", "--chat-template-file",
+                    str(template), str(source), str(target)], check=True, capture_output=True)
+    if _writes_bos_first(template.read_text(encoding="utf-8")):
+        subprocess.run([sys.executable, str(scripts / "gguf_set_metadata.py"), "--force", str(target),
+                        "tokenizer.ggml.add_bos_token", "1"], check=True, capture_output=True)
+
+
+def _verdict(failures: list[checks.ParityFailure], compared: set[str]) -> dict[str, str]:
+    verdict = {}
+    for kind in ("plain", "tools", "thinking"):
+        labels = [label for label in compared if KINDS.get(label, "plain") == kind]
+        failed = list(dict.fromkeys(f.conversation for f in failures if KINDS.get(f.conversation, "plain") == kind))
+        verdict[kind] = f"FAIL ({', '.join(failed)})" if failed else ("pass" if labels else "")
+    return verdict
+
+
+def check_template(client: OllamaClient, index: int, path: Path, base_gguf: Path, root: Path) -> Row:
+    gguf = root / f"t{index}.gguf"
+    _with_template(base_gguf, path, gguf)
+    info = modelfile.tokenizer_info_from_gguf(gguf_header.read_metadata(gguf))
+    adds_bos = convert.adds_bos(gguf)
+    caps = chat_jinja.capabilities(info.chat_template, bos_token=info.bos_token, eos_token=info.eos_tokens[0])
     try:
-        chat = modelfile.choose_format("auto", info, Path("."), bos_added=bos_added)
+        formats = modelfile.candidate_formats("auto", info, Path("."), bos_added=adds_bos)
     except PublishError as exc:
-        return "refused", exc.message.split(": ", 1)[-1].split(". Set")[0]
-    how = chat.name.replace("derived from the checkpoint's chat template", "derived")
-    spec = modelfile.ModelSpec(template=chat.template, system=chat.default_system, parameters=(), license="",
-                               source="report")
-    name = f"report.local/templates/t{index}:latest"
-    body = modelfile.create_request(spec, name, digest, "model.gguf")
+        gguf.unlink()
+        return Row(path.stem, "refused: " + exc.message.split(": ", 1)[-1].split(". Set")[0], "", caps.names(), {})
     try:
-        client.create(body, quiet=True)
-    except PublishError as exc:
-        return how, f"FAIL: Ollama rejects the template ({exc.message[:80]})"
-    try:
-        rendering = checks.selected_rendering(client.show(name), spec.template)
-        failures, _ = checks.prompt_parity(client, name, body, info, adds_bos=bos_added,
-                                           renderings=checks.renderings_to_check(rendering, spec.template))
+        return _prove_candidates(client, index, path, gguf, info, adds_bos, caps, formats)
     finally:
-        client.delete(name)
-    if failures:
-        return how, f"FAIL ({', '.join(f.conversation for f in failures)})"
-    return how, "pass"
+        gguf.unlink()
 
 
-def build_report() -> list[tuple[str, str, str]]:
-    """(template, how it is handled, parity result) for every template in the corpus."""
+def _prove_candidates(client: OllamaClient, index: int, path: Path, gguf: Path, info: modelfile.TokenizerInfo,
+                      adds_bos: bool, caps: chat_jinja.Capabilities, formats: list[modelfile.ChatFormat]) -> Row:
+    """As the pipeline's stage 5: the first candidate that passes parity and offers the checkpoint's tools
+    and thinking, else the last one's failures."""
+    digest = client.upload_blob(gguf)
+    name = f"report.local/templates/t{index}:latest"
+    try:
+        return _first_proven(client, name, digest, path, info, adds_bos, caps, formats)
+    finally:
+        client.delete(name)  # and the GGUF blob with it
+
+
+def _first_proven(client: OllamaClient, name: str, digest: str, path: Path, info: modelfile.TokenizerInfo,
+                  adds_bos: bool, caps: chat_jinja.Capabilities, formats: list[modelfile.ChatFormat]) -> Row:
+    first: Row | None = None
+    for chat in formats:
+        spec = modelfile.ModelSpec(template=chat.template, system=chat.default_system, parameters=(), license="",
+                                   source="report")
+        body = modelfile.create_request(spec, name, digest, "model.gguf")
+        how = chat.name.replace("derived from the checkpoint's chat template", "derived")
+        try:
+            client.create(body, quiet=True)
+        except PublishError as exc:
+            first = first or Row(path.stem, f"caught: Ollama rejects {how} ({exc.message[:60]})", "", caps.names(), {})
+            continue
+        rendering = checks.selected_rendering(client.show(name), spec.template)
+        renderings = checks.renderings_to_check(rendering, spec.template)
+        failures, _ = checks.prompt_parity(client, name, body, info, adds_bos, renderings, caps)
+        if checks.pins_template(failures, renderings):
+            client.create({**body, "parser": checks.PIN_PARSER}, quiet=True)
+            rendering, failures = checks.selected_rendering(client.show(name), spec.template), []
+        failures += checks.capability_failures(caps, client.show(name))
+        offered = checks.offered_capabilities(client.show(name))
+        compared = set(checks.conversations(checks.compared_capabilities(caps, set(offered))))
+        fewer = [f for f in failures if f.conversation == "capabilities"]
+        verdict = _verdict([f for f in failures if f.conversation != "capabilities"], compared)
+        if not failures:
+            return Row(path.stem, how, rendering, caps.names(), verdict)
+        why = f"offers {', '.join(offered) or 'no tools, no thinking'}; " if fewer else ""
+        first = first or Row(path.stem, f"caught: {why}{how}", rendering, caps.names(), verdict)
+    assert first is not None
+    return first  # every candidate failed: the first one's account (the action's own choice)
+
+
+def build_report() -> list[Row]:
+    """A Row for every template in the corpus."""
     templates = sorted((Path(os.environ["LLAMA_CPP_DIR"]) / "models" / "templates").glob("*.jinja"))
     root = Path(tempfile.mkdtemp(prefix="template-report-"))
-    gguf = root / "smollm2-q8_0.gguf"
-    convert.convert(Path(os.environ["SMOLLM2_CHECKPOINT"]), gguf, "q8_0", "SmolLM2-135M-Instruct")
     rows = []
     with servers.ollama(root / "home") as url:
         client = OllamaClient(url)
-        digest = client.upload_blob(gguf)
-        # Keeps the GGUF blob referenced: Ollama deletes a blob with the last model that uses it.
-        client.create({"model": "report.local/templates/keep:latest", "files": {"model.gguf": digest}}, quiet=True)
         for index, path in enumerate(templates):
-            how, parity = check_template(client, digest, index, path.read_text(encoding="utf-8"))
-            rows.append((path.stem, how, parity))
-            print(f"{path.stem}: {how}: {parity}", file=sys.stderr)
+            row = check_template(client, index, path, Path(os.environ["SMOLLM2_GGUF"]), root)
+            rows.append(row)
+            print(f"{row.name}: {row.handled} [{row.rendering}] {row.parity}", file=sys.stderr)
     shutil.rmtree(root, ignore_errors=True)
     return rows
 
 
-def to_markdown(rows: list[tuple[str, str, str]]) -> str:
-    passed = sum(1 for _, _, parity in rows if parity == "pass")
-    refused = sum(1 for _, how, _ in rows if how == "refused")
-    caught = sum(1 for _, how, parity in rows if how != "refused" and parity != "pass")
-    lines = ["| Template | Handled as | Prompt parity |", "|---|---|---|"]
-    lines += [f"| {name} | {how} | {parity.replace('|', '/')} |" for name, how, parity in rows]
-    lines += ["", f"{passed} of {len(rows)} templates pass prompt parity ({100 * passed / len(rows):.0f}%); "
-                  f"{refused} refused before conversion; {caught} handled but caught by the parity check."]
+def summary(rows: list[Row]) -> dict[str, tuple[int, int]]:
+    """(passed, of) for: every template published with all its parity passing; the templates that support
+    tools, published with tools parity passing; the same for thinking."""
+    tools = [r for r in rows if "tools" in r.supports]
+    thinking = [r for r in rows if "thinking" in r.supports]
+    return {"published": (sum(r.published for r in rows), len(rows)),
+            "tools": (sum(r.published and r.parity.get("tools") == "pass" for r in tools), len(tools)),
+            "thinking": (sum(r.published and r.parity.get("thinking") == "pass" for r in thinking), len(thinking))}
+
+
+def to_markdown(rows: list[Row]) -> str:
+    lines = ["| Template | Supports | Published as | Rendering | Prompt parity | Tools parity | Thinking parity |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        cells = [r.name, ", ".join(r.supports) or "-", r.handled, r.rendering or "-",
+                 *(r.parity.get(kind) or "-" for kind in ("plain", "tools", "thinking"))]
+        lines.append("| " + " | ".join(cell.replace("|", "/") for cell in cells) + " |")
+    counts = summary(rows)
+    (published, total), (tools, with_tools), (thinking, with_thinking) = counts.values()
+    refused = sum(r.handled.startswith("refused") for r in rows)
+    lines += ["", f"{published} of {total} templates are published with every comparison passing "
+                  f"({100 * published / total:.0f}%); {refused} refused before conversion; "
+                  f"{total - published - refused} caught by the checks before any push.",
+              f"Of the {with_tools} templates that support tools, {tools} are published with tools parity passing "
+              f"({100 * tools / max(with_tools, 1):.0f}%); of the {with_thinking} that think, {thinking} with "
+              f"thinking parity passing ({100 * thinking / max(with_thinking, 1):.0f}%)."]
     return "\n".join(lines)
 
 
@@ -107,9 +192,12 @@ Generated by `scripts/template-report --markdown docs/templates.md` (also run as
 {date} with Ollama {ollama} and the `models/templates` of the llama.cpp tree the action's image ships. "derived
 (F family)": the Ollama template was read off the checkpoint template, and the template has the markers of
 catalog family F; "F (catalog)": no template can be derived, so the detected family's catalog template is used;
-"refused": the action stops before conversion and names the `template` input. Parity compares the prompts
-Ollama builds for chat requests with the Jinja renderings for four conversations (see the README); a template
-that writes BOS first is checked as for a GGUF that prepends BOS itself.
+"refused": the action stops before conversion and names the `template` input; "caught": every candidate
+template failed a check, so the action publishes nothing. Each template is embedded in the GGUF, so Ollama
+picks its rendering (`go_template`, `gguf_chat_template`, or `parser`: the TEMPLATE pinned) as for a real
+checkpoint. Parity compares the prompts Ollama builds for chat requests with the Jinja renderings: the four
+plain conversations, and the tools and thinking ones for what the template supports or the model offers
+(see the README's "Chat templates"). "Supports" is what the template renders (tools, thinking).
 
 """
 

@@ -175,7 +175,7 @@ def test_the_parity_conversations_follow_the_capabilities():
     assert set(checks.conversations(_caps(TOOLS_WITHOUT_RESULTS))) - plain == {"two tools", "two tools + system"}
 
 
-def test_a_model_must_offer_at_least_the_checkpoints_tools_and_thinking():
+def test_a_model_must_offer_the_checkpoints_tools():
     caps = _caps(TOOLS_WITHOUT_RESULTS)
     assert checks.capability_failures(caps, {"capabilities": ["completion", "tools"]}) == []
     # More is compared by prompt parity like the rest (compared_capabilities), not refused here.
@@ -183,6 +183,14 @@ def test_a_model_must_offer_at_least_the_checkpoints_tools_and_thinking():
     fewer = checks.capability_failures(caps, {"capabilities": ["completion"]})
     assert [(f.expected, f.actual) for f in fewer] == [("the checkpoint's template supports: tools",
                                                        "the model offers: no tools, no thinking")]
+
+
+def test_thinking_the_model_does_not_offer_is_told_apart():
+    thinks = _caps(ALWAYS_THINKS)
+    assert checks.capability_failures(thinks, {"capabilities": ["completion"]}) == []
+    assert checks.missing_thinking(thinks, {"capabilities": ["completion"]})
+    assert not checks.missing_thinking(thinks, {"capabilities": ["completion", "thinking"]})
+    assert not checks.missing_thinking(_caps(TOOLS_WITHOUT_RESULTS), {"capabilities": ["completion", "tools"]})
 
 
 def test_what_a_rendering_offers_beyond_the_checkpoint_is_compared_too():
