@@ -58,6 +58,9 @@ CASES = {
     "LoRA base that does not exist": ({"hf-repo": "test-org/lora-local-base", "base-model": "test-org/no-such-base"},
                                       {}, "base-model", "'test-org/no-such-base' was not found"),
     "DoRA adapter": ({"hf-repo": "test-org/dora"}, {}, "hf-repo", "DoRA (use_dora)"),
+    "system prompt for a template that drops system messages": (
+        {"hf-repo": "test-org/drops-system", "system": "You are a pirate."}, {}, "system",
+        "has no system turn (it refuses or drops system messages)"),
 }
 
 
@@ -99,6 +102,16 @@ def bad_repos(stack, tmp_path_factory):
     (dora / "adapter_config.json").write_text(json.dumps(dora_config))
     servers.add_model_repo(stack.mirrors, "test-org/dora", dora)
     servers.add_model_repo(stack.mirrors, "test-org/bert-no-pooling", folder / "bert-no-pooling")
+    # SmolLM2's ChatML, but every system message skipped: a system prompt would never reach the model.
+    drops_system = folder / "drops-system"
+    shutil.copytree(checkpoint, drops_system)
+    config = json.loads((drops_system / "tokenizer_config.json").read_text())
+    config["chat_template"] = ("{% for m in messages %}{% if m.role != 'system' %}<|im_start|>{{ m.role }}\n"
+                               "{{ m.content }}<|im_end|>\n{% endif %}{% endfor %}"
+                               "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    (drops_system / "tokenizer_config.json").write_text(json.dumps(config))
+    (drops_system / "chat_template.jinja").unlink(missing_ok=True)
+    servers.add_model_repo(stack.mirrors, "test-org/drops-system", drops_system)
 
 
 @pytest.mark.parametrize("case", CASES)
