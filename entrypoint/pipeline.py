@@ -44,7 +44,7 @@ class Report:
     path_taken: str  # how the repo was published, and why (hub.Plan.why)
     extra_ggufs: tuple[Path, ...]  # a vision model's projector: shared by every tag
     rendering: str  # what renders the prompts in users' Ollama (checks.selected_rendering); "" for embeddings
-    capabilities: tuple[str, ...] = ()  # tools, thinking: what the published models offer (as proven)
+    capabilities: tuple[str, ...] = ()  # tools, thinking: what the published models offer (their /api/show)
     sampling: tuple[tuple[str, Any, str], ...] = ()  # (parameter, value, where it came from)
 
 
