@@ -251,9 +251,8 @@ def prompt_parity(client: OllamaClient, model: str, create_body: dict[str, Any],
         targets = {rendering: probe if forced and rendering == GO_TEMPLATE else model for rendering in renderings}
         offered = {rendering: set(client.show(target).get("capabilities", [])) for rendering, target in targets.items()}
         thinks = {rendering: "thinking" in offered[rendering] for rendering in targets}
-        cases = {rendering: conversations(compared_capabilities(caps, offered[rendering])) if caps else
-                 {label: Conversation(messages) for label, messages in CONVERSATIONS.items()}
-                 for rendering in targets}
+        cases = {rendering: conversations(compared_capabilities(caps, offered[rendering]) if caps else
+                                          chat_jinja.NO_CAPABILITIES) for rendering in targets}
         labels = dict.fromkeys(label for by_label in cases.values() for label in by_label)
         for label in labels:
             for rendering, target in targets.items():
@@ -315,6 +314,10 @@ def offered_capabilities(show: dict[str, Any]) -> tuple[str, ...]:
     return tuple(name for name in ("tools", "thinking") if name in show.get("capabilities", []))
 
 
+def describe_capabilities(names: tuple[str, ...]) -> str:
+    return ", ".join(names) or "no tools, no thinking"
+
+
 def capability_failures(caps: chat_jinja.Capabilities, show: dict[str, Any]) -> list[ParityFailure]:
     """A model must offer the checkpoint's tools: without them, clients are refused the tool calls the model
     was trained for. (What it offers beyond them prompt_parity compares like the rest; thinking it does not
@@ -322,9 +325,9 @@ def capability_failures(caps: chat_jinja.Capabilities, show: dict[str, Any]) -> 
     offered = offered_capabilities(show)
     if not caps.tools or "tools" in offered:
         return []
-    return [ParityFailure("capabilities", "api/show", f"the checkpoint's template supports: "
-                          f"{', '.join(caps.names())}",
-                          f"the model offers: {', '.join(offered) or 'no tools, no thinking'}")]
+    return [ParityFailure("capabilities", "api/show",
+                          f"the checkpoint's template supports: {describe_capabilities(caps.names())}",
+                          f"the model offers: {describe_capabilities(offered)}")]
 
 
 def missing_thinking(caps: chat_jinja.Capabilities, show: dict[str, Any]) -> bool:

@@ -103,7 +103,7 @@ def run(settings: Settings) -> Report:
                     caps = chat_jinja.capabilities(info.chat_template, bos_token=info.bos_token,
                                                    eos_token=(info.eos_tokens or ("",))[0]) \
                         if info.chat_template else chat_jinja.NO_CAPABILITIES
-                    github.log(f"the checkpoint's chat template supports: {_names(caps.names())}")
+                    github.log(f"the checkpoint's chat template supports: {checks.describe_capabilities(caps.names())}")
                     for attempt, chat_format in enumerate(formats):
                         if attempt:  # the previous template failed its proof: the next one, from scratch
                             spec = _describe_model(settings, info, license_text, chat_format, sampling)
@@ -111,7 +111,7 @@ def run(settings: Settings) -> Report:
                             results = _create(client, settings, spec, ggufs, digests, projector_file)
                         spec, results, rendering, failures = _prove_template(
                             client, settings, spec, info, caps, ggufs, digests, results, projector_file)
-                        if failures is None or not failures:
+                        if not failures:  # passed, or nothing checked (None)
                             break
                         if attempt + 1 < len(formats):
                             github.log(f"{chat_format.name}: {_failure_headline(failures)}; trying "
@@ -121,7 +121,7 @@ def run(settings: Settings) -> Report:
                     modelfile_path = _write_modelfile(settings, spec, ggufs, projector)
                     offered = checks.offered_capabilities(client.show(results[0].name))
                     github.log(f"Ollama renders the prompts with {checks.describe_rendering(rendering)}; the models "
-                               f"offer: {_names(offered)}")
+                               f"offer: {checks.describe_capabilities(offered)}")
                 _smoke_test(client, settings, results, lambda name: smoke(client, name))
             if settings.push:
                 with github.group("6. Push"):
@@ -510,8 +510,9 @@ def _prove_template(client: OllamaClient, settings: Settings, spec: modelfile.Mo
         results = _create(client, settings, spec, ggufs, digests, projector)
         rendering = checks.selected_rendering(client.show(results[0].name), spec.template)
         failures = []
-    failures += checks.capability_failures(caps, client.show(name))
-    if not failures and checks.missing_thinking(caps, client.show(name)):
+    show = client.show(name)
+    failures += checks.capability_failures(caps, show)
+    if not failures and checks.missing_thinking(caps, show):
         github.warning(f"The checkpoint's chat template thinks, and {name} does not offer thinking: Ollama "
                        f"{client.version()} leaves the reasoning in the answer (it splits it off only between tags it "
                        "knows, such as <think>). The prompts are the checkpoint's.")
@@ -530,9 +531,6 @@ def _parity_failed(settings: Settings, name: str, failures: list[checks.ParityFa
         raise CheckFailed(message, input_name="template", title="Prompt parity failed")
     github.warning(message)
 
-
-def _names(capabilities: tuple[str, ...]) -> str:
-    return ", ".join(capabilities) or "no tools, no thinking"
 
 
 def _smoke_test(client: OllamaClient, settings: Settings, results: list[TagResult],
