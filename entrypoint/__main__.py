@@ -57,7 +57,8 @@ def summary_markdown(report: pipeline.Report, source: str, workspace: Path) -> s
     lines += [f"Path taken: {report.path_taken}.", ""]
     if report.rendering:
         offered = " and ".join(report.capabilities) or "neither tools nor thinking"
-        lines += [f"Prompts are rendered by Ollama with {report.rendering}. The models offer {offered}.", ""]
+        lines += [f"Chat template: {report.chat_template}. Prompts are rendered by Ollama with {report.rendering}. "
+                  f"The models offer {offered}.", ""]
     if report.sampling:
         lines += ["Sampling defaults: " + ", ".join(f"{name} {value} ({source})" for name, value, source in
                                                     report.sampling) + ".", ""]

@@ -168,7 +168,8 @@ def _cosine(a: list[float], b: list[float]) -> float:
 # How Ollama 0.34 renders a model's prompts, named as its own "template selection" log line names them
 # (server/images.go, selectedTemplateSource). The Go TEMPLATE is used unless the GGUF's own Jinja
 # chat_template advertises more (tools, thinking): then, with OLLAMA_GO_TEMPLATE unset, llama-server
-# renders the Jinja instead. A RENDERER (Ollama assigns one to a few architectures on create) beats both.
+# renders the Jinja instead. A RENDERER beats both: Ollama assigns one to a few architectures on create,
+# and the action to the families of templates/chat/renderers.toml.
 # A model with a PARSER is always rendered with its TEMPLATE, whatever the GGUF's Jinja offers: the
 # passthrough parser (the answer as it is) pins the TEMPLATE.
 GO_TEMPLATE = "go_template"
@@ -196,7 +197,8 @@ def describe_rendering(rendering: str) -> str:
         CHAT_TEMPLATE: "the checkpoint's own Jinja chat template, by llama-server (gguf_chat_template): it supports "
                        "more (tools, thinking) than the TEMPLATE; Ollama with OLLAMA_GO_TEMPLATE=1 renders the "
                        "TEMPLATE instead",
-        RENDERER: "Ollama's built-in renderer for this architecture (renderer); the TEMPLATE is not used",
+        RENDERER: "Ollama's built-in renderer and parser for the family (renderer): Go code in Ollama that writes "
+                  "its prompts, tools and thinking, and reads its tool calls and reasoning",
         PINNED: f"the Modelfile's TEMPLATE, pinned by PARSER {PIN_PARSER} (parser): the checkpoint's Jinja chat "
                 "template, which Ollama would prefer, builds other prompts in llama-server than the checkpoint",
     }[rendering]
@@ -228,8 +230,8 @@ def compared_capabilities(caps: chat_jinja.Capabilities, offered: set[str]) -> c
 
 
 def prompt_parity(client: OllamaClient, model: str, create_body: dict[str, Any], info: modelfile.TokenizerInfo,
-                  adds_bos: bool, renderings: list[str],
-                  caps: chat_jinja.Capabilities | None = None) -> tuple[list[ParityFailure], int]:
+                  adds_bos: bool, renderings: list[str], caps: chat_jinja.Capabilities | None = None,
+                  leading_bos: str = "") -> tuple[list[ParityFailure], int]:
     """For each conversation and each of `renderings` (renderings_to_check's: the model's own first), the
     prompt Ollama builds for a chat request must be the checkpoint's own Jinja rendering, character for
     character (so token for token). The conversations: the plain ones, and with `caps` (the checkpoint's
@@ -241,6 +243,8 @@ def prompt_parity(client: OllamaClient, model: str, create_body: dict[str, Any],
     asked for its own rendering; a probe created like it but forced to the Go TEMPLATE for that one.
     A request without `think`, as most clients send, makes a model Ollama deems able to think think
     (think: true, passed to the Jinja as enable_thinking), so the Jinja rendering compared gets the same.
+    leading_bos: the BOS text a RENDERER writes first, which Ollama takes off the prompt when the GGUF's
+    tokenizer adds BOS itself (so it is taken off here too).
     """
     probe = f"{model.rpartition(':')[0]}:parity-probe"
     forced = GO_TEMPLATE in renderings[1:]
@@ -276,6 +280,8 @@ def prompt_parity(client: OllamaClient, model: str, create_body: dict[str, Any],
                     failures.append(ParityFailure(label, rendering, expected, f"(Ollama could not build it: {exc})"))
                     github.log(f"  {label} [{rendering}]: FAILED TO RENDER")
                     continue
+                if rendering == RENDERER and adds_bos and leading_bos:
+                    actual = actual.removeprefix(leading_bos)
                 if actual != expected:
                     failures.append(ParityFailure(label, rendering, expected, actual))
                     github.log(f"  {label} [{rendering}]: DIFFERENT")

@@ -31,6 +31,9 @@ class ChatFormat:
     default_system: str = ""
     family: str = ""  # the catalog family it is or resembles, "" if none
     supports_system: bool = True  # False: the checkpoint's template refuses or drops system messages
+    renderer: str = ""  # Ollama's built-in RENDERER, which then writes the prompts instead of `template`
+    parser: str = ""  # the renderer's PARSER
+    leading_bos: str = ""  # the BOS text the renderer writes first (renderers.toml)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +56,25 @@ class Family:
                           default_system=self.default_system, family=self.name)
 
 
+@dataclasses.dataclass(frozen=True)
+class Renderer:
+    """An entry of templates/chat/renderers.toml: one of Ollama's built-in renderers (its comments explain
+    the fields)."""
+    name: str
+    applies_to: str
+    parser: str
+    markers: tuple[str, ...]
+    leading_bos: str
+    end_of_turn: tuple[str, ...]
+    begin_of_turn: tuple[str, ...]
+    verified_with: tuple[str, ...]
+
+    def chat_format(self) -> ChatFormat:
+        return ChatFormat(name=f"{self.name} (Ollama's built-in renderer)", template="", end_of_turn=self.end_of_turn,
+                          begin_of_turn=self.begin_of_turn, renderer=self.name, parser=self.parser,
+                          leading_bos=self.leading_bos)
+
+
 def _load_catalog() -> dict[str, Family]:
     with open(TEMPLATES_DIR / "chat" / "catalog.toml", "rb") as file:
         tables = tomllib.load(file)
@@ -63,7 +85,17 @@ def _load_catalog() -> dict[str, Family]:
             for name, t in tables.items()}
 
 
+def _load_renderers() -> dict[str, Renderer]:
+    with open(TEMPLATES_DIR / "chat" / "renderers.toml", "rb") as file:
+        tables = tomllib.load(file)
+    return {name: Renderer(name=name, applies_to=t["applies_to"], parser=t["parser"], markers=tuple(t["markers"]),
+                           leading_bos=t["leading_bos"], end_of_turn=tuple(t["end_of_turn"]),
+                           begin_of_turn=tuple(t["begin_of_turn"]), verified_with=tuple(t["verified_with"]))
+            for name, t in tables.items()}
+
+
 FAMILIES = _load_catalog()
+RENDERERS = _load_renderers()
 
 
 def load_family(name: str) -> ChatFormat:
@@ -208,16 +240,35 @@ def choose_format(template_input: str, info: TokenizerInfo, workspace: Path, bos
                       supports_system=derived.supports_system)
 
 
+def matching_renderers(info: TokenizerInfo, renderers: dict[str, Renderer] | None = None) -> list[Renderer]:
+    """Ollama's built-in renderers whose markers all appear in the checkpoint's Jinja template, the most
+    specific first (as detect_family ranks families)."""
+    found = [r for r in (renderers or RENDERERS).values()
+             if info.chat_template and all(marker in info.chat_template for marker in r.markers)]
+    return sorted(found, key=lambda r: (len(r.markers), sum(map(len, r.markers))), reverse=True)
+
+
 def candidate_formats(template_input: str, info: TokenizerInfo, workspace: Path,
                       bos_added: bool = False) -> list[ChatFormat]:
-    """The templates to try, in order, until one proves itself in Ollama: choose_format's, then (for
-    `auto`) the detected family's catalog template, which writes tools and thinking where the family has
-    them while a derived template writes neither."""
-    first = choose_format(template_input, info, workspace, bos_added)
-    family = detect_family(info) if template_input == "auto" else None
-    if family is None or first.name == family.chat_format().name:
+    """The renderings to try, in order, until one proves itself in Ollama. For `auto`: the built-in
+    renderers the template matches (they write and parse the family's tools and thinking), then
+    choose_format's (a derived TEMPLATE, which writes neither, and the GGUF's Jinja, which Ollama may
+    prefer), then the detected family's catalog template (tools and thinking where the family has them).
+    Otherwise only choose_format's."""
+    renderers = [r.chat_format() for r in matching_renderers(info)] if template_input == "auto" else []
+    try:
+        first = choose_format(template_input, info, workspace, bos_added)
+    except RepoRefused:
+        if renderers:  # no TEMPLATE for this template: a built-in renderer may still render it
+            return renderers
+        raise
+    if template_input != "auto":
         return [first]
-    return [first, dataclasses.replace(family.chat_format(), default_system=first.default_system)]
+    formats = [*renderers, first]
+    family = detect_family(info)
+    if family is not None and first.name != family.chat_format().name:
+        formats.append(dataclasses.replace(family.chat_format(), default_system=first.default_system))
+    return formats
 
 
 # generation_config.json's sampling fields and the Ollama parameters they become.
@@ -252,7 +303,8 @@ class ModelSpec:
     parameters: tuple[tuple[str, Any], ...]
     license: str
     source: str
-    parser: str = ""  # PARSER: "passthrough" pins the TEMPLATE (checks.PINNED)
+    parser: str = ""  # PARSER: with a TEMPLATE, it pins the TEMPLATE (checks.PINNED)
+    renderer: str = ""  # RENDERER: Ollama's built-in one writes the prompts (checks.RENDERER)
 
 
 def _quote(value: str) -> str:
@@ -274,7 +326,7 @@ def render_modelfile(spec: ModelSpec, gguf_name: str, projector_name: str = "") 
     return env.get_template("Modelfile.j2").render(
         source=spec.source, gguf_name=gguf_name, projector_name=projector_name,
         template=spec.template, system=spec.system, parameters=spec.parameters, license=spec.license,
-        parser=spec.parser)
+        parser=spec.parser, renderer=spec.renderer)
 
 
 def create_request(spec: ModelSpec, model: str, gguf_digest: str, gguf_name: str,
@@ -292,6 +344,8 @@ def create_request(spec: ModelSpec, model: str, gguf_digest: str, gguf_name: str
         body["files"][projector[0]] = projector[1]
     if spec.template:  # an embedding model has none
         body["template"] = spec.template
+    if spec.renderer:
+        body["renderer"] = spec.renderer
     if spec.parser:
         body["parser"] = spec.parser
     if spec.system:

@@ -45,6 +45,7 @@ class Report:
     extra_ggufs: tuple[Path, ...]  # a vision model's projector: shared by every tag
     rendering: str  # what renders the prompts in users' Ollama (checks.selected_rendering); "" for embeddings
     capabilities: tuple[str, ...] = ()  # tools, thinking: what the published models offer (their /api/show)
+    chat_template: str = ""  # the candidate template or renderer published (modelfile.ChatFormat.name)
     sampling: tuple[tuple[str, Any, str], ...] = ()  # (parameter, value, where it came from)
 
 
@@ -73,8 +74,8 @@ def run(settings: Settings) -> Report:
                 sampling = _sampling(settings, checkpoint) if task != "embedding" else ()
                 embedding_context = _embedding_context(checkpoint) if task == "embedding" else None
                 if task != "embedding":  # a template that cannot work fails now
-                    _check_system_support(settings, modelfile.choose_format(settings.template, info,
-                                                                            settings.workspace))
+                    _check_system_support(settings, modelfile.candidate_formats(settings.template, info,
+                                                                                settings.workspace))
                 license_text = modelfile.read_license(checkpoint.adapter or checkpoint.path) or \
                     modelfile.read_license(checkpoint.path)
             projector = _extra_path(settings, "mmproj-f16") if task == "vision" else None
@@ -94,7 +95,7 @@ def run(settings: Settings) -> Report:
                 digests = {q: client.upload_blob(path) for q, path in ggufs.items()}
                 projector_file = (projector.name, client.upload_blob(projector)) if projector else None
                 results = _create(client, settings, spec, ggufs, digests, projector_file)
-                rendering = ""
+                rendering, chat_template = "", ""
                 offered: tuple[str, ...] = ()
                 smoke: Callable[[OllamaClient, str], str] = (
                     (lambda server, name: checks.embedding_smoke_test(server, name, embedding_size))
@@ -110,7 +111,8 @@ def run(settings: Settings) -> Report:
                             modelfile_path = _write_modelfile(settings, spec, ggufs, projector)
                             results = _create(client, settings, spec, ggufs, digests, projector_file)
                         spec, results, rendering, failures = _prove_template(
-                            client, settings, spec, info, caps, ggufs, digests, results, projector_file)
+                            client, settings, spec, chat_format, info, caps, ggufs, digests, results, projector_file)
+                        chat_template = chat_format.name
                         if not failures:  # passed, or nothing checked (None)
                             break
                         if attempt + 1 < len(formats):
@@ -132,7 +134,7 @@ def run(settings: Settings) -> Report:
                           ollama_version=client.version(), path_taken=checkpoint.plan.why + TASK_NOTES[task],
                           extra_ggufs=(projector,) if projector else (),
                           rendering=checks.describe_rendering(rendering) if rendering else "",
-                          capabilities=offered, sampling=sampling)
+                          capabilities=offered, sampling=sampling, chat_template=chat_template)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
         github.give_to_workspace_owner(settings.output_dir, settings.workspace)
@@ -283,8 +285,8 @@ def _describe(settings: Settings, task: str, info: modelfile.TokenizerInfo, gguf
     return _describe_model(settings, info, license_text, chat_format, sampling), 0
 
 
-def _check_system_support(settings: Settings, chat_format: modelfile.ChatFormat) -> None:
-    if settings.system and not chat_format.supports_system:
+def _check_system_support(settings: Settings, formats: list[modelfile.ChatFormat]) -> None:
+    if settings.system and not all(chat_format.supports_system for chat_format in formats):
         raise InputError("The checkpoint's chat template has no system turn (it refuses or drops system messages), "
                          "so the system prompt would never reach the model as it was trained. Remove the system "
                          "input, or set the template input to a catalog template that places it.",
@@ -340,7 +342,8 @@ def _describe_model(settings: Settings, info: modelfile.TokenizerInfo, license_t
     defaults = tuple((name, value) for name, value, source in sampling if source == "generation_config.json")
     parameters = tuple(("stop", s) for s in stops if s not in user_stops) + defaults + settings.parameters
     return modelfile.ModelSpec(template=chat_format.template, system=system, parameters=parameters,
-                               license=license_text, source=settings.source_label)
+                               license=license_text, source=settings.source_label, renderer=chat_format.renderer,
+                               parser=chat_format.parser)
 
 
 def _gguf_path(settings: Settings, quantization: str) -> Path:
@@ -466,7 +469,8 @@ def _create(client: OllamaClient, settings: Settings, spec: modelfile.ModelSpec,
 
 
 def _prove_template(client: OllamaClient, settings: Settings, spec: modelfile.ModelSpec,
-                    info: modelfile.TokenizerInfo, caps: chat_jinja.Capabilities, ggufs: dict[str, Path],
+                    chat_format: modelfile.ChatFormat, info: modelfile.TokenizerInfo,
+                    caps: chat_jinja.Capabilities, ggufs: dict[str, Path],
                     digests: dict[str, str], results: list[TagResult], projector: tuple[str, str] | None
                     ) -> tuple[modelfile.ModelSpec, list[TagResult], str, list[checks.ParityFailure] | None]:
     """Prompt parity and capabilities of the created models: (spec, results and rendering, maybe pinned;
@@ -491,7 +495,7 @@ def _prove_template(client: OllamaClient, settings: Settings, spec: modelfile.Mo
                f"as Ollama renders it [{', '.join(renderings)}]:")
     body = modelfile.create_request(spec, name, digests[quant], ggufs[quant].name)
     failures, compared = checks.prompt_parity(client, name, body, info, convert.adds_bos(ggufs[quant]), renderings,
-                                              caps)
+                                              caps, chat_format.leading_bos)
     if not compared:
         message = ("Prompt parity compared nothing: the checkpoint's own chat template could render none of the "
                    "conversations (see the warnings). Nothing proves Ollama's prompts; set the template input, or "

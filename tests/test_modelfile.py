@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 
 from entrypoint import modelfile as m
-from entrypoint.errors import PublishError
+from entrypoint.errors import PublishError, RepoRefused
 from entrypoint.quantize import normalize, tag_suffix
 
 SMOL_TEMPLATE = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
@@ -218,3 +219,46 @@ def test_auto_tries_the_derived_template_then_the_detected_familys_catalog_templ
                                          "qwen3 (catalog)"]
     assert ".Tools" in formats[1].template and ".Tools" not in formats[0].template
     assert [f.name for f in m.candidate_formats("qwen3", info, Path("."))] == ["qwen3 (catalog)"]
+
+
+# Qwen 3.5's markers (renderers.toml) in a ChatML template, which the qwen3.5 and nemotron-3-nano renderers
+# also write: both are tried, the more specific first.
+QWEN35_LIKE = QWEN3_LIKE + "{# <function= <parameter= #}"
+
+
+def test_auto_tries_the_built_in_renderers_a_template_matches_first():
+    info = m.TokenizerInfo(chat_template=QWEN35_LIKE, eos_tokens=("<|im_end|>",), bos_token="",
+                           special_tokens=("<|im_start|>", "<|im_end|>"))
+    formats = m.candidate_formats("auto", info, Path("."))
+    assert [f.name for f in formats] == ["qwen3.5 (Ollama's built-in renderer)",
+                                         "derived from the checkpoint's chat template (qwen3 family)",
+                                         "qwen3 (catalog)"]
+    assert (formats[0].renderer, formats[0].parser, formats[0].template) == ("qwen3.5", "qwen3.5", "")
+    nemotron = m.TokenizerInfo(chat_template=QWEN35_LIKE + "{# truncate_history_thinking #}", eos_tokens=(),
+                               bos_token="", special_tokens=("<|im_start|>", "<|im_end|>"))
+    assert [r.name for r in m.matching_renderers(nemotron)] == ["nemotron-3-nano", "qwen3.5"]
+    # A named template is that template only.
+    assert [f.name for f in m.candidate_formats("qwen3", info, Path("."))] == ["qwen3 (catalog)"]
+
+
+def test_a_template_no_template_can_be_derived_from_still_gets_its_renderers():
+    info = m.TokenizerInfo(chat_template="[gMASK]<sop>{{ raise_exception('x') }}<|assistant|><arg_key><arg_value>",
+                           eos_tokens=("<|user|>",), bos_token="", special_tokens=())
+    assert [f.renderer for f in m.candidate_formats("auto", info, Path("."))] == ["glm-4.7"]
+    with pytest.raises(RepoRefused):
+        m.candidate_formats("auto", dataclasses.replace(info, chat_template="{{ raise_exception('x') }}"), Path("."))
+
+
+def test_a_renderer_is_written_as_renderer_and_parser_lines_and_in_the_create_request():
+    spec = m.ModelSpec(template="", system="", parameters=(("stop", "<|im_end|>"),), license="", source="x",
+                       renderer="qwen3.5", parser="qwen3.5")
+    text = m.render_modelfile(spec, "model.gguf")
+    assert "RENDERER qwen3.5\nPARSER qwen3.5\n" in text and "TEMPLATE" not in text
+    body = m.create_request(spec, "m:latest", "sha256:0", "model.gguf")
+    assert (body["renderer"], body["parser"]) == ("qwen3.5", "qwen3.5") and "template" not in body
+
+
+def test_every_renderer_has_its_parser_markers_and_a_template_it_was_verified_with():
+    # test_template_corpus proves each verified_with template is published with its renderer.
+    for renderer in m.RENDERERS.values():
+        assert renderer.parser and renderer.markers and renderer.verified_with, renderer.name

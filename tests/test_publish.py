@@ -215,6 +215,7 @@ def test_prompt_parity_passed_for_every_conversation(release):
     # SmolLM2's Jinja has no tools or thinking, so Ollama renders the TEMPLATE, and only that is checked.
     assert "Ollama renders the prompts with the Modelfile's TEMPLATE (go_template)" in run.stdout
     assert "Prompts are rendered by Ollama with the Modelfile's TEMPLATE (go_template)." in run.summary
+    assert "Chat template: derived from the checkpoint's chat template (chatml family)." in run.summary
     assert run.stdout.count(" [go_template]: same ") == 4  # 4 conversations, once per release
     assert run.stdout.count(": same ") == 4
     parity_lines = [line for line in run.stdout.splitlines() if line.startswith("prompt parity of ")]

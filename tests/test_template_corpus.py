@@ -2,12 +2,13 @@
 converter embeds a checkpoint's: every template is published only with all its comparisons passing
 (plain, tools and thinking conversations) and with the tools it supports, or caught before any push, or
 refused with a reason before any work; at least 90% pass plain prompt parity; the families the issues name
-are published."""
+are published, and each built-in renderer's verified templates with that renderer."""
 
 from __future__ import annotations
 
 import pytest
 
+from entrypoint import modelfile
 from tests.template_report import build_report, summary, to_markdown
 
 pytestmark = pytest.mark.servers
@@ -31,4 +32,9 @@ def test_real_templates_are_published_only_when_proven():
     for family in ("meta-llama-Llama-3.1-8B-Instruct", "google-gemma-2-2b-it", "microsoft-Phi-3.5-mini-instruct",
                    "Qwen-Qwen2.5-7B-Instruct", "Qwen-Qwen3-0.6B", "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B"):
         assert family in published, family
+    by_name = {row.name: row for row in rows}
+    for renderer in modelfile.RENDERERS.values():  # each built-in renderer publishes what it was verified with
+        for name in renderer.verified_with:
+            assert (by_name[name].handled, by_name[name].rendering) == (f"{renderer.name} (renderer)", "renderer"), \
+                by_name[name]
     print(summary(rows))

@@ -2,7 +2,9 @@
 weights (tests/material/scripted.py) whose every reply is their family's tool-call text, Qwen 3's after
 a thinking block. The action publishes each with its defaults to the test registry, on an Ollama server of
 the test's own (ollama-host); then a client asks the published model, through /api/chat with tools, and
-must get the call back as message.tool_calls, and Qwen 3's reasoning as message.thinking."""
+must get the call back as message.tool_calls, and Qwen 3's reasoning as message.thinking. Qwen 3's is
+published once more by the action's image, run as GitHub's runner runs it, and pulled from the registry
+into the client's Ollama."""
 
 from __future__ import annotations
 
@@ -10,8 +12,10 @@ import pytest
 import requests
 
 from entrypoint import checks
+from entrypoint.ollama import OllamaClient
 from tests import servers
 from tests.conftest import action_runner, registry_tags
+from tests.container import Runner
 from tests.material import scripted
 
 pytestmark = pytest.mark.servers
@@ -73,9 +77,29 @@ def test_the_published_model_returns_the_tool_call_and_its_thinking(published, o
     _, thinking, think = CASES[family.name]
     reply = _chat(ollama, f"{model}:{tag}", think)
     message = reply["message"]
-    calls = [{"function": {k: v for k, v in call["function"].items() if k in ("name", "arguments")}}
-             for call in message.get("tool_calls", [])]
-    assert calls == CITY_CALL, reply
+    assert _tool_calls(message) == CITY_CALL, reply
     assert message.get("thinking", "").strip() == thinking, reply
     assert message["content"].strip() == "", reply  # the call's text is not left in the answer
     assert reply["done_reason"] == "stop", reply
+
+
+def _tool_calls(message: dict) -> list[dict]:
+    return [{"function": {k: v for k, v in call["function"].items() if k in ("name", "arguments")}}
+            for call in message.get("tool_calls", [])]
+
+
+def test_the_image_publishes_a_model_that_calls_tools_and_thinks(stack, ollama, tmp_path_factory):
+    folder = scripted.build("qwen3-tools", tmp_path_factory.mktemp("tiny-qwen3-tools-image"))
+    repo, model = "test-org/tiny-qwen3-tools-image", f"{stack.registry}/round-trip/qwen3-tools-image"
+    servers.add_model_repo(stack.mirrors, repo, folder, tags=("v1.0.0",))
+    run = Runner(tmp_path_factory.mktemp("image-round-trip")).run(
+        {"hf-repo": repo, "hf-revision": "v1.0.0", "ollama-model": model, "insecure-registry": "true",
+         "quantizations": "Q8_0"}, env={"HF_ENDPOINT": stack.hub_endpoint})
+    print(run.stdout[-5000:], run.stderr[-1500:])
+    assert run.exit_code == 0 and run.errors() == [], run.stdout[-4000:]
+    assert "Chat template: qwen3 (catalog)." in run.summary and "The models offer tools and thinking." in run.summary
+    client = OllamaClient(ollama)
+    client.pull(f"{model}:latest", insecure=True, on_progress=lambda _: None)
+    message = _chat(ollama, f"{model}:latest", True)["message"]
+    assert _tool_calls(message) == CITY_CALL, message
+    assert message.get("thinking", "").strip() == "Weather lookup.", message
