@@ -348,4 +348,8 @@ def explain(failures: list[ParityFailure]) -> str:
     for failure in failures:
         parts.append(f"--- {failure.conversation}: the checkpoint's template renders\n{failure.expected}\n"
                      f"--- Ollama builds [{failure.rendering}]\n{failure.actual}")
+        if failure.rendering == CHAT_TEMPLATE and REASONING in failure.expected and REASONING not in failure.actual:
+            # Ollama 0.34.3's llm/llama_server.go (llamaServerChatMessage) sends no message's thinking.
+            parts.append("(Ollama passes no assistant turn's thinking to llama-server, so its rendering of the "
+                         "Jinja never writes the reasoning back as the checkpoint's template does.)")
     return "\n".join(parts)

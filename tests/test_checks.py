@@ -1,0 +1,34 @@
+"""Unit tests of the parity check's pure parts: what is compared, when the TEMPLATE is pinned, and how
+failures are explained."""
+
+from __future__ import annotations
+
+from entrypoint import chat_jinja, checks
+
+ALL = chat_jinja.Capabilities(tools=True, tool_round_trip=True, thinking=True, thinking_switch=True)
+
+
+def test_a_rendering_is_compared_on_what_it_offers():
+    assert set(checks.conversations(checks.compared_capabilities(ALL, {"tools"}))) == {
+        *checks.CONVERSATIONS, "two tools", "two tools + system", "tool call + result"}
+    assert set(checks.conversations(checks.compared_capabilities(ALL, set()))) == set(checks.CONVERSATIONS)
+
+
+def test_the_template_is_pinned_only_when_nothing_but_the_jinja_failed():
+    jinja = checks.ParityFailure("user", checks.CHAT_TEMPLATE, "a", "b")
+    go = checks.ParityFailure("user", checks.GO_TEMPLATE, "a", "b")
+    both = [checks.CHAT_TEMPLATE, checks.GO_TEMPLATE]
+    assert checks.pins_template([jinja], both)
+    assert not checks.pins_template([jinja, go], both)
+    assert not checks.pins_template([jinja], [checks.CHAT_TEMPLATE])
+    assert not checks.pins_template([], both)
+
+
+def test_a_jinja_rendering_without_the_reasoning_is_explained():
+    expected = f"<think>{checks.REASONING}</think><tool_call>"
+    dropped = checks.ParityFailure("thinking + tool call + result", checks.CHAT_TEMPLATE, expected, "<tool_call>")
+    assert "passes no assistant turn's thinking to llama-server" in checks.explain([dropped])
+    other = checks.ParityFailure("user", checks.CHAT_TEMPLATE, "a", "b")
+    assert "llama-server" not in checks.explain([other])
+    on_go = checks.ParityFailure("thinking + tool call + result", checks.GO_TEMPLATE, expected, "<tool_call>")
+    assert "llama-server" not in checks.explain([on_go])
