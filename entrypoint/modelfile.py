@@ -34,6 +34,14 @@ class ChatFormat:
     renderer: str = ""  # Ollama's built-in RENDERER, which then writes the prompts instead of `template`
     parser: str = ""  # the renderer's PARSER
     leading_bos: str = ""  # the BOS text the renderer writes first (renderers.toml)
+    # A derived template writes default_system itself, in a chat without a system message, as the Jinja
+    # does. A SYSTEM line would make Ollama send it as a system message, which the GGUF's Jinja (when
+    # Ollama renders that) may render otherwise than its own default (Granite 4.0 with tools, say).
+    writes_default_system: bool = False
+
+    def system_prompt(self, system_input: str) -> str:
+        """The Modelfile's SYSTEM: the system input, else the default system prompt the template lacks."""
+        return system_input or ("" if self.writes_default_system else self.default_system)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,7 +244,8 @@ def choose_format(template_input: str, info: TokenizerInfo, workspace: Path, bos
     detected = f" ({family.name} family)" if family is not None else ""
     return ChatFormat(name=f"derived from the checkpoint's chat template{detected}", template=derived.go_template,
                       end_of_turn=derived.end_of_turn, begin_of_turn=derived.begin_of_turn,
-                      default_system=derived.default_system, family=family.name if family else "",
+                      default_system=derived.default_system, writes_default_system=True,
+                      family=family.name if family else "",
                       supports_system=derived.supports_system)
 
 

@@ -27,6 +27,7 @@ from .process import running
 
 DEFAULT_BIND = "127.0.0.1:11434"
 HEALTH_TIMEOUT_S = 60.0
+UNLOAD_TIMEOUT_S = 60.0
 CHUNK = 8 * 1024 * 1024
 
 
@@ -162,6 +163,19 @@ class OllamaClient:
 
     def delete(self, model: str) -> None:
         self._check(self._send("DELETE", "/api/delete", "delete", json={"model": model}, timeout=60), "delete")
+
+    def unload(self, model: str) -> None:
+        """Stop the model's llama-server, if it runs, and wait until it has stopped. Ollama keeps one per
+        GGUF and hands it to any model made from that GGUF, with the flags it was started with: a model
+        re-created to render its Jinja would otherwise get one started without --jinja."""
+        self._check(self._send("POST", "/api/generate", "unload", json={"model": model, "keep_alive": 0}), "unload")
+        deadline = time.monotonic() + UNLOAD_TIMEOUT_S
+        while any(m.get("name") == model for m in self._check(self._send("GET", "/api/ps", "list running models"),
+                                                               "list running models").json().get("models", [])):
+            if time.monotonic() > deadline:
+                raise PublishError(f"Ollama did not stop {model} within {UNLOAD_TIMEOUT_S:.0f} s.",
+                                   title="Ollama unload failed")
+            time.sleep(0.2)
 
     def push(self, model: str, insecure: bool, on_progress: Callable[[dict[str, Any]], None]) -> None:
         """Push through Ollama's API; the registry's refusals and network failures (error lines) become

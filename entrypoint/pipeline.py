@@ -107,6 +107,8 @@ def run(settings: Settings) -> Report:
                     github.log(f"the checkpoint's chat template supports: {checks.describe_capabilities(caps.names())}")
                     for attempt, chat_format in enumerate(formats):
                         if attempt:  # the previous template failed its proof: the next one, from scratch
+                            for result in results:  # with llama-servers of its own (client.unload says why)
+                                client.unload(result.name)
                             spec = _describe_model(settings, info, license_text, chat_format, sampling)
                             modelfile_path = _write_modelfile(settings, spec, ggufs, projector)
                             results = _create(client, settings, spec, ggufs, digests, projector_file)
@@ -336,8 +338,11 @@ def _describe_model(settings: Settings, info: modelfile.TokenizerInfo, license_t
                     ) -> modelfile.ModelSpec:
     """Template, stop tokens, system prompt, parameters and license of every tag."""
     stops = modelfile.stop_tokens(chat_format, info)
-    system = settings.system or chat_format.default_system
+    system = chat_format.system_prompt(settings.system)
     github.log(f"chat template: {chat_format.name}; stop tokens: {', '.join(stops) or '(none)'}")
+    if chat_format.default_system and not system:
+        github.log(f"default system prompt, which the template writes in a chat without one: "
+                   f"{chat_format.default_system}")
     user_stops = [v for n, v in settings.parameters if n == "stop"]
     defaults = tuple((name, value) for name, value, source in sampling if source == "generation_config.json")
     parameters = tuple(("stop", s) for s in stops if s not in user_stops) + defaults + settings.parameters

@@ -114,8 +114,10 @@ def _first_proven(client: OllamaClient, name: str, digest: str, path: Path, info
                   adds_bos: bool, caps: chat_jinja.Capabilities, formats: list[modelfile.ChatFormat]) -> Row:
     tried: list[str] = []  # why each candidate failed
     last: Row | None = None
-    for chat in formats:
-        spec = modelfile.ModelSpec(template=chat.template, system=chat.default_system, parameters=(), license="",
+    for attempt, chat in enumerate(formats):
+        if attempt:
+            client.unload(name)  # as the pipeline does between candidates
+        spec = modelfile.ModelSpec(template=chat.template, system=chat.system_prompt(""), parameters=(), license="",
                                    source="report", renderer=chat.renderer, parser=chat.parser)
         body = modelfile.create_request(spec, name, digest, "model.gguf")
         how = chat.name.replace("derived from the checkpoint's chat template", "derived").replace(
