@@ -10,7 +10,8 @@ template as its tokenizer.chat_template (as the converter embeds a checkpoint's)
 template's own Jinja and picks between it and the TEMPLATE as it would for the real model, and the
 Jinja path is llama-server's real rendering. Parity is about the prompt text, which does not depend on
 the weights; BOS and EOS are SmolLM2's. As in the action, the candidate templates are tried in order
-(modelfile.candidate_formats) and the first that proves itself is the one reported.
+(modelfile.candidate_formats) and the first that proves itself is the one reported; when none does, the
+parity columns are those of the candidate with the fewest failures.
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ def check_template(client: OllamaClient, index: int, path: Path, base_gguf: Path
 def _prove_candidates(client: OllamaClient, index: int, path: Path, gguf: Path, info: modelfile.TokenizerInfo,
                       adds_bos: bool, caps: chat_jinja.Capabilities, formats: list[modelfile.ChatFormat]) -> Row:
     """As the pipeline's stage 5: the first candidate that passes parity and offers the checkpoint's tools
-    and thinking, else the last one's failures."""
+    and thinking, else what each failed on."""
     digest = client.upload_blob(gguf)
     name = f"report.local/templates/t{index}:latest"
     try:
@@ -113,7 +114,7 @@ def _prove_candidates(client: OllamaClient, index: int, path: Path, gguf: Path, 
 def _first_proven(client: OllamaClient, name: str, digest: str, path: Path, info: modelfile.TokenizerInfo,
                   adds_bos: bool, caps: chat_jinja.Capabilities, formats: list[modelfile.ChatFormat]) -> Row:
     tried: list[str] = []  # why each candidate failed
-    last: Row | None = None
+    closest: tuple[int, Row] | None = None  # the candidate with the fewest failures, and how many
     for attempt, chat in enumerate(formats):
         if attempt:
             client.unload(name)  # as the pipeline does between candidates
@@ -126,7 +127,6 @@ def _first_proven(client: OllamaClient, name: str, digest: str, path: Path, info
             client.create(body, quiet=True)
         except PublishError as exc:
             tried.append(f"Ollama rejects {how} ({exc.message[:60]})")
-            last = Row(path.stem, "", "", caps.names(), {})
             continue
         rendering = checks.selected_rendering(client.show(name), spec.template)
         renderings = checks.renderings_to_check(rendering, spec.template)
@@ -145,11 +145,11 @@ def _first_proven(client: OllamaClient, name: str, digest: str, path: Path, info
         why = ([f"{len(failed)} prompts differ"] if failed else []) + \
             ([f"offers {', '.join(offered) or 'no tools, no thinking'}"] if fewer else [])
         tried.append(f"{how} [{rendering}]: {', '.join(why)}")
-        last = Row(path.stem, "", rendering, caps.names(), verdict)
-    assert last is not None
-    # Every candidate failed: what each failed on; the columns are the last one's, whose failures the
-    # action reports.
-    return dataclasses.replace(last, handled="caught: " + "; ".join(tried))
+        if closest is None or len(failures) < closest[0]:
+            closest = (len(failures), Row(path.stem, "", rendering, caps.names(), verdict))
+    # Every candidate failed: what each failed on, and the columns of the one closest to passing.
+    row = closest[1] if closest else Row(path.stem, "", "", caps.names(), {})
+    return dataclasses.replace(row, handled="caught: " + "; ".join(tried))
 
 
 def build_report() -> list[Row]:

@@ -262,3 +262,12 @@ def test_every_renderer_has_its_parser_markers_and_a_template_it_was_verified_wi
     # test_template_corpus proves each verified_with template is published with its renderer.
     for renderer in m.RENDERERS.values():
         assert renderer.parser and renderer.markers and renderer.verified_with, renderer.name
+
+
+def test_only_a_template_that_lacks_the_default_system_prompt_gets_it_as_system(checkpoint, tmp_path):
+    info = m.read_tokenizer_info(checkpoint)
+    derived, catalog = m.choose_format("auto", info, tmp_path), m.choose_format("chatml", info, tmp_path)
+    assert derived.default_system == catalog.default_system == "You are SmolLM"
+    assert "You are SmolLM" in derived.template and "You are SmolLM" not in catalog.template
+    assert (derived.system_prompt(""), catalog.system_prompt("")) == ("", "You are SmolLM")
+    assert derived.system_prompt("Be brief.") == catalog.system_prompt("Be brief.") == "Be brief."
