@@ -119,15 +119,23 @@ class TokenizerInfo:
     model_type: str = ""  # config.json's model_type
 
 
+def _has_markers(info: TokenizerInfo, markers: tuple[str, ...]) -> bool:
+    return bool(markers) and all(marker in info.chat_template for marker in markers)
+
+
+def _specificity(markers: tuple[str, ...]) -> tuple[int, int]:
+    """How specific a set of markers is: more markers, then more text."""
+    return len(markers), sum(map(len, markers))
+
+
 def detect_family(info: TokenizerInfo, families: dict[str, Family] | None = None) -> Family | None:
     """The catalog family of a checkpoint, from its own files only: every marker of the family appears
-    in its Jinja chat template. Among several, the most specific (most markers, then most text) wins,
-    then one that lists config.json's model_type."""
-    candidates = [f for f in (families or FAMILIES).values()
-                  if f.markers and all(marker in info.chat_template for marker in f.markers)]
+    in its Jinja chat template. Among several, the most specific wins, then one that lists config.json's
+    model_type."""
+    candidates = [f for f in (families or FAMILIES).values() if _has_markers(info, f.markers)]
     if not candidates:
         return None
-    return max(candidates, key=lambda f: (len(f.markers), sum(map(len, f.markers)), info.model_type in f.model_types))
+    return max(candidates, key=lambda f: (*_specificity(f.markers), info.model_type in f.model_types))
 
 
 def _token_text(value: Any) -> str:
@@ -249,12 +257,11 @@ def choose_format(template_input: str, info: TokenizerInfo, workspace: Path, bos
                       supports_system=derived.supports_system)
 
 
-def matching_renderers(info: TokenizerInfo, renderers: dict[str, Renderer] | None = None) -> list[Renderer]:
+def matching_renderers(info: TokenizerInfo) -> list[Renderer]:
     """Ollama's built-in renderers whose markers all appear in the checkpoint's Jinja template, the most
     specific first (as detect_family ranks families)."""
-    found = [r for r in (renderers or RENDERERS).values()
-             if info.chat_template and all(marker in info.chat_template for marker in r.markers)]
-    return sorted(found, key=lambda r: (len(r.markers), sum(map(len, r.markers))), reverse=True)
+    found = [r for r in RENDERERS.values() if _has_markers(info, r.markers)]
+    return sorted(found, key=lambda r: _specificity(r.markers), reverse=True)
 
 
 def candidate_formats(template_input: str, info: TokenizerInfo, workspace: Path,

@@ -541,7 +541,6 @@ def _parity_failed(settings: Settings, name: str, failures: list[checks.ParityFa
     github.warning(message)
 
 
-
 def _smoke_test(client: OllamaClient, settings: Settings, results: list[TagResult],
                 test: Callable[[str], str]) -> None:
     """Once per quantization (the tags of one quantization are the same model): `test(name)` raises or
