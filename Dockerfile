@@ -55,9 +55,12 @@ RUN cmake -S "/root/go/pkg/mod/github.com/ollama/ollama@v${OLLAMA_VERSION}/llama
 # rule); the other tools join them there, where their $ORIGIN rpath finds the libraries. llama.cpp
 # leaves llama-export-lora out of builds that load backends at run time, because it calls the CPU
 # backend directly: it is compiled here against the baseline CPU variant (x64), which it then loads like
-# any shared library.
+# any shared library. The Sapphire Rapids variant goes: its AMX kernels (Q8_0, Q4_1, ...) die of SIGILL
+# (an AMX tilezero) on some virtual machines that report AMX, this project's test machines among them;
+# without it, those CPUs load the next best AVX-512 variant.
 # hadolint ignore=SC2016
 RUN cmake --install /src/build --component llama-server --strip >> /src/cmake.log \
+    && rm /opt/ollama/lib/ollama/libggml-cpu-sapphirerapids.so \
     && install -s -m 755 /src/build/bin/llama-imatrix /src/build/bin/llama-gguf-split /opt/ollama/lib/ollama/ \
     && g++ -O2 -std=c++17 -o /opt/ollama/lib/ollama/llama-export-lora /src/llama.cpp/tools/export-lora/export-lora.cpp \
         -I/src/llama.cpp/include -I/src/llama.cpp/ggml/include -I/src/llama.cpp/common -I/src/llama.cpp/vendor \

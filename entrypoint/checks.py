@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import json
 import math
 import struct
 import zlib
@@ -87,16 +88,20 @@ def for_ollama(message: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def smoke_test(client: OllamaClient, model: str, prompt: str, parameters: tuple[tuple[str, Any], ...]) -> str:
-    """The model must load, answer something, and stop by itself. Returns the answer."""
+def smoke_test(client: OllamaClient, model: str, prompt: str, parameters: tuple[tuple[str, Any], ...],
+               tools: bool) -> str:
+    """The model must load, answer something, and stop by itself. Returns the answer: its text, or the tool
+    calls it made. A model that offers tools is asked as a client with tools asks (the parity check's
+    two): Ollama's built-in parsers return a call as tool_calls then, and drop it from a request without."""
     options: dict[str, Any] = dict(GREEDY)
     if not any(name == "num_predict" for name, _ in parameters):
         options["num_predict"] = SMOKE_MAX_TOKENS
-    reply = client.chat(model, [{"role": "user", "content": prompt}], options)
-    answer = reply.get("message", {}).get("content", "")
+    reply = client.chat(model, [{"role": "user", "content": prompt}], options, tools=TOOLS if tools else None)
+    message = reply.get("message", {})
+    answer = message.get("content", "").strip() or describe_tool_calls(message.get("tool_calls", []))
     reason = reply.get("done_reason", "")
-    github.log(f"{model}: {answer.strip()!r} (done_reason: {reason})")
-    if not answer.strip():
+    github.log(f"{model}: {answer!r} (done_reason: {reason})")
+    if not answer:
         raise CheckFailed(f"Smoke test failed: {model} gave an empty answer to {prompt!r}. Check the template and "
                           "parameters inputs.", title="Smoke test failed")
     if reason != "stop":
@@ -111,6 +116,13 @@ def smoke_test(client: OllamaClient, model: str, prompt: str, parameters: tuple[
 # A sentence, the same with one word changed, and an unrelated one: any embedding model, even an untrained
 # one (through shared tokens), puts the first two closer together.
 EMBEDDING_PROBE = ("The cat sits on the mat.", "The dog sits on the mat.", "Quarterly revenue rose by four percent.")
+
+
+def describe_tool_calls(calls: list[dict[str, Any]]) -> str:
+    """Tool calls as a reader writes them: 'tool call get_weather({"city": "Paris"})'."""
+    return "; ".join(f"tool call {call.get('function', {}).get('name', '?')}"
+                     f"({json.dumps(call.get('function', {}).get('arguments', {}), ensure_ascii=False)})"
+                     for call in calls)
 
 
 def embedding_smoke_test(client: OllamaClient, model: str, dimensions: int) -> str:

@@ -97,9 +97,6 @@ def run(settings: Settings) -> Report:
                 results = _create(client, settings, spec, ggufs, digests, projector_file)
                 rendering, chat_template = "", ""
                 offered: tuple[str, ...] = ()
-                smoke: Callable[[OllamaClient, str], str] = (
-                    (lambda server, name: checks.embedding_smoke_test(server, name, embedding_size))
-                    if task == "embedding" else (lambda server, name: _chat_smoke_test(server, settings, name, task)))
                 if task != "embedding":
                     caps = chat_jinja.capabilities(info.chat_template, bos_token=info.bos_token,
                                                    eos_token=(info.eos_tokens or ("",))[0]) \
@@ -126,6 +123,10 @@ def run(settings: Settings) -> Report:
                     offered = checks.offered_capabilities(client.show(results[0].name))
                     github.log(f"Ollama renders the prompts with {checks.describe_rendering(rendering)}; the models "
                                f"offer: {checks.describe_capabilities(offered)}")
+                smoke: Callable[[OllamaClient, str], str] = (
+                    (lambda server, name: checks.embedding_smoke_test(server, name, embedding_size))
+                    if task == "embedding" else
+                    (lambda server, name: _chat_smoke_test(server, settings, name, task, "tools" in offered)))
                 _smoke_test(client, settings, results, lambda name: smoke(client, name))
             if settings.push:
                 with github.group("6. Push"):
@@ -310,8 +311,8 @@ def _sampling(settings: Settings, checkpoint: hub.Checkpoint) -> tuple[tuple[str
     return tuple(chosen)
 
 
-def _chat_smoke_test(client: OllamaClient, settings: Settings, name: str, task: str) -> str:
-    answer = checks.smoke_test(client, name, settings.smoke_test_prompt, settings.parameters)
+def _chat_smoke_test(client: OllamaClient, settings: Settings, name: str, task: str, tools: bool) -> str:
+    answer = checks.smoke_test(client, name, settings.smoke_test_prompt, settings.parameters, tools)
     return f"{answer} ({checks.vision_smoke_test(client, name)})" if task == "vision" else answer
 
 

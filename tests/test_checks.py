@@ -32,3 +32,10 @@ def test_a_jinja_rendering_without_the_reasoning_is_explained():
     assert "llama-server" not in checks.explain([other])
     on_go = checks.ParityFailure("thinking + tool call + result", checks.GO_TEMPLATE, expected, "<tool_call>")
     assert "llama-server" not in checks.explain([on_go])
+
+
+def test_tool_calls_are_described_for_the_log():
+    calls = [{"function": {"name": "get_weather", "arguments": {"city": "Paris"}}},
+             {"function": {"name": "get_time", "arguments": {}}}]
+    assert checks.describe_tool_calls(calls) == 'tool call get_weather({"city": "Paris"}); tool call get_time({})'
+    assert checks.describe_tool_calls([]) == ""

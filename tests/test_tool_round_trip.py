@@ -1,10 +1,11 @@
 """Tools and thinking survive publishing, end to end: tiny checkpoints with real tokenizers and scripted
-weights (tests/material/scripted.py) whose every reply is their family's tool-call text, Qwen 3's after
-a thinking block. The action publishes each with its defaults to the test registry, on an Ollama server of
-the test's own (ollama-host); then a client asks the published model, through /api/chat with tools, and
-must get the call back as message.tool_calls, and Qwen 3's reasoning as message.thinking. Qwen 3's is
-published once more by the action's image, run as GitHub's runner runs it, and pulled from the registry
-into the client's Ollama."""
+weights (tests/material/scripted.py) whose every reply is their family's tool-call text, after a thinking
+block for Qwen 3 and Qwen 3.5 (the latter published with Ollama's built-in renderer and parser). The
+action publishes each with its defaults to the test registry, on an Ollama server of the test's own
+(ollama-host); then a client asks the published model, through /api/chat with tools, and must get the
+call back as message.tool_calls, and the reasoning as message.thinking. Qwen 3's is published once more
+by the action's image, run as GitHub's runner runs it, and pulled from the registry into the client's
+Ollama."""
 
 from __future__ import annotations
 
@@ -21,9 +22,10 @@ from tests.material import scripted
 pytestmark = pytest.mark.servers
 
 CITY_CALL = [{"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]
-# family: (the template that proves itself, the thinking returned, think sent)
-CASES = {"qwen3-tools": ("qwen3 (catalog)", "Weather lookup.", True),
-         "llama3.1-tools": ("llama3.1 (catalog)", "", None)}
+# family: (the template that proves itself, how Ollama renders its prompts, the thinking returned, think sent)
+CASES = {"qwen3-tools": ("qwen3 (catalog)", "go_template", "Weather lookup.", True),
+         "llama3.1-tools": ("llama3.1 (catalog)", "go_template", "", None),
+         "qwen3.5-tools": ("qwen3.5 (Ollama's built-in renderer)", "renderer", "Weather lookup.", True)}
 
 
 @pytest.fixture(scope="module")
@@ -59,14 +61,14 @@ def _chat(url: str, model: str, think: bool | None) -> dict:
 
 def test_published_with_the_template_that_offers_the_checkpoints_tools(published, stack):
     family, run, model = published
-    chosen, thinking, _ = CASES[family.name]
+    chosen, rendering, thinking, _ = CASES[family.name]
     assert run.returncode == 0, run.stdout[-4000:]
     assert f"chat template: {chosen}" in run.stdout
     offered = "tools, thinking" if thinking else "tools"
     assert f"the checkpoint's chat template supports: {offered}" in run.stdout
     assert f"the models offer: {offered}" in run.stdout
-    assert "Ollama renders the prompts with the Modelfile's TEMPLATE (go_template)" in run.stdout
-    assert "  tool call + result [go_template]: same prompt" in run.stdout
+    assert f"Ollama renders the prompts with {checks.describe_rendering(rendering)}" in run.stdout
+    assert f"  tool call + result [{rendering}]: same prompt" in run.stdout
     assert sorted(registry_tags(stack.registry, model.split("/", 1)[1])) == ["1.0.0", "1.0.0-q8_0", "latest"]
 
 
@@ -74,7 +76,7 @@ def test_published_with_the_template_that_offers_the_checkpoints_tools(published
 def test_the_published_model_returns_the_tool_call_and_its_thinking(published, ollama, tag):
     family, run, model = published
     assert run.returncode == 0, run.stdout[-4000:]
-    _, thinking, think = CASES[family.name]
+    _, _, thinking, think = CASES[family.name]
     reply = _chat(ollama, f"{model}:{tag}", think)
     message = reply["message"]
     assert _tool_calls(message) == CITY_CALL, reply

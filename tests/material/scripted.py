@@ -74,8 +74,9 @@ class Family:
     generation_eos: tuple[str, ...]  # generation_config's eos_token_id, as tokens
     tied: bool
     # A reply of several tokens instead of `answer` (chain families below): the text the model writes,
-    # whatever it is asked, before end_of_turn.
-    reply: str = ""
+    # whatever it is asked, before end_of_turn, in pieces tokenized one by one, so that a text that repeats
+    # ("<", "\n") can be written with different tokens.
+    reply: tuple[str, ...] = ()
     extra_tokens: tuple[tuple[int, str, bool], ...] = ()  # (id, text, special): added, replacing [PAD<id>]
 
 
@@ -108,15 +109,27 @@ FAMILIES = {
         name="qwen3-tools", architecture="Qwen3ForCausalLM", vocab="qwen2", template="Qwen-Qwen3-0.6B",
         header_last="\n", answer="", end_of_turn="<|im_end|>", begin_of_turn=("<|im_start|>",), bos=None,
         eos="<|im_end|>", generation_eos=("<|im_end|>", "<|endoftext|>"), tied=False,
-        reply='<think>Weather lookup.</think>\n\n<tool_call>{"name":"get_weather","arguments":{"city": "Paris"}}'
-              "</tool_call>",
+        reply=('<think>Weather lookup.</think>\n\n<tool_call>{"name":"get_weather","arguments":{"city": "Paris"}}'
+               "</tool_call>",),
+        extra_tokens=QWEN3_ADDED),
+    # Qwen 3.5's template (Ollama 0.34.3 has a built-in renderer and parser for it) on Qwen 3's body and
+    # tokenizer (llama.cpp's Qwen 3.5 test vocabulary is Qwen 2's, and the converter hashes it as Qwen 2's).
+    # The prompt ends in "<think>\n", so the reply starts inside the thinking block. Its XML call has no
+    # newlines between the tags (Ollama's parser, like Qwen's, does not need them): the "\n" token is the
+    # header's, and the tags' repeated "<", ">" and names are written with different tokens.
+    "qwen3.5-tools": Family(
+        name="qwen3.5-tools", architecture="Qwen3ForCausalLM", vocab="qwen2", template="Qwen3.5-4B",
+        header_last="\n", answer="", end_of_turn="<|im_end|>", begin_of_turn=("<|im_start|>",), bos=None,
+        eos="<|im_end|>", generation_eos=("<|im_end|>", "<|endoftext|>"), tied=False,
+        reply=("Weather lookup.", "</think>", "\n\n", "<tool_call>", "<f", "unction", "=get_weather", "><", "parameter",
+               "=c", "ity", ">P", "aris", "</", "param", "eter", "></", "function", ">", "</tool_call>"),
         extra_tokens=QWEN3_ADDED),
     "llama3.1-tools": Family(
         name="llama3.1-tools", architecture="LlamaForCausalLM", vocab="llama-bpe",
         template="meta-llama-Llama-3.1-8B-Instruct", header_last="\n\n", answer="", end_of_turn="<|eot_id|>",
         begin_of_turn=("<|begin_of_text|>", "<|start_header_id|>"), bos="<|begin_of_text|>", eos="<|eot_id|>",
         generation_eos=("<|end_of_text|>", "<|eot_id|>"), tied=False,
-        reply='{"name":"get_weather","parameters":{"city": "Paris"}}'),
+        reply=('{"name":"get_weather","parameters":{"city": "Paris"}}',)),
 }
 CHAIN_FAMILIES = {name for name, family in FAMILIES.items() if family.reply}
 
@@ -395,7 +408,7 @@ def build(family: str, out_dir: Path) -> Path:
     torch.manual_seed(0)  # from_config initialises randomly before every weight is overwritten
     model = AutoModelForCausalLM.from_config(_config(spec, vocab), dtype=torch.float32)
     if spec.reply:
-        chain = [h, *tokenizer(spec.reply, add_special_tokens=False).input_ids, t]
+        chain = [h, *(i for piece in spec.reply for i in tokenizer(piece, add_special_tokens=False).input_ids), t]
         _script_chain(model, chain)
         expected = chain[1:]
     else:
@@ -412,7 +425,8 @@ def build(family: str, out_dir: Path) -> Path:
     (out_dir / "README.md").write_text(
         f"# tiny-{spec.name}\n\nA test checkpoint made by ollama-publish's tests/material/scripted.py: the "
         f"{spec.vocab} tokenizer and the {spec.template} chat template from llama.cpp, with scripted weights that "
-        f"write {spec.reply or spec.answer!r} and then {spec.end_of_turn} to any question.\n", encoding="utf-8")
+        f"write {''.join(spec.reply) or spec.answer!r} and then {spec.end_of_turn} to any question.\n",
+        encoding="utf-8")
     return out_dir
 
 
