@@ -89,6 +89,15 @@ QWEN3_ADDED = tuple((151646 + i, text, not text.startswith(("<tool", "</tool", "
     "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>",
     "<|file_sep|>", "<tool_response>", "</tool_response>", "<think>", "</think>")))
 
+# Qwen 3's chain family (below), of which Qwen 3.5's differs only by its template and reply.
+QWEN3_TOOLS = Family(
+    name="qwen3-tools", architecture="Qwen3ForCausalLM", vocab="qwen2", template="Qwen-Qwen3-0.6B",
+    header_last="\n", answer="", end_of_turn="<|im_end|>", begin_of_turn=("<|im_start|>",), bos=None,
+    eos="<|im_end|>", generation_eos=("<|im_end|>", "<|endoftext|>"), tied=False,
+    reply=('<think>Weather lookup.</think>\n\n<tool_call>{"name":"get_weather","arguments":{"city": "Paris"}}'
+           "</tool_call>",),
+    extra_tokens=QWEN3_ADDED)
+
 FAMILIES = {
     "chatml": Family(
         name="chatml", architecture="Qwen2ForCausalLM", vocab="qwen2", template="Qwen-Qwen2.5-7B-Instruct",
@@ -105,25 +114,16 @@ FAMILIES = {
         bos="<bos>", eos="<eos>", generation_eos=("<eos>", "<turn|>"), tied=True),
     # Chain families: the reply is a tool call (with Qwen 3 thinking first), for the tool round trip. The
     # reply's tokens must all differ (each token's embedding picks the next one), so the JSON mixes spacing.
-    "qwen3-tools": Family(
-        name="qwen3-tools", architecture="Qwen3ForCausalLM", vocab="qwen2", template="Qwen-Qwen3-0.6B",
-        header_last="\n", answer="", end_of_turn="<|im_end|>", begin_of_turn=("<|im_start|>",), bos=None,
-        eos="<|im_end|>", generation_eos=("<|im_end|>", "<|endoftext|>"), tied=False,
-        reply=('<think>Weather lookup.</think>\n\n<tool_call>{"name":"get_weather","arguments":{"city": "Paris"}}'
-               "</tool_call>",),
-        extra_tokens=QWEN3_ADDED),
+    "qwen3-tools": QWEN3_TOOLS,
     # Qwen 3.5's template (Ollama 0.34.3 has a built-in renderer and parser for it) on Qwen 3's body and
     # tokenizer (llama.cpp's Qwen 3.5 test vocabulary is Qwen 2's, and the converter hashes it as Qwen 2's).
     # The prompt ends in "<think>\n", so the reply starts inside the thinking block. Its XML call has no
     # newlines between the tags (Ollama's parser, like Qwen's, does not need them): the "\n" token is the
     # header's, and the tags' repeated "<", ">" and names are written with different tokens.
-    "qwen3.5-tools": Family(
-        name="qwen3.5-tools", architecture="Qwen3ForCausalLM", vocab="qwen2", template="Qwen3.5-4B",
-        header_last="\n", answer="", end_of_turn="<|im_end|>", begin_of_turn=("<|im_start|>",), bos=None,
-        eos="<|im_end|>", generation_eos=("<|im_end|>", "<|endoftext|>"), tied=False,
+    "qwen3.5-tools": dataclasses.replace(
+        QWEN3_TOOLS, name="qwen3.5-tools", template="Qwen3.5-4B",
         reply=("Weather lookup.", "</think>", "\n\n", "<tool_call>", "<f", "unction", "=get_weather", "><", "parameter",
-               "=c", "ity", ">P", "aris", "</", "param", "eter", "></", "function", ">", "</tool_call>"),
-        extra_tokens=QWEN3_ADDED),
+               "=c", "ity", ">P", "aris", "</", "param", "eter", "></", "function", ">", "</tool_call>")),
     "llama3.1-tools": Family(
         name="llama3.1-tools", architecture="LlamaForCausalLM", vocab="llama-bpe",
         template="meta-llama-Llama-3.1-8B-Instruct", header_last="\n\n", answer="", end_of_turn="<|eot_id|>",
