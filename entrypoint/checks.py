@@ -120,9 +120,9 @@ EMBEDDING_PROBE = ("The cat sits on the mat.", "The dog sits on the mat.", "Quar
 
 def describe_tool_calls(calls: list[dict[str, Any]]) -> str:
     """Tool calls as a reader writes them: 'tool call get_weather({"city": "Paris"})'."""
-    return "; ".join(f"tool call {call.get('function', {}).get('name', '?')}"
-                     f"({json.dumps(call.get('function', {}).get('arguments', {}), ensure_ascii=False)})"
-                     for call in calls)
+    functions = [call.get("function", {}) for call in calls]
+    return "; ".join(f"tool call {f.get('name', '?')}({json.dumps(f.get('arguments', {}), ensure_ascii=False)})"
+                     for f in functions)
 
 
 def embedding_smoke_test(client: OllamaClient, model: str, dimensions: int) -> str:
