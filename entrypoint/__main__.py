@@ -59,6 +59,8 @@ def summary_markdown(report: pipeline.Report, source: str, workspace: Path) -> s
         offered = " and ".join(report.capabilities) or "neither tools nor thinking"
         lines += [f"Chat template: {report.chat_template}. Prompts are rendered by Ollama with {report.rendering}. "
                   f"The models offer {offered}.", ""]
+    if report.caveat:
+        lines += [f"**Caveat:** {report.caveat}", ""]
     if report.sampling:
         lines += ["Sampling defaults: " + ", ".join(f"{name} {value} ({source})" for name, value, source in
                                                     report.sampling) + ".", ""]

@@ -202,13 +202,14 @@ def selected_rendering(show: dict[str, Any], go_template: str) -> str:
     return GO_TEMPLATE if go_template and show.get("template") == go_template else CHAT_TEMPLATE
 
 
-def describe_rendering(rendering: str) -> str:
-    """A selected_rendering value in words, with why Ollama chose it, for the log and the summary."""
+def describe_rendering(rendering: str, has_template: bool) -> str:
+    """A selected_rendering value in words, with why Ollama chose it, for the log and the summary; has_template:
+    the Modelfile has a TEMPLATE."""
     return {
         GO_TEMPLATE: "the Modelfile's TEMPLATE (go_template)",
-        CHAT_TEMPLATE: "the checkpoint's own Jinja chat template, by llama-server (gguf_chat_template): it supports "
-                       "more (tools, thinking) than the TEMPLATE; Ollama with OLLAMA_GO_TEMPLATE=1 renders the "
-                       "TEMPLATE instead",
+        CHAT_TEMPLATE: "the checkpoint's own Jinja chat template, by llama-server (gguf_chat_template): " + (
+            "it supports more (tools, thinking) than the TEMPLATE; Ollama with OLLAMA_GO_TEMPLATE=1 renders the "
+            "TEMPLATE instead" if has_template else "the Modelfile has no TEMPLATE, as none can write its prompts"),
         RENDERER: "Ollama's built-in renderer and parser for the family (renderer): Go code in Ollama that writes "
                   "its prompts, tools and thinking, and reads its tool calls and reasoning",
         PINNED: f"the Modelfile's TEMPLATE, pinned by PARSER {PIN_PARSER} (parser): the checkpoint's Jinja chat "
@@ -228,6 +229,10 @@ class ParityFailure:
     rendering: str
     expected: str  # the checkpoint's own rendering
     actual: str  # Ollama's prompt (or why Ollama could not build it)
+    # The prompt is the checkpoint's rendering of the conversation without its assistant turns' thinking:
+    # Ollama 0.34 passes none to llama-server (llm/llama_server.go, llamaServerChatMessage), so no model
+    # rendered by the GGUF's Jinja can get it, whatever the action publishes.
+    reasoning_dropped: bool = False
 
 
 def compared_capabilities(caps: chat_jinja.Capabilities, offered: set[str]) -> chat_jinja.Capabilities:
@@ -294,11 +299,16 @@ def prompt_parity(client: OllamaClient, model: str, create_body: dict[str, Any],
                     continue
                 if rendering == RENDERER and adds_bos and leading_bos:
                     actual = actual.removeprefix(leading_bos)
-                if actual != expected:
+                if actual == expected:
+                    github.log(f"  {label} [{rendering}]: same prompt ({len(actual)} characters)")
+                elif rendering == CHAT_TEMPLATE and actual == _without_reasoning(info, case, thinks[rendering],
+                                                                                 adds_bos):
+                    failures.append(ParityFailure(label, rendering, expected, actual, reasoning_dropped=True))
+                    github.log(f"  {label} [{rendering}]: the checkpoint's prompt without the reasoning of its "
+                               "assistant turns, which Ollama does not pass to llama-server")
+                else:
                     failures.append(ParityFailure(label, rendering, expected, actual))
                     github.log(f"  {label} [{rendering}]: DIFFERENT")
-                else:
-                    github.log(f"  {label} [{rendering}]: same prompt ({len(actual)} characters)")
     finally:
         if forced:
             client.delete(probe)
@@ -321,10 +331,28 @@ def _reference(info: modelfile.TokenizerInfo, case: Conversation, thinks: bool, 
     return expected
 
 
+def _without_reasoning(info: modelfile.TokenizerInfo, case: Conversation, thinks: bool, adds_bos: bool) -> str | None:
+    """The checkpoint's rendering of `case` with its assistant turns' thinking left out, None when it has none
+    (or the template cannot render it)."""
+    if not any("reasoning_content" in message for message in case.messages):
+        return None
+    messages = [{k: v for k, v in message.items() if k != "reasoning_content"} for message in case.messages]
+    try:
+        return _reference(info, dataclasses.replace(case, messages=messages), thinks, adds_bos)
+    except jinja2.TemplateError:
+        return None
+
+
+def only_reasoning_dropped(failures: list[ParityFailure]) -> bool:
+    """Whether every failure is Ollama's dropping of the conversation's reasoning (ParityFailure explains)."""
+    return bool(failures) and all(f.reasoning_dropped for f in failures)
+
+
 def pins_template(failures: list[ParityFailure], renderings: list[str]) -> bool:
-    """Whether to pin the TEMPLATE: only the GGUF's Jinja, which Ollama prefers, built other prompts, and the
-    TEMPLATE (also checked) built the checkpoint's."""
-    return bool(failures) and GO_TEMPLATE in renderings[1:] and all(f.rendering == CHAT_TEMPLATE for f in failures)
+    """Whether to pin the TEMPLATE: only the GGUF's Jinja, which Ollama prefers, built other prompts (not only
+    for the reasoning Ollama does not pass it), and the TEMPLATE (also checked) built the checkpoint's."""
+    return (not only_reasoning_dropped(failures) and bool(failures) and GO_TEMPLATE in renderings[1:]
+            and all(f.rendering == CHAT_TEMPLATE for f in failures))
 
 
 def offered_capabilities(show: dict[str, Any]) -> tuple[str, ...]:
@@ -360,8 +388,8 @@ def explain(failures: list[ParityFailure]) -> str:
     for failure in failures:
         parts.append(f"--- {failure.conversation}: the checkpoint's template renders\n{failure.expected}\n"
                      f"--- Ollama builds [{failure.rendering}]\n{failure.actual}")
-        if failure.rendering == CHAT_TEMPLATE and REASONING in failure.expected and REASONING not in failure.actual:
-            # Ollama 0.34.3's llm/llama_server.go (llamaServerChatMessage) sends no message's thinking.
-            parts.append("(Ollama passes no assistant turn's thinking to llama-server, so its rendering of the "
-                         "Jinja never writes the reasoning back as the checkpoint's template does.)")
+        if failure.reasoning_dropped:
+            parts.append("(The checkpoint's prompt without the reasoning: Ollama passes no assistant turn's thinking "
+                         "to llama-server, so its rendering of the Jinja never writes it back as the checkpoint's "
+                         "template does.)")
     return "\n".join(parts)

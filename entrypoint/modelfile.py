@@ -212,6 +212,17 @@ def tokenizer_info_from_gguf(metadata: dict[str, Any]) -> TokenizerInfo:
                          model_type=str(metadata.get("general.architecture", "")))
 
 
+def _derive(info: TokenizerInfo, bos_added: bool) -> tuple[chat_jinja.Derived | None, str]:
+    """The Ollama template read off the checkpoint's chat template, or None and why not."""
+    if not info.chat_template:
+        return None, "the checkpoint has no chat template"
+    try:
+        return chat_jinja.derive(info.chat_template, bos_token=info.bos_token, eos_token=(info.eos_tokens or ("",))[0],
+                                 special_tokens=info.special_tokens, bos_added=bos_added), ""
+    except chat_jinja.CannotDerive as exc:
+        return None, str(exc)
+
+
 def choose_format(template_input: str, info: TokenizerInfo, workspace: Path, bos_added: bool = False) -> ChatFormat:
     """`template` input: 'auto' detects from the checkpoint, a family name picks one, a path loads a Go template.
     bos_added: the GGUF's tokenizer prepends BOS itself (then a derived template must not write it)."""
@@ -220,13 +231,7 @@ def choose_format(template_input: str, info: TokenizerInfo, workspace: Path, bos
         # A user's own template: stop on the checkpoint's EOS tokens only.
         return ChatFormat(name=f"file:{template_input}", template=path.read_text(encoding="utf-8").removesuffix("\n"),
                           end_of_turn=(), begin_of_turn=())
-    try:
-        derived = chat_jinja.derive(info.chat_template, bos_token=info.bos_token,
-                                    eos_token=(info.eos_tokens or ("",))[0], special_tokens=info.special_tokens,
-                                    bos_added=bos_added) if info.chat_template else None
-        why_not = "the checkpoint has no chat template"
-    except chat_jinja.CannotDerive as exc:
-        derived, why_not = None, str(exc)
+    derived, why_not = _derive(info, bos_added)
     if template_input in FAMILIES:
         chosen = load_family(template_input)
         # The checkpoint's own default system prompt (a fine-tune's, say) beats the family's.
@@ -269,14 +274,16 @@ def candidate_formats(template_input: str, info: TokenizerInfo, workspace: Path,
     """The renderings to try, in order, until one proves itself in Ollama. For `auto`: the built-in
     renderers the template matches (they write and parse the family's tools and thinking), then
     choose_format's (a derived TEMPLATE, which writes neither, and the GGUF's Jinja, which Ollama may
-    prefer), then the detected family's catalog template (tools and thinking where the family has them).
-    Otherwise only choose_format's."""
+    prefer), then the detected family's catalog template (tools and thinking where the family has them);
+    when no TEMPLATE can be derived and the checkpoint's template has tools or thinking, the GGUF's Jinja
+    alone last (jinja_format). Otherwise only choose_format's."""
     renderers = [r.chat_format() for r in matching_renderers(info)] if template_input == "auto" else []
+    jinja = [jinja_format(info)] if template_input == "auto" and _jinja_is_the_only_way(info, bos_added) else []
     try:
         first = choose_format(template_input, info, workspace, bos_added)
     except RepoRefused:
-        if renderers:  # no TEMPLATE for this template: a built-in renderer may still render it
-            return renderers
+        if renderers or jinja:  # no TEMPLATE for this template: Ollama may still render it
+            return renderers + jinja
         raise
     if template_input != "auto":
         return [first]
@@ -284,7 +291,28 @@ def candidate_formats(template_input: str, info: TokenizerInfo, workspace: Path,
     family = detect_family(info)
     if family is not None and first.name != family.chat_format().name:
         formats.append(dataclasses.replace(family.chat_format(), default_system=first.default_system))
-    return formats
+    return formats + jinja
+
+
+def _jinja_is_the_only_way(info: TokenizerInfo, bos_added: bool) -> bool:
+    """No TEMPLATE can be derived, and the checkpoint's template has tools or thinking, which only the GGUF's
+    Jinja then carries."""
+    caps = chat_jinja.capabilities(info.chat_template, bos_token=info.bos_token,
+                                   eos_token=(info.eos_tokens or ("",))[0]) if info.chat_template else None
+    return caps is not None and bool(caps.names()) and _derive(info, bos_added)[0] is None
+
+
+JINJA_FORMAT_NAME = "the checkpoint's own Jinja chat template (no TEMPLATE)"
+
+
+def jinja_format(info: TokenizerInfo) -> ChatFormat:
+    """No TEMPLATE: Ollama renders the prompts with the GGUF's own Jinja chat template, in llama-server, with
+    its tools and thinking. For a template no TEMPLATE can be read off (today's date in a form Go templates
+    cannot write, say). The detected family's turn tokens, if any, are the stop tokens."""
+    family = detect_family(info)
+    return ChatFormat(name=JINJA_FORMAT_NAME, template="",
+                      end_of_turn=family.end_of_turn if family else (),
+                      begin_of_turn=family.begin_of_turn if family else (), family=family.name if family else "")
 
 
 # generation_config.json's sampling fields and the Ollama parameters they become.

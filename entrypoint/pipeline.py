@@ -47,6 +47,7 @@ class Report:
     capabilities: tuple[str, ...] = ()  # tools, thinking: what the published models offer (their /api/show)
     chat_template: str = ""  # the candidate template or renderer published (modelfile.ChatFormat.name)
     sampling: tuple[tuple[str, Any, str], ...] = ()  # (parameter, value, where it came from)
+    caveat: str = ""  # what the published models' prompts lack that the checkpoint's have, "" if nothing
 
 
 def run(settings: Settings) -> Report:
@@ -95,14 +96,17 @@ def run(settings: Settings) -> Report:
                 digests = {q: client.upload_blob(path) for q, path in ggufs.items()}
                 projector_file = (projector.name, client.upload_blob(projector)) if projector else None
                 results = _create(client, settings, spec, ggufs, digests, projector_file)
-                rendering, chat_template = "", ""
+                rendering, chat_template, caveat = "", "", ""
                 offered: tuple[str, ...] = ()
                 if task != "embedding":
                     caps = chat_jinja.capabilities(info.chat_template, bos_token=info.bos_token,
                                                    eos_token=(info.eos_tokens or ("",))[0]) \
                         if info.chat_template else chat_jinja.NO_CAPABILITIES
                     github.log(f"the checkpoint's chat template supports: {checks.describe_capabilities(caps.names())}")
-                    for attempt, chat_format in enumerate(formats):
+                    # A candidate that differs only by the reasoning Ollama drops (checks.ParityFailure) is
+                    # published when no later one passes outright: it is tried again at the end.
+                    candidates, fallback = list(formats), None
+                    for attempt, chat_format in enumerate(candidates):  # which may grow by that one
                         if attempt:  # the previous template failed its proof: the next one, from scratch
                             for result in results:  # with llama-servers of its own (client.unload says why)
                                 client.unload(result.name)
@@ -114,15 +118,28 @@ def run(settings: Settings) -> Report:
                         chat_template = chat_format.name
                         if not failures:  # passed, or nothing checked (None)
                             break
-                        if attempt + 1 < len(formats):
+                        dropped_only = checks.only_reasoning_dropped(failures)
+                        if dropped_only and fallback is None:
+                            fallback = chat_format
+                        if attempt + 1 < len(candidates):
                             github.log(f"{chat_format.name}: {_failure_headline(failures)}; trying "
-                                       f"{formats[attempt + 1].name} instead.\n" + checks.explain(failures))
+                                       f"{candidates[attempt + 1].name} instead.\n" + checks.explain(failures))
+                            continue
+                        if dropped_only and chat_format is fallback:  # the last candidate, or the fallback again
+                            caveat = _reasoning_dropped(client, results[0].name, failures)
+                            break
+                        if fallback is not None and attempt + 1 == len(formats):
+                            github.log(f"{chat_format.name}: {_failure_headline(failures)}.\n"
+                                       + checks.explain(failures) + "\nNo candidate passes outright: publishing "
+                                       f"{fallback.name} again, whose prompts lack only the reasoning Ollama drops.")
+                            candidates.append(fallback)
                             continue
                         _parity_failed(settings, results[0].name, failures)
                     modelfile_path = _write_modelfile(settings, spec, ggufs, projector)
                     offered = checks.offered_capabilities(client.show(results[0].name))
-                    github.log(f"Ollama renders the prompts with {checks.describe_rendering(rendering)}; the models "
-                               f"offer: {checks.describe_capabilities(offered)}")
+                    github.log(f"Ollama renders the prompts with "
+                               f"{checks.describe_rendering(rendering, bool(spec.template))}; the models offer: "
+                               f"{checks.describe_capabilities(offered)}")
                 smoke: Callable[[OllamaClient, str], str] = (
                     (lambda server, name: checks.embedding_smoke_test(server, name, embedding_size))
                     if task == "embedding" else
@@ -136,8 +153,8 @@ def run(settings: Settings) -> Report:
             return Report(results=results, modelfile=modelfile_path, commit=checkpoint.commit,
                           ollama_version=client.version(), path_taken=checkpoint.plan.why + TASK_NOTES[task],
                           extra_ggufs=(projector,) if projector else (),
-                          rendering=checks.describe_rendering(rendering) if rendering else "",
-                          capabilities=offered, sampling=sampling, chat_template=chat_template)
+                          rendering=checks.describe_rendering(rendering, bool(spec.template)) if rendering else "",
+                          capabilities=offered, sampling=sampling, chat_template=chat_template, caveat=caveat)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
         github.give_to_workspace_owner(settings.output_dir, settings.workspace)
@@ -527,6 +544,17 @@ def _prove_template(client: OllamaClient, settings: Settings, spec: modelfile.Mo
                        f"{client.version()} leaves the reasoning in the answer (it splits it off only between tags it "
                        "knows, such as <think>). The prompts are the checkpoint's.")
     return spec, results, rendering, failures
+
+
+def _reasoning_dropped(client: OllamaClient, name: str, failures: list[checks.ParityFailure]) -> str:
+    """Warn that the published prompts lack the conversation's reasoning; returns the summary's sentence."""
+    caveat = (f"Ollama {client.version()} passes no assistant turn's thinking to llama-server, which renders these "
+              "prompts with the checkpoint's Jinja: a conversation that sends the model's reasoning back (between "
+              "tool calls, say) reaches the model without it, where the checkpoint's template writes it. Every "
+              "other prompt compared is the checkpoint's; these lack the reasoning: "
+              f"{', '.join(dict.fromkeys(f.conversation for f in failures))}.")
+    github.warning(f"{name}: {caveat}\n" + checks.explain(failures))
+    return caveat
 
 
 def _failure_headline(failures: list[checks.ParityFailure]) -> str:

@@ -10,8 +10,9 @@ template as its tokenizer.chat_template (as the converter embeds a checkpoint's)
 template's own Jinja and picks between it and the TEMPLATE as it would for the real model, and the
 Jinja path is llama-server's real rendering. Parity is about the prompt text, which does not depend on
 the weights; BOS and EOS are SmolLM2's. As in the action, the candidate templates are tried in order
-(modelfile.candidate_formats) and the first that proves itself is the one reported; when none does, the
-parity columns are those of the candidate with the fewest failures.
+(modelfile.candidate_formats) and the first that proves itself is the one reported, else the first whose
+prompts lack only the reasoning Ollama does not pass to llama-server; when none does, the parity columns
+are those of the candidate with the fewest failures.
 """
 
 from __future__ import annotations
@@ -73,12 +74,20 @@ def _with_template(source: Path, template: Path, target: Path) -> None:
                         "tokenizer.ggml.add_bos_token", "1"], check=True, capture_output=True)
 
 
+# The verdict of conversations whose only difference is the reasoning Ollama does not pass to llama-server.
+DROPPED = "reasoning dropped by Ollama"
+
+
 def _verdict(failures: list[checks.ParityFailure], compared: set[str]) -> dict[str, str]:
     verdict = {}
     for kind in ("plain", "tools", "thinking"):
         labels = [label for label in compared if KINDS.get(label, "plain") == kind]
-        failed = list(dict.fromkeys(f.conversation for f in failures if KINDS.get(f.conversation, "plain") == kind))
-        verdict[kind] = f"FAIL ({', '.join(failed)})" if failed else ("pass" if labels else "")
+        of_kind = [f for f in failures if KINDS.get(f.conversation, "plain") == kind]
+        failed = list(dict.fromkeys(f.conversation for f in of_kind))
+        if of_kind and checks.only_reasoning_dropped(of_kind):
+            verdict[kind] = f"{DROPPED} ({', '.join(failed)})"
+        else:
+            verdict[kind] = f"FAIL ({', '.join(failed)})" if failed else ("pass" if labels else "")
     return verdict
 
 
@@ -115,6 +124,7 @@ def _first_proven(client: OllamaClient, name: str, digest: str, path: Path, info
                   adds_bos: bool, caps: chat_jinja.Capabilities, formats: list[modelfile.ChatFormat]) -> Row:
     tried: list[str] = []  # why each candidate failed
     closest: tuple[int, Row] | None = None  # the candidate with the fewest failures, and how many
+    fallback: Row | None = None  # the first whose prompts lack only the reasoning Ollama drops: published
     for attempt, chat in enumerate(formats):
         if attempt:
             client.unload(name)  # as the pipeline does between candidates
@@ -122,7 +132,8 @@ def _first_proven(client: OllamaClient, name: str, digest: str, path: Path, info
                                    source="report", renderer=chat.renderer, parser=chat.parser)
         body = modelfile.create_request(spec, name, digest, "model.gguf")
         how = chat.name.replace("derived from the checkpoint's chat template", "derived").replace(
-            " (Ollama's built-in renderer)", " (renderer)")
+            " (Ollama's built-in renderer)", " (renderer)").replace(
+            modelfile.JINJA_FORMAT_NAME, "the checkpoint's own Jinja")
         try:
             client.create(body, quiet=True)
         except PublishError as exc:
@@ -141,12 +152,16 @@ def _first_proven(client: OllamaClient, name: str, digest: str, path: Path, info
         verdict = _verdict([f for f in failures if f.conversation != "capabilities"], compared)
         if not failures:
             return Row(path.stem, how, rendering, caps.names(), verdict)
+        if fallback is None and checks.only_reasoning_dropped(failures):
+            fallback = Row(path.stem, how, rendering, caps.names(), verdict)
         failed = list(dict.fromkeys(f.conversation for f in failures if f.conversation != "capabilities"))
         why = ([f"{len(failed)} prompts differ"] if failed else []) + \
             ([f"offers {', '.join(offered) or 'no tools, no thinking'}"] if fewer else [])
         tried.append(f"{how} [{rendering}]: {', '.join(why)}")
         if closest is None or len(failures) < closest[0]:
             closest = (len(failures), Row(path.stem, "", rendering, caps.names(), verdict))
+    if fallback is not None:  # as the pipeline, which publishes it with a caveat
+        return fallback
     # Every candidate failed: what each failed on, and the columns of the one closest to passing.
     row = closest[1] if closest else Row(path.stem, "", "", caps.names(), {})
     return dataclasses.replace(row, handled="caught: " + "; ".join(tried))
@@ -187,8 +202,10 @@ def to_markdown(rows: list[Row]) -> str:
     counts = summary(rows)
     (published, total), (tools, with_tools), (thinking, with_thinking) = counts.values()
     refused = sum(r.handled.startswith("refused") for r in rows)
-    lines += ["", f"{published} of {total} templates are published with every comparison passing "
-                  f"({100 * published / total:.0f}%); {refused} refused before conversion; "
+    dropped = sum(r.published and any(v.startswith(DROPPED) for v in r.parity.values()) for r in rows)
+    lines += ["", f"{published} of {total} templates are published ({100 * published / total:.0f}%): "
+                  f"{published - dropped} with every comparison passing, {dropped} whose prompts lack only the "
+                  f"reasoning Ollama does not pass to llama-server; {refused} refused before conversion; "
                   f"{total - published - refused} caught by the checks before any push.",
               f"Of the {with_tools} templates that support tools, {tools} are published with tools parity passing "
               f"({100 * tools / max(with_tools, 1):.0f}%); of the {with_thinking} that think, {thinking} with "
@@ -203,8 +220,12 @@ Generated by `scripts/template-report --markdown docs/templates.md` (also run as
 (F family)": the Ollama template was read off the checkpoint template, and the template has the markers of
 catalog family F; "F (catalog)": the detected family's catalog template; "R (renderer)": Ollama's built-in
 renderer and parser R (templates/chat/renderers.toml);
+"the checkpoint's own Jinja": no TEMPLATE, Ollama renders the GGUF's Jinja (no TEMPLATE can write it);
 "refused": the action stops before conversion and names the `template` input; "caught": every candidate
-template failed a check, so the action publishes nothing. Each template is embedded in the GGUF, so Ollama
+template failed a check, so the action publishes nothing. "reasoning dropped by Ollama": the prompt is the
+template's for the conversation without the reasoning of its assistant turns, which Ollama 0.34 does not pass
+to llama-server (the action publishes such a model, with a caveat in the log and summary, only when no
+candidate passes outright). Each template is embedded in the GGUF, so Ollama
 picks its rendering (`renderer`, `go_template`, `gguf_chat_template`, or `parser`: the TEMPLATE pinned) as for a real
 checkpoint. Parity compares the prompts Ollama builds for chat requests with the Jinja renderings: the four
 plain conversations, and the tools and thinking ones for what the template supports or the model offers

@@ -249,6 +249,31 @@ def test_a_template_no_template_can_be_derived_from_still_gets_its_renderers():
         m.candidate_formats("auto", dataclasses.replace(info, chat_template="{{ raise_exception('x') }}"), Path("."))
 
 
+# Llama 3.2's way: today's date as "01 Dec 2026", which no Go template writes, and tools.
+DATED_TOOLS = ("{{ bos_token }}<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n"
+               "Today Date: {{ strftime_now('%d %b %Y') }}\n{% if tools %}{{ tools | tojson }}{% endif %}<|eot_id|>"
+               "{% for m in messages %}<|start_header_id|>{{ m.role }}<|end_header_id|>\n\n{{ m.content }}<|eot_id|>"
+               "{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+
+
+def test_the_ggufs_own_jinja_is_tried_last_when_no_template_can_be_derived_and_it_has_tools():
+    info = m.TokenizerInfo(chat_template=DATED_TOOLS, eos_tokens=("<|eot_id|>",), bos_token="<|begin_of_text|>")
+    formats = m.candidate_formats("auto", info, Path("."))
+    assert [f.name for f in formats] == ["llama3.1 (catalog)", m.JINJA_FORMAT_NAME]
+    jinja = formats[-1]
+    assert (jinja.template, jinja.renderer, jinja.end_of_turn) == ("", "", formats[0].end_of_turn)
+    spec = m.ModelSpec(template="", system="", parameters=(), license="", source="x")
+    assert "TEMPLATE" not in m.render_modelfile(spec, "model.gguf")
+    # Without tools (nor thinking) its Jinja carries nothing a catalog template lacks: not tried.
+    plain = dataclasses.replace(info, chat_template=DATED_TOOLS.replace("{% if tools %}{{ tools | tojson }}{% endif %}",
+                                                                        ""))
+    assert [f.name for f in m.candidate_formats("auto", plain, Path("."))] == ["llama3.1 (catalog)"]
+    # A template that can be derived is tried with the GGUF's Jinja as it is (Ollama prefers the Jinja).
+    assert "no TEMPLATE" not in " ".join(f.name for f in m.candidate_formats("auto", dataclasses.replace(
+        info, chat_template=QWEN3_LIKE + "{% if tools %}{{ tools | tojson }}{% endif %}"), Path(".")))
+    assert [f.name for f in m.candidate_formats("llama3.1", info, Path("."))] == ["llama3.1 (catalog)"]
+
+
 def test_a_renderer_is_written_as_renderer_and_parser_lines_and_in_the_create_request():
     spec = m.ModelSpec(template="", system="", parameters=(("stop", "<|im_end|>"),), license="", source="x",
                        renderer="qwen3.5", parser="qwen3.5")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import requests
 
-from entrypoint import checks
+from entrypoint import checks, modelfile
 from entrypoint.ollama import OllamaClient
 from tests import servers
 from tests.conftest import action_runner, registry_tags
@@ -25,7 +25,12 @@ CITY_CALL = [{"function": {"name": "get_weather", "arguments": {"city": "Paris"}
 # family: (the template that proves itself, how Ollama renders its prompts, the thinking returned, think sent)
 CASES = {"qwen3-tools": ("qwen3 (catalog)", "go_template", "Weather lookup.", True),
          "llama3.1-tools": ("llama3.1 (catalog)", "go_template", "", None),
-         "qwen3.5-tools": ("qwen3.5 (Ollama's built-in renderer)", "renderer", "Weather lookup.", True)}
+         "qwen3.5-tools": ("qwen3.5 (Ollama's built-in renderer)", "renderer", "Weather lookup.", True),
+         "llama3.2-tools": (modelfile.JINJA_FORMAT_NAME, "gguf_chat_template", "", None),
+         "bielik-tools": ("derived from the checkpoint's chat template (chatml family)", "gguf_chat_template",
+                          "Weather lookup.", True)}
+# Published with the caveat that Ollama passes no reasoning back to llama-server (checks.ParityFailure).
+REASONING_DROPPED = {"bielik-tools"}
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +72,17 @@ def test_published_with_the_template_that_offers_the_checkpoints_tools(published
     offered = "tools, thinking" if thinking else "tools"
     assert f"the checkpoint's chat template supports: {offered}" in run.stdout
     assert f"the models offer: {offered}" in run.stdout
-    assert f"Ollama renders the prompts with {checks.describe_rendering(rendering)}" in run.stdout
+    has_template = chosen != modelfile.JINJA_FORMAT_NAME
+    assert f"Ollama renders the prompts with {checks.describe_rendering(rendering, has_template)}" in run.stdout
     assert f"  tool call + result [{rendering}]: same prompt" in run.stdout
+    if family.name in REASONING_DROPPED:
+        assert "  thinking + tool call + result [gguf_chat_template]: the checkpoint's prompt without the reasoning" \
+            in run.stdout
+        assert "No candidate passes outright" in run.stdout and "::warning::" in run.stdout
+        assert "**Caveat:** Ollama " in run.summary
+        assert "passes no assistant turn's thinking to llama-server" in run.summary
+    else:
+        assert "Caveat" not in run.summary
     assert sorted(registry_tags(stack.registry, model.split("/", 1)[1])) == ["1.0.0", "1.0.0-q8_0", "latest"]
 
 

@@ -78,6 +78,7 @@ class Family:
     # ("<", "\n") can be written with different tokens.
     reply: tuple[str, ...] = ()
     extra_tokens: tuple[tuple[int, str, bool], ...] = ()  # (id, text, special): added, replacing [PAD<id>]
+    bos_token: str = ""  # tokenizer_config's bos_token when the tokenizer does not prepend one (`bos` unset)
 
 
 # The added tokens of Qwen 2.5 and Qwen 3 (id, text, special) that llama.cpp's Qwen 2 vocabulary lacks: its
@@ -97,6 +98,13 @@ QWEN3_TOOLS = Family(
     reply=('<think>Weather lookup.</think>\n\n<tool_call>{"name":"get_weather","arguments":{"city": "Paris"}}'
            "</tool_call>",),
     extra_tokens=QWEN3_ADDED)
+
+LLAMA31_TOOLS = Family(
+    name="llama3.1-tools", architecture="LlamaForCausalLM", vocab="llama-bpe",
+    template="meta-llama-Llama-3.1-8B-Instruct", header_last="\n\n", answer="", end_of_turn="<|eot_id|>",
+    begin_of_turn=("<|begin_of_text|>", "<|start_header_id|>"), bos="<|begin_of_text|>", eos="<|eot_id|>",
+    generation_eos=("<|end_of_text|>", "<|eot_id|>"), tied=False,
+    reply=('{"name":"get_weather","parameters":{"city": "Paris"}}',))
 
 FAMILIES = {
     "chatml": Family(
@@ -124,12 +132,21 @@ FAMILIES = {
         QWEN3_TOOLS, name="qwen3.5-tools", template="Qwen3.5-4B",
         reply=("Weather lookup.", "</think>", "\n\n", "<tool_call>", "<f", "unction", "=get_weather", "><", "parameter",
                "=c", "ity", ">P", "aris", "</", "param", "eter", "></", "function", ">", "</tool_call>")),
-    "llama3.1-tools": Family(
-        name="llama3.1-tools", architecture="LlamaForCausalLM", vocab="llama-bpe",
-        template="meta-llama-Llama-3.1-8B-Instruct", header_last="\n\n", answer="", end_of_turn="<|eot_id|>",
-        begin_of_turn=("<|begin_of_text|>", "<|start_header_id|>"), bos="<|begin_of_text|>", eos="<|eot_id|>",
-        generation_eos=("<|end_of_text|>", "<|eot_id|>"), tied=False,
-        reply=('{"name":"get_weather","parameters":{"city": "Paris"}}',)),
+    # Bielik 11B v3's template (ChatML, JSON tool calls, thinking in <think>) on Qwen 3's body and tokenizer:
+    # no TEMPLATE writes its tools, so Ollama renders its Jinja in llama-server, which parses the call and
+    # the reasoning. The prompt ends in "<think>\n" (think: true), so the reply starts inside the block.
+    # llama-server's parser, read off the template, wants "<tool_call>\n": the "\n" token is the prompt's
+    # last, so the call opens with "\n\n". The template writes bos_token first: tokenizer_config names one
+    # (the GGUF's BOS, which llama-server writes).
+    "bielik-tools": dataclasses.replace(
+        QWEN3_TOOLS, name="bielik-tools", template="Bielik-11B-v3.0-Instruct", bos_token="<|endoftext|>",
+        reply=("Weather lookup.", "</think>", "<tool_call>", "\n\n",
+               '{"name":"get_weather","arguments":{"city": "Paris"}}', "</tool_call>")),
+    "llama3.1-tools": LLAMA31_TOOLS,
+    # Llama 3.2's template writes today's date as "01 Dec 2026", which no Go template can: published with
+    # no TEMPLATE, its prompts rendered and its tool calls parsed by llama-server.
+    "llama3.2-tools": dataclasses.replace(LLAMA31_TOOLS, name="llama3.2-tools",
+                                          template="meta-llama-Llama-3.2-3B-Instruct"),
 }
 CHAIN_FAMILIES = {name for name, family in FAMILIES.items() if family.reply}
 
@@ -396,8 +413,8 @@ def build(family: str, out_dir: Path) -> Path:
     else:
         backend = _byte_level_tokenizer(spec, vocab)
         specials = dict(eos_token=spec.eos, pad_token="<|endoftext|>" if spec.name == "chatml" else None)
-        if spec.bos:
-            specials["bos_token"] = spec.bos
+        if spec.bos or spec.bos_token:
+            specials["bos_token"] = spec.bos or spec.bos_token
     _check_tokenizer(spec, backend, sentencepiece_file)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, chat_template=template,
                                         clean_up_tokenization_spaces=False, model_max_length=32768,
