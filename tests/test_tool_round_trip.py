@@ -1,7 +1,10 @@
 """Tools and thinking survive publishing, end to end: tiny checkpoints with real tokenizers and scripted
 weights (tests/material/scripted.py) whose every reply is their family's tool-call text, after a thinking
-block for Qwen 3 and Qwen 3.5 (the latter published with Ollama's built-in renderer and parser). The
-action publishes each with its defaults to the test registry, on an Ollama server of the test's own
+block for Qwen 3, Qwen 3.5 and Bielik. One for each way a tool model is published: Qwen 3 and Llama 3.1
+with catalog TEMPLATEs, Qwen 3.5 with Ollama's built-in renderer and parser, Llama 3.2 with no TEMPLATE
+(llama-server renders its Jinja and parses its calls), and Bielik's template with its Jinja rendered and
+parsed by llama-server, published with the caveat that Ollama passes no reasoning back to it. The action
+publishes each with its defaults to the test registry, on an Ollama server of the test's own
 (ollama-host); then a client asks the published model, through /api/chat with tools, and must get the
 call back as message.tool_calls, and the reasoning as message.thinking. Qwen 3's is published once more
 by the action's image, run as GitHub's runner runs it, and pulled from the registry into the client's
@@ -104,16 +107,22 @@ def _tool_calls(message: dict) -> list[dict]:
             for call in message.get("tool_calls", [])]
 
 
-def test_the_image_publishes_a_model_that_calls_tools_and_thinks(stack, ollama, tmp_path_factory):
-    folder = scripted.build("qwen3-tools", tmp_path_factory.mktemp("tiny-qwen3-tools-image"))
-    repo, model = "test-org/tiny-qwen3-tools-image", f"{stack.registry}/round-trip/qwen3-tools-image"
+@pytest.mark.parametrize("name", ["qwen3-tools", "bielik-tools"])
+def test_the_image_publishes_a_model_that_calls_tools_and_thinks(name, stack, ollama, tmp_path_factory):
+    """Through a catalog TEMPLATE (Qwen 3) and through the GGUF's Jinja in llama-server, with the caveat
+    (Bielik's template)."""
+    folder = scripted.build(name, tmp_path_factory.mktemp(f"tiny-{name}-image"))
+    repo, model = f"test-org/tiny-{name}-image", f"{stack.registry}/round-trip/{name}-image"
     servers.add_model_repo(stack.mirrors, repo, folder, tags=("v1.0.0",))
-    run = Runner(tmp_path_factory.mktemp("image-round-trip")).run(
+    run = Runner(tmp_path_factory.mktemp(f"image-round-trip-{name}")).run(
         {"hf-repo": repo, "hf-revision": "v1.0.0", "ollama-model": model, "insecure-registry": "true",
          "quantizations": "Q8_0"}, env={"HF_ENDPOINT": stack.hub_endpoint})
     print(run.stdout[-5000:], run.stderr[-1500:])
     assert run.exit_code == 0 and run.errors() == [], run.stdout[-4000:]
-    assert "Chat template: qwen3 (catalog)." in run.summary and "The models offer tools and thinking." in run.summary
+    chosen, rendering, _, _ = CASES[name]
+    assert f"Chat template: {chosen}. Prompts are rendered by Ollama with " in run.summary
+    assert f"({rendering})" in run.summary and "The models offer tools and thinking." in run.summary
+    assert ("**Caveat:**" in run.summary) == (name in REASONING_DROPPED)
     client = OllamaClient(ollama)
     client.pull(f"{model}:latest", insecure=True, on_progress=lambda _: None)
     message = _chat(ollama, f"{model}:latest", True)["message"]
