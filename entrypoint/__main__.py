@@ -85,6 +85,7 @@ def _fail(title: str, message: str) -> int:
 def main() -> int:
     environ = os.environ
     signal.signal(signal.SIGTERM, process.on_cancel)
+    process.keep_secrets_from_children()
     values = read_inputs(environ, parse_args(sys.argv[1:]))
     for name in SECRET_INPUTS:
         if values[name]:

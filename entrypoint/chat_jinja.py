@@ -1,26 +1,37 @@
-"""Render a checkpoint's own Jinja chat template the way transformers does, in a sandbox.
+"""Render a checkpoint's own Jinja chat template the way transformers does, sealed off.
 
-The template comes from the repository, so it is untrusted: it runs in jinja2's immutable sandbox, can
-only see the messages and special tokens given to it, and has a budget: a rendering that takes longer
-than RENDER_BUDGET_S or writes more than RENDER_MAX_CHARS (a loop, say) refuses the checkpoint.
+The template comes from the repository, so it is untrusted. It is compiled and rendered in a worker
+process of its own, behind sealed.py (no network, nothing of the action's environment, no code from
+outside the Python installation), in jinja2's immutable sandbox, and within limits the kernel keeps: CPU
+seconds per rendering (RENDER_CPU_S, compiling included: Jinja folds constant expressions while
+compiling), memory (RENDER_MEMORY_BYTES), and RENDER_MAX_CHARS of output. A template past one is refused by
+name (LimitExceeded); one that cannot render a conversation raises jinja2.TemplateError, as in-process.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import datetime
+import functools
 import json
+import math
+import resource
+import select
 import signal
-import threading
-from collections.abc import Iterator, Mapping
-from typing import Any
+import subprocess
+import sys
+import tempfile
+from collections.abc import Mapping
+from typing import IO, Any
 
 import jinja2
 import jinja2.ext
 import jinja2.sandbox
 
-from .errors import RepoRefused
+from . import process
+from .errors import LimitExceeded, RepoRefused
 
 
 class _GenerationBlocks(jinja2.ext.Extension):
@@ -42,32 +53,126 @@ def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, s
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
-RENDER_BUDGET_S = 5.0  # real templates render a conversation in milliseconds
+RENDER_CPU_S = 5  # CPU seconds for one rendering, compiling included; real templates take milliseconds
+RENDER_WALL_S = 60  # the same in wall time, on a busy machine: a worker that neither answers nor uses CPU
+RENDER_MEMORY_BYTES = 512 * 2**20  # the worker, Python and jinja2 included (they take about 30 MB)
 RENDER_MAX_CHARS = 1_000_000
+_FIX = "Set the template input to a catalog template or a Go template file."
 
 
-class _OutOfTime(Exception):
+class _TooLong(Exception):
     pass
 
 
-@contextlib.contextmanager
-def _time_budget(seconds: float) -> Iterator[None]:
-    """Interrupt the block after `seconds` (SIGALRM: the pipeline renders in the main thread; elsewhere,
-    where signals cannot be handled, the block runs without a budget)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+@functools.lru_cache(maxsize=64)
+def _compiled(template: str) -> jinja2.Template:
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationBlocks, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise
+    return env.from_string(template)
 
-    def expire(signum, frame):
-        raise _OutOfTime
 
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+def _render_here(template: str, messages: list[dict[str, Any]], bos_token: str, eos_token: str,
+                 add_generation_prompt: bool, today: str, variables: dict[str, Any]) -> str:
+    """The worker's rendering (in the worker process only)."""
+    now = datetime.datetime.fromisoformat(today)
+    context = {**variables, "messages": messages, "bos_token": bos_token, "eos_token": eos_token,
+               "add_generation_prompt": add_generation_prompt, "strftime_now": lambda fmt: now.strftime(fmt)}
+    pieces, size = [], 0
     try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+        for piece in _compiled(template).generate(**context):
+            pieces.append(piece)
+            size += len(piece)
+            if size > RENDER_MAX_CHARS:
+                raise _TooLong
+    except (TypeError, ValueError, LookupError, AttributeError, ArithmeticError, RecursionError) as exc:
+        # Python's own errors inside an untrusted template (tojson of a generator, say): it cannot render this.
+        raise jinja2.TemplateError(f"{type(exc).__name__}: {exc}") from exc
+    return "".join(pieces)
+
+
+def serve_renderings() -> None:
+    """The worker: one JSON request per line on stdin, one JSON answer per line on stdout, until stdin ends.
+    Each rendering gets RENDER_CPU_S more CPU seconds than the worker has used: past them the kernel ends
+    it (SIGXCPU), even inside C code that never returns to Python."""
+    for line in sys.stdin:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        _, hard = resource.getrlimit(resource.RLIMIT_CPU)
+        resource.setrlimit(resource.RLIMIT_CPU, (math.ceil(usage.ru_utime + usage.ru_stime) + RENDER_CPU_S, hard))
+        try:
+            answer: dict[str, Any] = {"text": _render_here(**json.loads(line))}
+        except jinja2.TemplateError as exc:
+            answer = {"template_error": str(exc)}
+        except _TooLong:
+            answer = {"too_long": True}
+        except MemoryError:  # past RENDER_MEMORY_BYTES (the kernel refused the allocation)
+            _compiled.cache_clear()
+            answer = {"memory": True}
+        sys.stdout.write(json.dumps(answer) + "\n")
+        sys.stdout.flush()
+
+
+class _Worker:
+    """The action's side: starts the sealed worker on first use, and again after it was stopped."""
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen | None = None
+        self.errors: IO[bytes] | None = None  # the worker's stderr: an unlinked file, read if it fails
+
+    def render(self, request: dict[str, Any], conversation: str) -> dict[str, Any]:
+        if self.proc is None or self.proc.poll() is not None:
+            self._start()
+        assert self.proc is not None and self.proc.stdin is not None and self.proc.stdout is not None
+        try:
+            self.proc.stdin.write(json.dumps(request).encode() + b"\n")
+            self.proc.stdin.flush()
+            ready, _, _ = select.select([self.proc.stdout], [], [], RENDER_WALL_S)
+            line = self.proc.stdout.readline() if ready else b""
+        except BrokenPipeError:
+            line = b""
+        if line:
+            return json.loads(line)
+        self.stop()
+        assert self.proc is not None and self.errors is not None
+        code = self.proc.returncode
+        if code in (-signal.SIGXCPU, -signal.SIGKILL):
+            raise LimitExceeded(f"The checkpoint's chat template used more than {RENDER_CPU_S} CPU seconds on "
+                                f"{conversation} (compiling it included; real ones take milliseconds). {_FIX}",
+                                resource="cpu", limit=RENDER_CPU_S, input_name="template",
+                                title="Chat template refused")
+        if code is not None and code < 0:
+            raise RepoRefused(f"The checkpoint's chat template crashed its sealed renderer (signal {-code}) on "
+                              f"{conversation}. {_FIX}", input_name="template", title="Chat template refused")
+        if not ready:
+            raise LimitExceeded(f"The checkpoint's chat template did not render {conversation} within "
+                                f"{RENDER_WALL_S} s. {_FIX}", resource="time", limit=RENDER_WALL_S,
+                                input_name="template", title="Chat template refused")
+        if code == process.SEALED_STOPPED:  # a MemoryError outside a rendering, as sealed.py reports it
+            raise LimitExceeded(f"The checkpoint's chat template asked for more than {RENDER_MEMORY_BYTES // 2**20} "
+                                f"MiB of memory on {conversation}. {_FIX}", resource="memory",
+                                limit=RENDER_MEMORY_BYTES, input_name="template", title="Chat template refused")
+        self.errors.seek(0)
+        raise RuntimeError(f"the sealed template renderer exited with code {code}: "
+                           f"{self.errors.read()[-2000:].decode(errors='replace')}")
+
+    def _start(self) -> None:
+        command = process.sealed_command(["entrypoint.chat_jinja"], how="python-module", report=None,
+                                         memory_bytes=RENDER_MEMORY_BYTES, code_roots=[process.APP_ROOT])
+        self.errors = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.errors,
+                                     env=process.sealed_environment(process.NOWHERE))
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            if self.proc.stdin is not None:
+                with contextlib.suppress(BrokenPipeError):
+                    self.proc.stdin.close()
+            process.stop(self.proc, timeout=5)
+
+
+_worker = _Worker()
+atexit.register(_worker.stop)
 
 
 def render(template: str, messages: list[dict[str, Any]], *, bos_token: str, eos_token: str,
@@ -75,34 +180,24 @@ def render(template: str, messages: list[dict[str, Any]], *, bos_token: str, eos
            variables: Mapping[str, Any] | None = None) -> str:
     """The prompt text `template` makes of `messages` (`today` fixes strftime_now's date; `variables` are
     further ones, as transformers' apply_chat_template passes its keyword arguments: tools, enable_thinking).
-    Raises jinja2.TemplateError if it cannot, RepoRefused past the budget."""
-    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationBlocks, jinja2.ext.loopcontrols])
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise
-    env.globals["strftime_now"] = lambda fmt: (today or datetime.datetime.now()).strftime(fmt)
-    context = {**(variables or {}), "messages": messages, "bos_token": bos_token, "eos_token": eos_token,
-               "add_generation_prompt": add_generation_prompt}
-    pieces, size = [], 0
-    try:
-        with _time_budget(RENDER_BUDGET_S):
-            for piece in env.from_string(template).generate(**context):
-                pieces.append(piece)
-                size += len(piece)
-                if size > RENDER_MAX_CHARS:
-                    raise RepoRefused(f"The checkpoint's chat template writes more than {RENDER_MAX_CHARS:,} "
-                                      f"characters for a conversation of {len(messages)} short messages. Set the "
-                                      "template input to a catalog template or a Go template file.",
-                                      input_name="template", title="Chat template refused")
-    except (TypeError, ValueError, LookupError, AttributeError, ArithmeticError) as exc:
-        # Python's own errors inside an untrusted template (tojson of a generator, say): it cannot render this.
-        raise jinja2.TemplateError(f"{type(exc).__name__}: {exc}") from exc
-    except _OutOfTime:
-        raise RepoRefused(f"The checkpoint's chat template did not render a conversation of {len(messages)} short "
-                          f"messages within {RENDER_BUDGET_S:.0f} s (real ones take milliseconds: a loop?). Set the "
-                          "template input to a catalog template or a Go template file.", input_name="template",
-                          title="Chat template refused") from None
-    return "".join(pieces)
+    Raises jinja2.TemplateError if it cannot, LimitExceeded past a limit (RepoRefused if it crashes its
+    worker)."""
+    conversation = f"a conversation of {len(messages)} short messages"
+    answer = _worker.render({"template": template, "messages": messages, "bos_token": bos_token,
+                             "eos_token": eos_token, "add_generation_prompt": add_generation_prompt,
+                             "today": (today or datetime.datetime.now()).isoformat(),
+                             "variables": dict(variables or {})}, conversation)
+    if "template_error" in answer:
+        raise jinja2.TemplateError(answer["template_error"])
+    if answer.get("too_long"):
+        raise LimitExceeded(f"The checkpoint's chat template writes more than {RENDER_MAX_CHARS:,} characters for "
+                            f"{conversation}. {_FIX}", resource="output", limit=RENDER_MAX_CHARS,
+                            input_name="template", title="Chat template refused")
+    if answer.get("memory"):
+        raise LimitExceeded(f"The checkpoint's chat template asked for more than {RENDER_MEMORY_BYTES // 2**20} MiB "
+                            f"of memory on {conversation}. {_FIX}", resource="memory", limit=RENDER_MEMORY_BYTES,
+                            input_name="template", title="Chat template refused")
+    return answer["text"]
 
 
 class CannotDerive(Exception):
@@ -292,3 +387,7 @@ def capabilities(template: str, *, bos_token: str, eos_token: str) -> Capabiliti
         switch = opens = False
     return Capabilities(tools=with_tools, tool_round_trip=with_tools and round_trip,
                         thinking=reasoning or switch or opens, thinking_switch=switch)
+
+
+if __name__ == "__main__":
+    serve_renderings()

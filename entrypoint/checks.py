@@ -77,6 +77,20 @@ def conversations(caps: chat_jinja.Capabilities) -> dict[str, Conversation]:
     return cases
 
 
+def plain_rendering_failures(info: modelfile.TokenizerInfo) -> list[str]:
+    """Why the checkpoint's own template renders none of the plain conversations ('label: error' each), or
+    [] when it renders one (or has no template: there is nothing to render)."""
+    failures = []
+    for label, messages in CONVERSATIONS.items() if info.chat_template else ():
+        try:
+            chat_jinja.render(info.chat_template, messages, bos_token=info.bos_token,
+                              eos_token=(info.eos_tokens or ("",))[0])
+            return []
+        except jinja2.TemplateError as exc:
+            failures.append(f"{label}: {exc}")
+    return failures
+
+
 def for_ollama(message: dict[str, Any]) -> dict[str, Any]:
     """A message as Ollama's API takes it: tool calls without their type, thinking as "thinking" (transformers'
     reasoning_content)."""

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import ast
 import json
+import math
 import os
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
-from . import gguf_header, process, quantize
-from .errors import PublishError, RepoRefused
+from . import gguf_header, hub, process, quantize
+from .errors import PublishError, RemoteCodeRefused, RepoRefused
 
 
 def find_converter() -> Path:
@@ -63,6 +63,47 @@ def check_architecture(config: dict[str, Any], supported: dict[str, str], input_
                           input_name=input_name, title="Unsupported architecture")
 
 
+# The files in which transformers looks for the name of a class to load (and, through auto_map, for the
+# repository's module that holds it), of those the converters read.
+CLASS_NAMING_FILES = ("config.json", "tokenizer_config.json", "adapter_config.json", "preprocessor_config.json",
+                      "processor_config.json")
+# Tokenizer classes transformers does not ship and the converter loads through AutoTokenizer with
+# trust_remote_code, so only a repository's code provides them (conversion/llama.py: a Llama checkpoint).
+CUSTOM_CODE_TOKENIZERS = ("HybridDNATokenizer",)
+
+
+def declared_code(folder: Path) -> list[str]:
+    """What the folder's files declare that would import code from a repository: every auto_map (at the top
+    of a file or of a sub-config), and a tokenizer class only such code provides. Each as 'file: what'."""
+    found = []
+    for name in CLASS_NAMING_FILES:
+        path = folder / name
+        if not (path.exists() or path.is_symlink()):
+            continue
+        data = hub.read_json(path)
+        sections = [("", data)] + [(f"{key}.", value) for key, value in data.items() if isinstance(value, dict)]
+        for prefix, section in sections:
+            if section.get("auto_map"):
+                found.append(f"{name}: {prefix}auto_map {json.dumps(section['auto_map'])[:300]}")
+            if section.get("tokenizer_class") in CUSTOM_CODE_TOKENIZERS:
+                found.append(f"{name}: {prefix}tokenizer_class {section['tokenizer_class']} (only a repository's "
+                             "code provides it)")
+    return found
+
+
+def check_no_custom_code(folders: list[Path], input_name: str) -> None:
+    """Refuse, before any weights are read, a checkpoint (or an adapter's base) that declares code of its
+    own: the converter would hand it to transformers, which imports it (trust_remote_code), fetching a
+    module another repository names first. The sealed converter would be stopped there anyway."""
+    found = [entry for folder in folders for entry in declared_code(folder)]
+    if found:
+        raise RemoteCodeRefused(f"The checkpoint declares code of its own, which transformers would import and run "
+                                f"while converting: {'; '.join(found)}. No code from a repository runs here. Publish "
+                                "a checkpoint saved with the classes transformers ships (remove auto_map, e.g. "
+                                "save_pretrained from a model and tokenizer loaded without trust_remote_code).",
+                                attempt="declared", input_name=input_name)
+
+
 # llama.cpp's pooling types (gguf-py PoolingType). Ollama 0.34 serves /api/embed from llama-server's
 # OpenAI-style /v1/embeddings, which refuses NONE (token embeddings) and RANK (a reranker's scores).
 SENTENCE_POOLING = {1: "mean", 2: "cls", 3: "last"}
@@ -109,14 +150,14 @@ def _converter_init() -> str:
     return (find_converter().parent / "conversion" / "__init__.py").read_text(encoding="utf-8")
 
 
-def convert(checkpoint: Path, target: Path, outtype: str, model_name: str) -> None:
+def convert(checkpoint: Path, target: Path, outtype: str, model_name: str, seal: process.Seal) -> None:
     """Write `target` as a GGUF of `checkpoint` with tensors in `outtype` (f16, bf16, f32 or q8_0).
 
     `model_name` becomes general.name; without it the converter would use the temp folder's name.
     """
-    command = [sys.executable, str(find_converter()), str(checkpoint), "--outfile", str(target),
-               "--outtype", outtype, "--model-name", model_name]
-    process.run_logged(command, what="convert_hf_to_gguf.py", writes_to=target.parent)
+    command = [str(find_converter()), str(checkpoint), "--outfile", str(target), "--outtype", outtype,
+               "--model-name", model_name]
+    process.run_sealed(command, what="convert_hf_to_gguf.py", writes_to=target.parent, seal=seal, python=True)
     if not target.is_file():
         raise PublishError(f"The converter finished but wrote no {target.name}.", title="Conversion failed")
 
@@ -145,29 +186,29 @@ def check_adapter(adapter_config: dict[str, Any], input_name: str) -> None:
                           input_name=input_name, title="Unsupported adapter")
 
 
-def convert_adapter(adapter: Path, base: Path, target: Path) -> None:
+def convert_adapter(adapter: Path, base: Path, target: Path, seal: process.Seal) -> None:
     """Write `target`, the LoRA adapter as a GGUF (f16); `base` holds its base model's config."""
-    command = [sys.executable, str(find_converter().with_name("convert_lora_to_gguf.py")), str(adapter), "--base",
-               str(base), "--outfile", str(target), "--outtype", "f16"]
-    process.run_logged(command, what="convert_lora_to_gguf.py", writes_to=target.parent)
+    command = [str(find_converter().with_name("convert_lora_to_gguf.py")), str(adapter), "--base", str(base),
+               "--outfile", str(target), "--outtype", "f16"]
+    process.run_sealed(command, what="convert_lora_to_gguf.py", writes_to=target.parent, seal=seal, python=True)
     if not target.is_file():
         raise PublishError(f"The converter finished but wrote no {target.name}.", title="Conversion failed")
 
 
-def merge_adapter(base: Path, adapter: Path, target: Path) -> None:
+def merge_adapter(base: Path, adapter: Path, target: Path, seal: process.Seal) -> None:
     """Write `target`: the base GGUF with the adapter GGUF merged into its weights (llama-export-lora)."""
-    process.run_logged([quantize.find_tool("llama-export-lora"), "-m", str(base), "--lora", str(adapter),
-                        "-o", str(target),
-                        "-t", str(os.cpu_count() or 1)], what="llama-export-lora", writes_to=target.parent)
+    process.run_sealed([quantize.find_tool("llama-export-lora"), "-m", str(base), "--lora", str(adapter),
+                        "-o", str(target), "-t", str(os.cpu_count() or 1)], what="llama-export-lora",
+                       writes_to=target.parent, seal=seal)
     if not target.is_file():
         raise PublishError(f"llama-export-lora finished but wrote no {target.name}.", title="Merge failed")
 
 
-def convert_projector(checkpoint: Path, target: Path) -> None:
+def convert_projector(checkpoint: Path, target: Path, seal: process.Seal) -> None:
     """Write `target`, the vision encoder and projector of `checkpoint` as llama.cpp's mmproj GGUF (f16)."""
-    command = [sys.executable, str(find_converter()), str(checkpoint), "--mmproj", "--outfile", str(target),
-               "--outtype", "f16"]
-    process.run_logged(command, what="convert_hf_to_gguf.py --mmproj", writes_to=target.parent)
+    command = [str(find_converter()), str(checkpoint), "--mmproj", "--outfile", str(target), "--outtype", "f16"]
+    process.run_sealed(command, what="convert_hf_to_gguf.py --mmproj", writes_to=target.parent, seal=seal,
+                       python=True)
     if not target.is_file():
         raise PublishError(f"The converter finished but wrote no {target.name}.", title="Conversion failed")
 
@@ -185,9 +226,12 @@ _HEADER_LIMIT = 100_000_000  # a safetensors header is metadata: kilobytes to a 
 
 
 def safetensors_shapes(folder: Path) -> dict[str, list[int]]:
-    """The shape of every tensor in the folder's top-level *.safetensors files, from their headers alone."""
+    """The shape of every tensor the converter reads (the top-level model*.safetensors files), from their
+    headers alone."""
     shapes: dict[str, list[int]] = {}
-    for path in sorted(folder.glob("*.safetensors")):
+    for path in sorted(folder.glob("model*.safetensors")):
+        if path.is_symlink() or not path.is_file():
+            raise RepoRefused(f"{path.name} is not a regular file (a link, say): refused.", title="Bad checkpoint")
         with path.open("rb") as f:
             length = int.from_bytes(f.read(8), "little")
             if not 0 < length <= min(_HEADER_LIMIT, path.stat().st_size - 8):
@@ -195,35 +239,59 @@ def safetensors_shapes(folder: Path) -> dict[str, list[int]]:
                                   title="Bad checkpoint")
             try:
                 header = json.loads(f.read(length))
-            except ValueError as exc:
+            except (ValueError, RecursionError) as exc:
                 raise RepoRefused(f"{path.name} has no valid safetensors header: {exc}",
                                   title="Bad checkpoint") from exc
-            if not isinstance(header, dict):
-                raise RepoRefused(f"{path.name} has no valid safetensors header (not a JSON object).",
+        if not isinstance(header, dict):
+            raise RepoRefused(f"{path.name} has no valid safetensors header (not a JSON object).",
+                              title="Bad checkpoint")
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            shape = info.get("shape") if isinstance(info, dict) else None
+            if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+                raise RepoRefused(f"{path.name}: the tensor {name[:100]} has no valid shape ({str(shape)[:100]}).",
                                   title="Bad checkpoint")
-        shapes.update({name: list(info["shape"]) for name, info in header.items()
-                       if name != "__metadata__" and isinstance(info, dict) and "shape" in info})
+            shapes[name] = shape
     return shapes
+
+
+def largest_tensor(shapes: dict[str, list[int]]) -> int:
+    """The element count of the largest tensor (what the tools' memory follows: preflight.tool_memory)."""
+    return max((math.prod(shape) for shape in shapes.values()), default=0)
 
 
 def check_config_matches_weights(config: dict[str, Any], shapes: dict[str, list[int]], input_name: str) -> None:
     """Refuse a config.json that claims more than the weights hold: the converter trusts it, and pads a
     vocabulary of vocab_size tokens (an absurd one makes gigabytes of padding) or looks for layers and
-    dimensions that are not there."""
-    text = config.get("text_config") or config
+    dimensions that are not there.
+
+    Two kinds of bounds. Whatever the tensors are called: no dimension can exceed the largest dimension of
+    any tensor (a vocabulary is one tensor's rows), and no checkpoint has more layers than tensors. And where
+    the token embedding and the layers go by the names the converter's architectures use, the exact ones."""
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    vocab, hidden, depth = text.get("vocab_size"), text.get("hidden_size"), text.get("num_hidden_layers")
     embeddings = [shape for name, shape in shapes.items()
                   if name.rsplit(".", 2)[-2:] in ([module, "weight"] for module in _EMBEDDING_MODULES)
                   and len(shape) == 2]
     embedding = max(embeddings, default=None)  # of several (a vision model's), the text's is the largest
     layers = [int(m.group(1)) + 1 for name in shapes if (m := _LAYER_INDEX.search(name))]
     problems = []
-    vocab, hidden, depth = text.get("vocab_size"), text.get("hidden_size"), text.get("num_hidden_layers")
     if embedding and isinstance(vocab, int) and vocab > embedding[0]:
         problems.append(f"vocab_size {vocab:,}, but its token embedding has {embedding[0]:,} rows")
     if embedding and isinstance(hidden, int) and hidden > max(embedding):
         problems.append(f"hidden_size {hidden:,}, but its token embedding is {embedding[0]:,} x {embedding[1]:,}")
     if layers and isinstance(depth, int) and depth > max(layers):
         problems.append(f"num_hidden_layers {depth:,}, but its weights have {max(layers):,} layers")
+    if shapes and not problems:
+        largest_dimension = max(max(shape, default=0) for shape in shapes.values())
+        for key in ("vocab_size", "hidden_size", "intermediate_size"):
+            value = text.get(key)
+            if isinstance(value, int) and value > largest_dimension:
+                problems.append(f"{key} {value:,}, but no tensor of its weights has a dimension over "
+                                f"{largest_dimension:,}")
+        if isinstance(depth, int) and depth > len(shapes):
+            problems.append(f"num_hidden_layers {depth:,}, but its weights are {len(shapes):,} tensors in all")
     if problems:
         raise RepoRefused(f"config.json does not match the weights: it says {'; '.join(problems)}. Fix config.json "
                           "(the converter would trust it).", input_name=input_name, title="Config does not match")

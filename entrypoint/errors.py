@@ -45,6 +45,27 @@ class RepoRefused(PublishError):
     """The checkpoint (its files, config, template or what its server answers) cannot be published as it is."""
 
 
+class RemoteCodeRefused(RepoRefused):
+    """The repository would run code of its own or from elsewhere: declared in its files (refused before
+    conversion), or attempted by a sealed tool reading them (`attempt`: "code" or "network"; the tool was
+    stopped before it ran any)."""
+
+    def __init__(self, message: str, *, attempt: str, input_name: str | None = None):
+        super().__init__(message, input_name=input_name, title="Repository code refused")
+        self.attempt = attempt
+
+
+class LimitExceeded(PublishError):
+    """A process that reads the repository's files went past a limit the kernel keeps (`resource`:
+    "memory", "cpu" or "time"; `limit` in bytes or seconds) and was stopped."""
+
+    def __init__(self, message: str, *, resource: str, limit: float, input_name: str | None = None,
+                 title: str | None = None):
+        super().__init__(message, input_name=input_name, title=title or "Limit exceeded")
+        self.resource = resource
+        self.limit = limit
+
+
 class ServiceError(PublishError):
     """A server the action talks to (the Hub, a registry) failed or refused: `status` is its HTTP status
     (None when it did not answer at all); `retriable` whether it may answer another time."""
@@ -85,6 +106,16 @@ class ToolFailed(PublishError):
         super().__init__(message, title=title or f"{tool} failed")
         self.tool = tool
         self.exit_code = exit_code
+
+
+class ToolRaised(RepoRefused):
+    """A Python tool (llama.cpp's converters) raised on the repository's files: `tool` and its `exception`
+    ("Type: message (file:line)")."""
+
+    def __init__(self, message: str, *, tool: str, exception: str, input_name: str | None = None):
+        super().__init__(message, input_name=input_name, title=f"{tool} failed")
+        self.tool = tool
+        self.exception = exception
 
 
 class DiskFull(PublishError):

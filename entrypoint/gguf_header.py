@@ -7,21 +7,30 @@ sequentially and stops where the tensor data begins.
 
 from __future__ import annotations
 
+import os
 import struct
 from pathlib import Path
 from typing import Any, BinaryIO
+
+from .errors import RepoRefused
 
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
 
 
 def read_metadata(path: Path) -> dict[str, Any]:
-    """The metadata of a GGUF v2/v3 file: strings, numbers and lists of them, by key."""
-    with path.open("rb") as f:
-        if f.read(4) != b"GGUF" or _take(f, "<I") not in (2, 3):
-            raise ValueError(f"{path} is not a GGUF v2/v3 file")
-        _take(f, "<Q")  # tensor count
-        return {_string(f): _value(f, _take(f, "<I")) for _ in range(_take(f, "<Q"))}
+    """The metadata of a GGUF v2/v3 file: strings, numbers and lists of them, by key. A file that is not one
+    (a link, text, a header that claims more than the file holds) is refused, named."""
+    if path.is_symlink() or not path.is_file():
+        raise RepoRefused(f"{path.name} is not a regular file (a link, say): refused.", title="Bad GGUF file")
+    try:
+        with path.open("rb") as f:
+            if f.read(4) != b"GGUF" or _take(f, "<I") not in (2, 3):
+                raise ValueError("it does not start as a GGUF v2/v3 file does")
+            _take(f, "<Q")  # tensor count
+            return {_string(f): _value(f, _take(f, "<I")) for _ in range(_take(f, "<Q"))}
+    except (ValueError, struct.error) as exc:
+        raise RepoRefused(f"{path.name} is not a valid GGUF file: {exc}.", title="Bad GGUF file") from exc
 
 
 def _take(f: BinaryIO, fmt: str):
@@ -34,6 +43,8 @@ def _take(f: BinaryIO, fmt: str):
 
 def _string(f: BinaryIO) -> str:
     length = _take(f, "<Q")
+    if length > os.fstat(f.fileno()).st_size - f.tell():
+        raise ValueError("the GGUF header ends early")
     raw = f.read(length)
     if len(raw) != length:
         raise ValueError("the GGUF header ends early")

@@ -51,6 +51,10 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "tokenizer.
                  "tokenizer.model", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
                  "chat_template.json", "generation_config.json", "LICENSE*", "LICENCE*")
 REPO_KINDS = ("auto", "transformers", "gguf", "lora")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")  # downloaded after the checks that read the rest
+# A description file (config, tokenizer, template, license) is kilobytes to a few megabytes (a tokenizer.json
+# with a large vocabulary: ~30 MB); more is not a description, and is refused before it is parsed.
+DESCRIPTION_MAX_BYTES = 100_000_000
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
 TIMEOUT_S = 60
 
@@ -201,6 +205,13 @@ class RemoteCheckpoint:
     plan: Plan
     sizes: dict[str, int]  # the files to download and their sizes in bytes
 
+    def descriptions(self) -> list[str]:
+        """The files to download that are not weights: what the checks before any weights read."""
+        return sorted(name for name in self.sizes if not name.endswith(WEIGHT_SUFFIXES))
+
+    def weights(self) -> list[str]:
+        return sorted(name for name in self.sizes if name.endswith(WEIGHT_SUFFIXES))
+
 
 @contextlib.contextmanager
 def _hub_errors(api: HfApi, repo: str, revision: str, token: str, repo_input: str = "hf-repo",
@@ -271,10 +282,10 @@ def inspect(repo: str, revision: str, token: str, repo_kind: str, quantizations:
     return RemoteCheckpoint(repo=repo, commit=info.sha or "", plan=repo_plan, sizes=sizes)
 
 
-def download(remote: RemoteCheckpoint, token: str, destination: Path) -> Checkpoint:
-    """Download the needed files of the resolved commit, each by its exact name as checked by plan() (never
-    a pattern: the server's own listing may say something else by now)."""
-    for name in sorted(remote.sizes):
+def download(remote: RemoteCheckpoint, token: str, destination: Path, names: list[str]) -> Checkpoint:
+    """Download `names` (remote.descriptions() or remote.weights()) of the resolved commit, each by its exact
+    name as checked by plan() (never a pattern: the server's own listing may say something else by now)."""
+    for name in names:
         github.log(f"downloading {name} ({remote.sizes[name] / 1e6:,.1f} MB)")
         _fetch(remote, token, destination, name)
     return Checkpoint(path=destination, commit=remote.commit, plan=remote.plan)
@@ -305,15 +316,44 @@ def read_config(remote: RemoteCheckpoint, token: str, destination: Path, name: s
     return read_json(_fetch(remote, token, destination, name))
 
 
+def read_text(path: Path, errors: str = "strict") -> str:
+    """A checkpoint's text file (a chat template, a license): a regular file of at most DESCRIPTION_MAX_BYTES
+    of UTF-8 (`errors` as str.decode takes it), or a refusal naming it."""
+    if path.is_symlink() or not path.is_file():
+        raise RepoRefused(f"{path.name} in the checkpoint is not a regular file (a link, say): refused.",
+                          title="Bad checkpoint")
+    size = path.stat().st_size
+    if size > DESCRIPTION_MAX_BYTES:
+        raise RepoRefused(f"{path.name} in the checkpoint is {size / 1e6:,.0f} MB, more than any "
+                          f"configuration or template holds ({DESCRIPTION_MAX_BYTES / 1e6:,.0f} MB): refused.",
+                          title="Bad checkpoint")
+    try:
+        return path.read_text(encoding="utf-8", errors=errors)
+    except (OSError, ValueError) as exc:
+        raise RepoRefused(f"{path.name} in the checkpoint is not UTF-8 text: {exc}", title="Bad checkpoint") from exc
+
+
 def read_json(path: Path) -> dict[str, Any]:
     """A checkpoint's JSON file, which must hold an object."""
+    text = read_text(path)
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+        value = json.loads(text)
+    except (ValueError, RecursionError) as exc:
         raise RepoRefused(f"{path.name} in the checkpoint is not valid JSON: {exc}", title="Bad checkpoint") from exc
     if not isinstance(value, dict):
         raise RepoRefused(f"{path.name} in the checkpoint is not a JSON object.", title="Bad checkpoint")
     return value
+
+
+@contextlib.contextmanager
+def reading(name: str) -> Iterator[None]:
+    """Reading a checkpoint's file `name` whose values have other types or shapes than its format has (a
+    token that is a number, a list where an object belongs): a refusal naming the file, never a crash."""
+    try:
+        yield
+    except (TypeError, ValueError, LookupError, AttributeError, RecursionError) as exc:
+        raise RepoRefused(f"{name} in the checkpoint is malformed ({type(exc).__name__}: {exc}).",
+                          title="Bad checkpoint") from exc
 
 
 def _exists(api: HfApi, repo: str) -> bool:
@@ -326,7 +366,16 @@ def _exists(api: HfApi, repo: str) -> bool:
 
 def local(path: Path, repo_kind: str, quantizations: tuple[str, ...],
           allow_pickle: bool) -> tuple[Checkpoint, dict[str, int]]:
-    """A local checkpoint folder, and the sizes of the files the run reads."""
+    """A local checkpoint folder, and the sizes of the files the run reads. A link that leads out of the
+    folder is refused: a repository cloned with git brings its links along, and one named LICENSE that
+    leads to /proc/self/environ would publish the runner's secrets as the model's license."""
+    root = path.resolve()
+    leaving = [str(p.relative_to(path)) for p in path.rglob("*") if p.is_symlink()
+               and not p.resolve().is_relative_to(root)]
+    if leaving:
+        raise RepoRefused(f"{path} has links that lead out of it: {', '.join(sorted(leaving)[:3])}. Copy the files "
+                          "themselves into the folder (cp -rL), or publish from the Hub with hf-repo.",
+                          input_name="model-path", title="Unsafe file names")
     files = [str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()]
     folder_plan = plan(files, repo_kind, quantizations, str(path), input_name="model-path",
                        allow_pickle=allow_pickle)

@@ -117,6 +117,7 @@ class TokenizerInfo:
     bos_token: str
     special_tokens: tuple[str, ...] = ()
     model_type: str = ""  # config.json's model_type
+    template_file: str = ""  # where the chat template came from (a file, or the GGUF's metadata)
 
 
 def _has_markers(info: TokenizerInfo, markers: tuple[str, ...]) -> bool:
@@ -146,48 +147,59 @@ def _token_text(value: Any) -> str:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    return hub.read_json(path) if path.is_file() else {}
+    return hub.read_json(path) if path.exists() or path.is_symlink() else {}
 
 
 def read_tokenizer_info(checkpoint: Path, base: Path | None = None) -> TokenizerInfo:
     """Collect the chat template and special tokens from a checkpoint folder. `base`: a LoRA adapter's base
     model, whose generation_config.json (its end-of-turn tokens, among them) the merged model keeps when
-    the adapter has none."""
+    the adapter has none. A file with values of other types than its format has is refused, named."""
     config = _read_json(checkpoint / "tokenizer_config.json")
     template: Any = ""
-    if (checkpoint / "chat_template.jinja").is_file():
-        template = (checkpoint / "chat_template.jinja").read_text(encoding="utf-8")
-    elif (checkpoint / "chat_template.json").is_file():
-        template = _read_json(checkpoint / "chat_template.json").get("chat_template", "")
-    else:
-        template = config.get("chat_template", "")
-    if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
-        named = {t.get("name"): t.get("template", "") for t in template}
-        template = named.get("default", next(iter(named.values()), ""))
+    template_file = "tokenizer_config.json"
+    for name in ("chat_template.jinja", "chat_template.json"):
+        if (checkpoint / name).exists():
+            template_file = name
+            break
+    with hub.reading(template_file):
+        if template_file == "chat_template.jinja":
+            template = hub.read_text(checkpoint / template_file)
+        else:
+            template = (config if template_file == "tokenizer_config.json"
+                        else _read_json(checkpoint / template_file)).get("chat_template", "")
+        if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
+            named = {t.get("name"): t.get("template", "") for t in template}
+            template = named.get("default", next(iter(named.values()), ""))
+        if not isinstance(template, str):
+            raise TypeError(f"chat_template is a {type(template).__name__}, not text")
 
     id_to_token, special = {}, []
-    for token in _read_json(checkpoint / "tokenizer.json").get("added_tokens", []):
-        id_to_token[token["id"]] = token["content"]
-        if token.get("special"):
-            special.append(token["content"])
-    for token_id, token in config.get("added_tokens_decoder", {}).items():
-        id_to_token[int(token_id)] = _token_text(token)
-        if isinstance(token, dict) and token.get("special"):
-            special.append(_token_text(token))
-
-    eos: list[str] = []
-    if _token_text(config.get("eos_token")):
-        eos.append(_token_text(config.get("eos_token")))
+    with hub.reading("tokenizer.json"):
+        for token in _read_json(checkpoint / "tokenizer.json").get("added_tokens", []):
+            id_to_token[int(token["id"])] = str(token["content"])
+            if token.get("special"):
+                special.append(str(token["content"]))
+    with hub.reading("tokenizer_config.json"):
+        for token_id, token in config.get("added_tokens_decoder", {}).items():
+            id_to_token[int(token_id)] = _token_text(token)
+            if isinstance(token, dict) and token.get("special"):
+                special.append(_token_text(token))
+        eos: list[str] = []
+        if _token_text(config.get("eos_token")):
+            eos.append(_token_text(config.get("eos_token")))
+        bos_token = _token_text(config.get("bos_token"))
     generation = checkpoint / "generation_config.json"
     if not generation.is_file() and base is not None:
         generation = base / "generation_config.json"
-    generation_eos = _read_json(generation).get("eos_token_id")
-    for token_id in generation_eos if isinstance(generation_eos, list) else [generation_eos]:
-        if token_id is not None and token_id in id_to_token:
-            eos.append(id_to_token[token_id])
-    return TokenizerInfo(chat_template=str(template), eos_tokens=tuple(dict.fromkeys(eos)),
-                         bos_token=_token_text(config.get("bos_token")), special_tokens=tuple(dict.fromkeys(special)),
-                         model_type=str(_read_json(checkpoint / "config.json").get("model_type", "")))
+    with hub.reading(generation.name):
+        generation_eos = _read_json(generation).get("eos_token_id")
+        for token_id in generation_eos if isinstance(generation_eos, list) else [generation_eos]:
+            if token_id is not None and token_id in id_to_token:
+                eos.append(id_to_token[token_id])
+    return TokenizerInfo(chat_template=template, eos_tokens=tuple(dict.fromkeys(eos)), bos_token=bos_token,
+                         special_tokens=tuple(dict.fromkeys(special)),
+                         model_type=str(_read_json(checkpoint / "config.json").get("model_type", "")),
+                         template_file=template_file if template else "")
 
 
 # llama.cpp's token types (gguf-py TokenType): CONTROL marks the tokenizer's special tokens.
@@ -207,9 +219,10 @@ def tokenizer_info_from_gguf(metadata: dict[str, Any]) -> TokenizerInfo:
     eos = [t for t in (token("eos"), token("eot"), token("eom")) if t]
     # A GGUF may omit the token types: then no token is known to be a control token.
     control = tuple(t for t, k in zip(tokens, types, strict=False) if k == _CONTROL_TOKEN)
-    return TokenizerInfo(chat_template=str(metadata.get("tokenizer.chat_template", "")),
-                         eos_tokens=tuple(dict.fromkeys(eos)), bos_token=token("bos"), special_tokens=control,
-                         model_type=str(metadata.get("general.architecture", "")))
+    template = str(metadata.get("tokenizer.chat_template", ""))
+    return TokenizerInfo(chat_template=template, eos_tokens=tuple(dict.fromkeys(eos)), bos_token=token("bos"),
+                         special_tokens=control, model_type=str(metadata.get("general.architecture", "")),
+                         template_file="the GGUF's tokenizer.chat_template" if template else "")
 
 
 def _derive(info: TokenizerInfo, bos_added: bool) -> tuple[chat_jinja.Derived | None, str]:
@@ -403,6 +416,6 @@ def create_request(spec: ModelSpec, model: str, gguf_digest: str, gguf_name: str
 
 def read_license(checkpoint: Path) -> str:
     for name in ("LICENSE", "LICENSE.md", "LICENSE.txt", "LICENCE", "LICENCE.md", "LICENCE.txt"):
-        if (checkpoint / name).is_file():
-            return (checkpoint / name).read_text(encoding="utf-8", errors="replace").strip()
+        if (checkpoint / name).exists() or (checkpoint / name).is_symlink():
+            return hub.read_text(checkpoint / name, errors="replace").strip()
     return ""

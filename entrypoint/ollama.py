@@ -294,15 +294,48 @@ def _port_is_free(bind: str) -> bool:
         return s.connect_ex((host or "127.0.0.1", int(port))) != 0
 
 
+# What our Ollama server gets of the action's environment: its own settings, the locale, proxies and
+# certificates a registry may need; never the inputs, tokens or the runner's ACTIONS_* and GITHUB_*.
+SERVER_PASSES = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "SSL_CERT_FILE", "SSL_CERT_DIR", "HTTPS_PROXY",
+                 "HTTP_PROXY", "NO_PROXY", "https_proxy", "http_proxy", "no_proxy")
+SERVER_PASSES_PREFIXES = ("OLLAMA_", "LLAMA_ARG_")
+
+
+def server_environment(bind: str, models_dir: Path, home: Path) -> dict[str, str]:
+    passed = {name: value for name, value in os.environ.items()
+              if name in SERVER_PASSES or name.startswith(SERVER_PASSES_PREFIXES)}
+    # The checks use one model at a time: runners of models already checked would only hold memory.
+    # OLLAMA_NO_CLOUD: no calls to ollama.com at start (model recommendations, cloud models).
+    return {"OLLAMA_MAX_LOADED_MODELS": "1", **passed, "OLLAMA_HOST": bind, "OLLAMA_MODELS": str(models_dir),
+            "OLLAMA_NO_CLOUD": "1", "HOME": str(home)}
+
+
+@contextlib.contextmanager
+def signing_key(home: Path, key: str) -> Iterator[None]:
+    """The push key as HOME/.ollama/id_ed25519 (0600) for the block, removed after it. An Ollama server whose
+    HOME it is reads the file at each request it signs (auth.Sign), so the key can come and go while it
+    runs; one started without a key made a throwaway one, which this replaces."""
+    key_path = home / ".ollama" / "id_ed25519"
+    key_path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        key_path.unlink(missing_ok=True)
+        # Created with 0600 from the start, so the key is never readable by others, even briefly.
+        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(key)
+        key_path.with_name("id_ed25519.pub").unlink(missing_ok=True)
+        yield
+    finally:
+        key_path.unlink(missing_ok=True)
+        key_path.with_name("id_ed25519.pub").unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def serve(log_path: Path, models_dir: Path, home: Path, ollama_key: str = "",
           bind: str = "") -> Iterator[OllamaClient]:
     """Run `ollama serve` for the duration of the block (bound to `bind`, else $OLLAMA_HOST or 127.0.0.1:11434),
     keeping its models in `models_dir`, with `home` as its HOME: the user's own ~/.ollama (their Ollama
-    identity) is never touched.
-
-    The server signs registry requests with HOME/.ollama/id_ed25519, and generates one at start only when
-    there is none: the push key is written there first (0600), and removed afterwards.
+    identity) is never touched. With `ollama_key`, the server signs with it (signing_key) for the block.
     """
     binary = os.environ.get("OLLAMA_BIN") or shutil.which("ollama")
     if not binary:
@@ -313,47 +346,32 @@ def serve(log_path: Path, models_dir: Path, home: Path, ollama_key: str = "",
     if not _port_is_free(bind):
         raise InputError(f"Something already listens on {bind}, where the action starts its Ollama server. "
                          "Stop it, or set ollama-host to use that server.", input_name="ollama-host")
-    key_path = home / ".ollama" / "id_ed25519"
-    wrote_key = False
-    try:
-        key_path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
         if ollama_key:
-            # Create with 0600 from the start so the key is never readable by others, even briefly.
-            fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(ollama_key)
-            key_path.with_name("id_ed25519.pub").unlink(missing_ok=True)
-            wrote_key = True
-        # The checks use one model at a time: runners of models already checked would only hold memory.
-        # OLLAMA_NO_CLOUD: no calls to ollama.com at start (model recommendations, cloud models).
-        env = {"OLLAMA_MAX_LOADED_MODELS": "1", **os.environ, "OLLAMA_HOST": bind, "OLLAMA_MODELS": str(models_dir),
-               "OLLAMA_NO_CLOUD": "1", "HOME": str(home)}
-        with log_path.open("ab") as log_file, \
-                running([binary, "serve"], what="The Ollama server", stdout=log_file, stderr=subprocess.STDOUT,
-                        env=env) as server:
-            client = OllamaClient(f"http://{bind}", models_dir=models_dir)
-            deadline = time.monotonic() + HEALTH_TIMEOUT_S
-            while not client.is_healthy():
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise PublishError(
-                        f"The Ollama server did not become healthy on {bind} within {HEALTH_TIMEOUT_S:.0f} s. "
-                        f"Last lines of its log:\n{_tail(log_path)}", title="Ollama server failed to start")
-                time.sleep(0.2)
-            github.log(f"Ollama {client.version()} is running on {bind}")
-            try:
-                yield client
-            except PublishError as exc:
-                if isinstance(exc, OllamaUnreachable):  # did the server crash? It may take a moment to exit
-                    with contextlib.suppress(subprocess.TimeoutExpired):
-                        server.wait(timeout=5)
-                if server.poll() is None:
-                    raise
-                raise PublishError(f"{exc.message}\nThe Ollama server had exited (code {server.returncode}). Last "
-                                   f"lines of its log:\n{_tail(log_path)}", title="Ollama server stopped") from exc
-    finally:
-        if wrote_key:
-            key_path.unlink(missing_ok=True)
-            key_path.with_name("id_ed25519.pub").unlink(missing_ok=True)
+            stack.enter_context(signing_key(home, ollama_key))
+        log_file = stack.enter_context(log_path.open("ab"))
+        server = stack.enter_context(running([binary, "serve"], what="The Ollama server", stdout=log_file,
+                                             stderr=subprocess.STDOUT,
+                                             env=server_environment(bind, models_dir, home)))
+        client = OllamaClient(f"http://{bind}", models_dir=models_dir)
+        deadline = time.monotonic() + HEALTH_TIMEOUT_S
+        while not client.is_healthy():
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise PublishError(
+                    f"The Ollama server did not become healthy on {bind} within {HEALTH_TIMEOUT_S:.0f} s. "
+                    f"Last lines of its log:\n{_tail(log_path)}", title="Ollama server failed to start")
+            time.sleep(0.2)
+        github.log(f"Ollama {client.version()} is running on {bind}")
+        try:
+            yield client
+        except PublishError as exc:
+            if isinstance(exc, OllamaUnreachable):  # did the server crash? It may take a moment to exit
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    server.wait(timeout=5)
+            if server.poll() is None:
+                raise
+            raise PublishError(f"{exc.message}\nThe Ollama server had exited (code {server.returncode}). Last "
+                               f"lines of its log:\n{_tail(log_path)}", title="Ollama server stopped") from exc
 
 
 def _tail(path: Path, lines: int = 30) -> str:

@@ -14,9 +14,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from . import chat_jinja, checks, convert, github, gguf_header, hub, modelfile, preflight, quantize, registry, retry
-from .errors import CheckFailed, InputError, RegistryError
-from .ollama import OllamaClient, free_loopback_address, serve
+from . import chat_jinja, checks, convert, github, gguf_header, hub, modelfile, preflight, process, quantize, registry, retry
+from .errors import CheckFailed, InputError, LimitExceeded, RegistryError
+from .ollama import OllamaClient, free_loopback_address, serve, signing_key
 from .settings import Settings
 
 
@@ -65,27 +65,28 @@ def run(settings: Settings) -> Report:
                                                                     insecure=settings.insecure_registry),
                                    f"reaching the registry {settings.model_name.host}")
             with github.group("2. Download the checkpoint"):
-                checkpoint = _fetch_checkpoint(settings, scratch, client)
+                checkpoint = _fetch_checkpoint(settings, scratch, client)  # checks its other files before weights
+                seal = process.Seal(memory_bytes=preflight.tool_memory(0), input_name=_source_input(settings))
                 if checkpoint.plan.kind != "gguf":  # the converter trusts config.json: it must match the weights
-                    convert.check_config_matches_weights(hub.read_json(checkpoint.path / "config.json"),
-                                                         convert.safetensors_shapes(checkpoint.path),
+                    shapes = convert.safetensors_shapes(checkpoint.path)
+                    convert.check_config_matches_weights(hub.read_json(checkpoint.path / "config.json"), shapes,
                                                          _source_input(settings))
+                    seal = dataclasses.replace(seal, memory_bytes=preflight.tool_memory(convert.largest_tensor(shapes)))
                 task = _task(checkpoint)
                 info = _tokenizer_info(checkpoint)
                 sampling = _sampling(settings, checkpoint) if task != "embedding" else ()
                 embedding_context = _embedding_context(checkpoint) if task == "embedding" else None
-                if task != "embedding":  # a template that cannot work fails now
-                    _check_system_support(settings, modelfile.candidate_formats(settings.template, info,
-                                                                                settings.workspace))
+                if task != "embedding" and checkpoint.plan.kind == "gguf":  # its template is in the GGUF files
+                    _check_template(settings, info)
                 license_text = modelfile.read_license(checkpoint.adapter or checkpoint.path) or \
                     modelfile.read_license(checkpoint.path)
             projector = _extra_path(settings, "mmproj-f16") if task == "vision" else None
             if checkpoint.plan.kind == "gguf":
                 with github.group("3. Take the repo's GGUF files (no conversion)"):
-                    ggufs = _take_ggufs(settings, checkpoint)
+                    ggufs = _take_ggufs(settings, checkpoint, seal)
             else:
                 with github.group("3. Convert to GGUF and quantize"):
-                    ggufs = _build_ggufs(settings, checkpoint, scratch, projector)
+                    ggufs = _build_ggufs(settings, checkpoint, scratch, projector, seal)
             with github.group("4. Render the Modelfile"):
                 formats = [] if task == "embedding" else modelfile.candidate_formats(
                     settings.template, info, settings.workspace, convert.adds_bos(ggufs[settings.quantizations[0]]))
@@ -146,10 +147,11 @@ def run(settings: Settings) -> Report:
                     (lambda server, name: _chat_smoke_test(server, settings, name, task, "tools" in offered)))
                 _smoke_test(client, settings, results, lambda name: smoke(client, name))
             if settings.push:
-                with github.group("6. Push"):
-                    _push(client, settings, results)
-                with github.group("7. Pull back with an empty Ollama"):
-                    _pull_back(settings, scratch, results, smoke)
+                with _push_key(settings, scratch):  # on disk only now, for the push and the pull-back
+                    with github.group("6. Push"):
+                        _push(client, settings, results)
+                    with github.group("7. Pull back with an empty Ollama"):
+                        _pull_back(settings, scratch, results, smoke)
             return Report(results=results, modelfile=modelfile_path, commit=checkpoint.commit,
                           ollama_version=client.version(), path_taken=checkpoint.plan.why + TASK_NOTES[task],
                           extra_ggufs=(projector,) if projector else (),
@@ -173,52 +175,93 @@ def _ollama(settings: Settings, scratch: Path) -> Iterator[OllamaClient]:
     else:
         # A private server's models live in the scratch space unless OLLAMA_MODELS says otherwise.
         models_dir = Path(os.environ.get("OLLAMA_MODELS") or scratch / "models")
-        with serve(scratch / "ollama-server.log", models_dir, scratch / "home", settings.ollama_key) as client:
+        with serve(scratch / "ollama-server.log", models_dir, _server_home(scratch)) as client:
             yield client
 
 
+def _server_home(scratch: Path) -> Path:
+    return scratch / "home"
+
+
+@contextlib.contextmanager
+def _push_key(settings: Settings, scratch: Path) -> Iterator[None]:
+    """The push key where our Ollama server reads it at each signature, for the block only: nothing that
+    reads the repository (the converter, the tools) ever runs while it is on disk."""
+    if settings.ollama_host or not settings.ollama_key:  # a server of the user's signs with its own key
+        yield
+        return
+    with signing_key(_server_home(scratch), settings.ollama_key):
+        yield
+
+
 def _fetch_checkpoint(settings: Settings, scratch: Path, client: OllamaClient) -> hub.Checkpoint:
-    """Decide how to publish the repo, check that the whole run fits on disk and in memory, then download."""
+    """Decide how to publish the repo; download its other files first and check them (_check_descriptions),
+    check that the whole run fits on disk and in memory, then download the weights."""
     destination = scratch / "checkpoint"
     if settings.model_path:
         github.log(f"Using the local checkpoint in {settings.model_path}")
         checkpoint, sizes = hub.local(settings.model_path, settings.repo_kind, settings.quantizations,
                                       settings.allow_pickle)
-        repo_plan = checkpoint.plan
+        remote = None
     else:
         remote = hub.inspect(settings.hf_repo, settings.hf_revision, settings.hf_token, settings.repo_kind,
                              settings.quantizations, settings.allow_pickle)
-        sizes, repo_plan = remote.sizes, remote.plan
-    github.log(f"Path: {repo_plan.why}")
-    if any(f.endswith(".bin") for f in repo_plan.files):
+        sizes = remote.sizes
+        checkpoint = hub.download(remote, settings.hf_token, destination, remote.descriptions())
+    github.log(f"Path: {checkpoint.plan.why}")
+    if any(f.endswith(".bin") for f in checkpoint.plan.files):
         github.warning("Converting pickle weights because allow-pickle is true: the converter loads them with "
                        "torch.load(weights_only=True). Publish safetensors to avoid this.")
-    if repo_plan.kind == "lora":
-        adapter = settings.model_path or destination
-        return _fetch_base(settings, scratch, client, None if settings.model_path else remote, adapter, sizes)
-    if repo_plan.kind == "transformers":
-        config = (hub.read_json(settings.model_path / "config.json") if settings.model_path
-                  else hub.read_config(remote, settings.hf_token, destination))
-        _check_convertible(config, repo_plan, _source_input(settings))
+    if checkpoint.plan.kind == "lora":
+        return _fetch_base(settings, scratch, client, remote, checkpoint.path, sizes)
+    if checkpoint.plan.kind == "transformers":
+        _check_descriptions(settings, checkpoint, _source_input(settings))
     if settings.resource_check:
-        _check_resources(settings, client, scratch, repo_plan, sizes)
-    if settings.model_path:
-        return checkpoint
-    return hub.download(remote, settings.hf_token, destination)
+        _check_resources(settings, client, scratch, checkpoint.plan, sizes)
+    if remote is not None:
+        hub.download(remote, settings.hf_token, destination, remote.weights())
+    return checkpoint
 
 
-def _check_convertible(config: dict[str, Any], repo_plan: hub.Plan, input_name: str) -> None:
+def _check_descriptions(settings: Settings, checkpoint: hub.Checkpoint, input_name: str) -> None:
+    """Before any weights are downloaded or read: the checkpoint (and a LoRA adapter) declares no code of its
+    own, the converter supports it, and its chat template renders within its limits and makes a Modelfile."""
+    convert.check_no_custom_code([checkpoint.path], input_name)
     architectures = convert.supported_architectures()
+    config = hub.read_json(checkpoint.path / "config.json")
     convert.check_architecture(config, architectures, input_name=input_name)
-    convert.check_encoder_has_pooling(config, architectures, "modules.json" in repo_plan.files, input_name=input_name)
+    convert.check_encoder_has_pooling(config, architectures, "modules.json" in checkpoint.plan.files,
+                                      input_name=input_name)
+    if "modules.json" not in checkpoint.plan.files:  # not an embedding model: it chats
+        _check_template(settings, _tokenizer_info(checkpoint))
+
+
+def _check_template(settings: Settings, info: modelfile.TokenizerInfo) -> None:
+    """The chat template renders the plain conversations (at least one) within its limits, a Modelfile can
+    be made of it, and it places the system input. A template past a limit is refused naming its file."""
+    try:
+        formats = modelfile.candidate_formats(settings.template, info, settings.workspace)
+        failures = checks.plain_rendering_failures(info) if settings.prompt_parity != "off" else []
+        if failures:
+            message = (f"The checkpoint's own chat template ({info.template_file}) renders none of the plain "
+                       f"conversations the parity check compares ({'; '.join(failures)}), so nothing could prove "
+                       "Ollama's prompts. Set the template input, or prompt-parity: warn to publish anyway.")
+            if settings.prompt_parity == "fail":
+                raise CheckFailed(message, input_name="template", title="Prompt parity failed")
+            github.warning(message)
+    except LimitExceeded as exc:
+        exc.message = f"{info.template_file}: {exc.message}"
+        raise
+    _check_system_support(settings, formats)
 
 
 def _fetch_base(settings: Settings, scratch: Path, client: OllamaClient, remote: hub.RemoteCheckpoint | None,
                 adapter: Path, adapter_sizes: dict[str, int]) -> hub.Checkpoint:
-    """A LoRA adapter's base model, from base-model or the adapter's own config; then both downloads."""
-    adapter_config = (hub.read_config(remote, settings.hf_token, adapter, "adapter_config.json") if remote
-                      else hub.read_json(adapter / "adapter_config.json"))
+    """A LoRA adapter's base model, from base-model or the adapter's own config: the other files of both are
+    checked before the base's weights are downloaded."""
+    adapter_config = hub.read_json(adapter / "adapter_config.json")
     convert.check_adapter(adapter_config, _source_input(settings))
+    convert.check_no_custom_code([adapter], _source_input(settings))
     base_id = settings.base_model or str(adapter_config.get("base_model_name_or_path") or "")
     if not hub.is_repo_id(base_id):
         raise InputError(f"The adapter names its base model as '{base_id}', which is not a Hugging Face repo id. Set "
@@ -226,16 +269,19 @@ def _fetch_base(settings: Settings, scratch: Path, client: OllamaClient, remote:
     base = hub.inspect(base_id, settings.base_revision, settings.hf_token, "transformers", settings.quantizations,
                        settings.allow_pickle, inputs=("base-model", "base-revision"))
     base_dir = scratch / "base"
-    _check_convertible(hub.read_config(base, settings.hf_token, base_dir), base.plan, "base-model")
+    hub.download(base, settings.hf_token, base_dir, base.descriptions())
     base_label = f"{base_id}@{base.commit[:12]}"
     why = f"merge the LoRA adapter into its base model {base_label}, then convert and quantize"
     repo_plan = dataclasses.replace(base.plan, kind="lora", why=why)
+    checkpoint = hub.Checkpoint(path=base_dir, commit=remote.commit if remote else "", plan=repo_plan,
+                                adapter=adapter)
+    _check_descriptions(settings, checkpoint, "base-model")
     if settings.resource_check:
         _check_resources(settings, client, scratch, repo_plan, {**base.sizes, **adapter_sizes})
     if remote:
-        hub.download(remote, settings.hf_token, adapter)
-    hub.download(base, settings.hf_token, base_dir)
-    return hub.Checkpoint(path=base_dir, commit=remote.commit if remote else "", plan=repo_plan, adapter=adapter)
+        hub.download(remote, settings.hf_token, adapter, remote.weights())
+    hub.download(base, settings.hf_token, base_dir, base.weights())
+    return checkpoint
 
 
 def _check_resources(settings: Settings, client: OllamaClient, scratch: Path, repo_plan: hub.Plan,
@@ -391,8 +437,8 @@ def _quantize_options_set(settings: Settings) -> bool:
                 or settings.token_embedding_type)
 
 
-def _build_ggufs(settings: Settings, checkpoint: hub.Checkpoint, scratch: Path, projector: Path | None
-                 ) -> dict[str, Path]:
+def _build_ggufs(settings: Settings, checkpoint: hub.Checkpoint, scratch: Path, projector: Path | None,
+                 seal: process.Seal) -> dict[str, Path]:
     """Convert once (and the vision projector to `projector`, when given), merge a LoRA adapter, quantize
     to each requested type, and delete what is consumed as soon as it is."""
     quants = settings.quantizations
@@ -400,19 +446,19 @@ def _build_ggufs(settings: Settings, checkpoint: hub.Checkpoint, scratch: Path, 
     merging = checkpoint.adapter is not None
     intermediate_type = _intermediate_type(settings, merging)
     intermediate = scratch / f"intermediate-{intermediate_type.lower()}.gguf"
-    convert.convert(checkpoint.path, intermediate, quantize.CONVERTER_TYPES[intermediate_type], model_label)
+    convert.convert(checkpoint.path, intermediate, quantize.CONVERTER_TYPES[intermediate_type], model_label, seal)
     if projector:
         with quantize.written_whole(projector) as partial:
-            convert.convert_projector(checkpoint.path, partial)
+            convert.convert_projector(checkpoint.path, partial, seal)
     adapter = scratch / "adapter-f16.gguf"
     if checkpoint.adapter is not None:
-        convert.convert_adapter(checkpoint.adapter, checkpoint.path, adapter)
+        convert.convert_adapter(checkpoint.adapter, checkpoint.path, adapter, seal)
     if not settings.model_path or merging:
         shutil.rmtree(checkpoint.path, ignore_errors=True)  # the downloaded weights are no longer needed
     if merging:
         merged = scratch / "merged.gguf"
         github.log("merging the adapter into the base model")
-        convert.merge_adapter(intermediate, adapter, merged)
+        convert.merge_adapter(intermediate, adapter, merged, seal)
         adapter.unlink()
         os.replace(merged, intermediate)
         github.log(f"{intermediate.name} now holds the base model with the adapter merged: it is what is quantized")
@@ -421,13 +467,13 @@ def _build_ggufs(settings: Settings, checkpoint: hub.Checkpoint, scratch: Path, 
     if settings.imatrix_calibration and to_quantize:
         imatrix = scratch / "imatrix.gguf"
         github.log(f"computing the importance matrix over {settings.imatrix_calibration.name}")
-        quantize.compute_imatrix(intermediate, settings.imatrix_calibration, imatrix)
+        quantize.compute_imatrix(intermediate, settings.imatrix_calibration, imatrix, seal)
     options = quantize.Options(imatrix=imatrix, output_tensor_type=settings.output_tensor_type,
                                token_embedding_type=settings.token_embedding_type)
     ggufs = {}
     for quant in to_quantize:
         github.log(f"quantizing to {quant}")
-        quantize.quantize(intermediate, _gguf_path(settings, quant), quant, options)
+        quantize.quantize(intermediate, _gguf_path(settings, quant), quant, seal, options)
         ggufs[quant] = _gguf_path(settings, quant)
     if intermediate_type in quants:
         os.replace(intermediate, _gguf_path(settings, intermediate_type))  # same filesystem: a rename
@@ -438,7 +484,7 @@ def _build_ggufs(settings: Settings, checkpoint: hub.Checkpoint, scratch: Path, 
     return {q: ggufs[q] for q in quants}
 
 
-def _take_ggufs(settings: Settings, checkpoint: hub.Checkpoint) -> dict[str, Path]:
+def _take_ggufs(settings: Settings, checkpoint: hub.Checkpoint, seal: process.Seal) -> dict[str, Path]:
     """The repo's own GGUF files under the names converted ones get: moved when downloaded, else linked
     (or copied, across filesystems) so that a local model-path folder is left as it was. Split files are
     merged into one: Ollama 0.34 creates split models but marks them as needing Ollama 0.35, and older
@@ -451,7 +497,7 @@ def _take_ggufs(settings: Settings, checkpoint: hub.Checkpoint) -> dict[str, Pat
         name, source, target = parts[0], checkpoint.path / parts[0], _gguf_path(settings, quant)
         target.unlink(missing_ok=True)
         if len(parts) > 1:
-            quantize.merge_split(source, target)
+            quantize.merge_split(source, target, seal)
             if not settings.model_path:
                 for part in parts:
                     (checkpoint.path / part).unlink()

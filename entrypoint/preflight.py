@@ -102,6 +102,22 @@ def check_disk(phases: list[dict[str, int]], folders: dict[str, Path]) -> None:
 RUNTIME_BYTES = 10**9
 
 
+# A tool that reads the checkpoint (the converter, llama-quantize, ...) holds its runtime (Python and torch:
+# under 1 GB) and, one tensor at a time, a few copies of it: as stored, in f32, and the result.
+TOOL_BASE_BYTES = 2 * 2**30
+TOOL_BYTES_PER_ELEMENT = 12
+
+
+def tool_memory(largest_tensor_elements: int) -> int:
+    """The memory limit of the tools that read a checkpoint whose largest tensor has that many elements: what
+    they need, and no more than the machine has (past the limit a tool is refused by name, never killed by
+    the kernel for memory it never had)."""
+    need = TOOL_BASE_BYTES + TOOL_BYTES_PER_ELEMENT * largest_tensor_elements
+    available = available_memory(_read("/proc/meminfo", ""), _read("/sys/fs/cgroup/memory.max", "max"),
+                                 _read("/sys/fs/cgroup/memory.current", "0"))
+    return need if available is None else max(min(need, available), 2**30)
+
+
 def available_memory(meminfo: str, cgroup_max: str = "max", cgroup_current: str = "0") -> int | None:
     """Bytes a new process can use: MemAvailable, capped by a cgroup (container) limit when one is set;
     None when neither is known (no /proc/meminfo, no limit)."""

@@ -88,11 +88,11 @@ class Options:
         return flags
 
 
-def compute_imatrix(model: Path, calibration: Path, target: Path) -> None:
+def compute_imatrix(model: Path, calibration: Path, target: Path, seal: process.Seal) -> None:
     """Write `target`, the importance matrix of `model` (a 16/32-bit GGUF) over the calibration text."""
-    process.run_logged([find_tool("llama-imatrix"), "-m", str(model), "-f", str(calibration), "-o", str(target),
+    process.run_sealed([find_tool("llama-imatrix"), "-m", str(model), "-f", str(calibration), "-o", str(target),
                         "-t", str(os.cpu_count() or 1), "--no-ppl"], what="llama-imatrix",
-                       writes_to=target.parent)
+                       writes_to=target.parent, seal=seal)
     if not target.is_file():
         raise PublishError(f"llama-imatrix finished but wrote no {target.name}.", title="llama-imatrix failed")
 
@@ -109,16 +109,17 @@ def written_whole(target: Path) -> Iterator[Path]:
         partial.unlink(missing_ok=True)
 
 
-def merge_split(first_part: Path, target: Path) -> None:
+def merge_split(first_part: Path, target: Path, seal: process.Seal) -> None:
     """Write `target` from a split GGUF (llama-gguf-split finds the other parts next to the first)."""
     with written_whole(target) as partial:
-        process.run_logged([find_tool("llama-gguf-split"), "--merge", str(first_part), str(partial)],
-                           what="llama-gguf-split --merge", writes_to=target.parent)
+        process.run_sealed([find_tool("llama-gguf-split"), "--merge", str(first_part), str(partial)],
+                           what="llama-gguf-split --merge", writes_to=target.parent, seal=seal)
 
 
-def quantize(source: Path, target: Path, quantization: str, options: Options = Options()) -> None:
+def quantize(source: Path, target: Path, quantization: str, seal: process.Seal, options: Options = Options()
+             ) -> None:
     """Write `target` as `quantization` of `source` (a 16/32-bit GGUF)."""
     threads = str(os.cpu_count() or 1)
     with written_whole(target) as partial:
-        process.run_logged([find_tool("llama-quantize"), *options.flags(), str(source), str(partial), quantization,
-                            threads], what=f"llama-quantize {quantization}", writes_to=target.parent)
+        process.run_sealed([find_tool("llama-quantize"), *options.flags(), str(source), str(partial), quantization,
+                            threads], what=f"llama-quantize {quantization}", writes_to=target.parent, seal=seal)

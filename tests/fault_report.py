@@ -12,7 +12,7 @@ from tests.conftest import registry_tags
 COUNTS: collections.Counter[str] = collections.Counter()
 ORDER = ("bad inputs tried", "faults injected", "runs recovered", "nothing-lost checks passed",
          "hostile repositories refused", "workflow-command injections not obeyed", "full disks named",
-         "unpullable pushes caught")
+         "unpullable pushes caught", "remote-code attempts refused", "limits enforced")
 
 
 def bad_input_refused() -> None:
@@ -41,6 +41,14 @@ def disk_full_named() -> None:
 
 def pull_check_failed() -> None:
     COUNTS["unpullable pushes caught"] += 1
+
+
+def remote_code_refused() -> None:
+    COUNTS["remote-code attempts refused"] += 1
+
+
+def limit_enforced() -> None:
+    COUNTS["limits enforced"] += 1
 
 
 def assert_all_or_nothing(registry: str, repository: str, release_tags: set[str]) -> set[str]:

@@ -6,7 +6,7 @@ import jinja2.exceptions
 import pytest
 
 from entrypoint import chat_jinja, checks
-from entrypoint.errors import RepoRefused
+from entrypoint.errors import LimitExceeded, RepoRefused
 
 LLAMA3 = ("{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
           "'<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
@@ -28,7 +28,7 @@ def test_render_matches_transformers_conventions():
 
 
 def test_sandbox_blocks_attribute_escapes():
-    with pytest.raises(jinja2.exceptions.SecurityError):
+    with pytest.raises(jinja2.TemplateError, match="access to attribute '__class__' of 'str' object is unsafe"):
         chat_jinja.render("{{ ''.__class__.__mro__[1].__subclasses__() }}", [], bos_token="", eos_token="")
 
 
@@ -98,18 +98,26 @@ def test_a_bos_the_tokenizer_adds_is_not_written_again(template, bos):
     assert left_out.go_template == kept.go_template.replace(bos, "")
 
 
-def test_a_template_that_loops_is_refused_within_its_budget(monkeypatch):
-    monkeypatch.setattr(chat_jinja, "RENDER_BUDGET_S", 0.5)
-    endless = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
-    with pytest.raises(RepoRefused, match=r"did not render .* within 0 s") as refused:
-        chat_jinja.render(endless, [{"role": "user", "content": "x"}], bos_token="", eos_token="")
-    assert refused.value.input_name == "template"
+@pytest.mark.parametrize("template, resource", [
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "cpu"),  # a loop
+    ("{{ 99 ** 99999999 }}", "cpu"),  # a constant Jinja folds while compiling, in C: no Python check runs
+    ("{{ 'a' * 10**10 }}", "memory"),  # the kernel refuses the allocation
+    ("{% set x = 'a' * 300000000 %}{{ x | length }}", "memory"),
+    ("{% for i in range(100000) %}{{ 'x' * 100 }}{% endfor %}", "output"),
+])
+def test_a_template_past_a_limit_is_refused_and_the_next_one_renders(template, resource):
+    with pytest.raises(LimitExceeded) as refused:
+        chat_jinja.render(template, [{"role": "user", "content": "x"}], bos_token="", eos_token="")
+    assert (refused.value.resource, refused.value.input_name) == (resource, "template")
+    assert "Set the template input" in refused.value.message
+    # The worker was stopped, or survived its refused allocation: the next template renders all the same.
+    assert chat_jinja.render("{{ messages[0].content }}!", [{"role": "user", "content": "x"}], bos_token="",
+                             eos_token="") == "x!"
 
 
-def test_a_template_that_writes_without_end_is_refused():
-    flood = "{% for i in range(100000) %}{{ 'x' * 100 }}{% endfor %}"
-    with pytest.raises(RepoRefused, match="writes more than 1,000,000 characters"):
-        chat_jinja.render(flood, [{"role": "user", "content": "x"}], bos_token="", eos_token="")
+def test_a_template_that_recurses_without_end_cannot_render():
+    with pytest.raises(jinja2.TemplateError, match="RecursionError"):
+        chat_jinja.render("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", [], bos_token="", eos_token="")
 
 
 # ------------------------------------------------------------------------------------------------

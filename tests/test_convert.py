@@ -7,7 +7,7 @@ import json
 import pytest
 
 from entrypoint import convert, hub
-from entrypoint.errors import PublishError, RepoRefused
+from entrypoint.errors import PublishError, RemoteCodeRefused, RepoRefused
 
 INIT = '''
 from .base import ModelBase
@@ -110,8 +110,8 @@ def test_adapters_the_merge_cannot_apply_exactly_are_refused(change, phrase):
 
 
 SHAPES = {"model.position_embeddings.weight": [512, 576],  # as BERT's: not the token embedding
-          "model.embed_tokens.weight": [49152, 576], "model.layers.0.mlp.up_proj.weight": [1536, 576],
-          "model.layers.29.mlp.up_proj.weight": [1536, 576]}
+          "model.embed_tokens.weight": [49152, 576],
+          **{f"model.layers.{i}.mlp.up_proj.weight": [1536, 576] for i in range(30)}}
 CONFIG = {"architectures": ["LlamaForCausalLM"], "vocab_size": 49152, "hidden_size": 576, "num_hidden_layers": 30}
 
 
@@ -134,3 +134,56 @@ def test_safetensors_shapes_come_from_the_header_and_a_bad_header_is_refused(tmp
     (tmp_path / "model.safetensors").write_bytes((10**12).to_bytes(8, "little") + b"{}")
     with pytest.raises(RepoRefused, match="not a safetensors file"):
         convert.safetensors_shapes(tmp_path)
+
+
+RENAMED = {name.replace("embed_tokens", "wordpiece_table").replace("layers", "stack"): shape
+           for name, shape in SHAPES.items()}
+
+
+@pytest.mark.parametrize("change, phrase", [
+    ({"vocab_size": 4 * 10**9}, "vocab_size 4,000,000,000, but no tensor of its weights has a dimension over 49,152"),
+    ({"intermediate_size": 10**8}, "intermediate_size 100,000,000, but no tensor"),
+    ({"num_hidden_layers": 10**6}, "num_hidden_layers 1,000,000, but its weights are 32 tensors in all"),
+])
+def test_a_config_is_bounded_by_the_weights_whatever_the_tensors_are_called(change, phrase):
+    with pytest.raises(RepoRefused, match=phrase):
+        convert.check_config_matches_weights({**CONFIG, **change}, RENAMED, input_name="hf-repo")
+    convert.check_config_matches_weights(CONFIG, RENAMED, input_name="hf-repo")
+
+
+def test_a_tensor_without_a_valid_shape_is_refused(tmp_path):
+    header = json.dumps({"a.weight": {"dtype": "F16", "shape": "huge", "data_offsets": [0, 12]}}).encode()
+    (tmp_path / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + bytes(12))
+    with pytest.raises(RepoRefused, match="model.safetensors: the tensor a.weight has no valid shape"):
+        convert.safetensors_shapes(tmp_path)
+
+
+def test_only_the_files_the_converter_reads_are_measured(tmp_path):
+    header = json.dumps({"a.weight": {"dtype": "F16", "shape": [2, 3], "data_offsets": [0, 12]}}).encode()
+    (tmp_path / "consolidated.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + bytes(12))
+    assert convert.safetensors_shapes(tmp_path) == {}
+    assert convert.largest_tensor({"a": [2, 3], "b": [7]}) == 7
+
+
+@pytest.mark.parametrize("file, content, phrase", [
+    ("tokenizer_config.json", {"tokenizer_class": "LlamaTokenizer",
+                               "auto_map": {"AutoTokenizer": ["other/repo--tok.Tok", None]}},
+     'tokenizer_config.json: auto_map {"AutoTokenizer": ["other/repo--tok.Tok", null]}'),
+    ("config.json", {"auto_map": {"AutoModelForCausalLM": "modeling_x.X"}}, "config.json: auto_map"),
+    ("config.json", {"text_config": {"auto_map": {"AutoConfig": "c.C"}}}, "config.json: text_config.auto_map"),
+    ("tokenizer_config.json", {"tokenizer_class": "HybridDNATokenizer"},
+     "tokenizer_class HybridDNATokenizer (only a repository's code provides it)"),
+    ("adapter_config.json", {"auto_map": {"base_model_class": "x.Y"}}, "adapter_config.json: auto_map"),
+])
+def test_code_a_repository_declares_is_refused_by_name(tmp_path, file, content, phrase):
+    (tmp_path / file).write_text(json.dumps(content))
+    with pytest.raises(RemoteCodeRefused) as refused:
+        convert.check_no_custom_code([tmp_path], input_name="hf-repo")
+    assert phrase in refused.value.message and refused.value.input_name == "hf-repo"
+    assert refused.value.attempt == "declared"
+
+
+def test_a_checkpoint_with_only_shipped_classes_passes(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "TokenizersBackend"}))
+    convert.check_no_custom_code([tmp_path], input_name="hf-repo")

@@ -56,18 +56,21 @@ def test_tool_stopped_when_the_block_fails():
     assert proc.returncode == -signal.SIGTERM
 
 
+SEAL = process.Seal(memory_bytes=2**30, input_name="hf-repo")
+
+
 def test_failed_tool_reports_its_code_and_last_output(tmp_path):
     with pytest.raises(ToolFailed) as error:
-        process.run_logged(["sh", "-c", "echo converting; echo out of cheese; exit 3"], what="the converter",
-                           writes_to=tmp_path)
-    assert "the converter exited with code 3" in error.value.message
+        process.run_sealed(["/bin/sh", "-c", "echo converting; echo out of cheese; exit 3"], what="the converter",
+                           writes_to=tmp_path, seal=SEAL)
+    assert "the converter exited with code 3 (it may use 1.0 GiB of memory)" in error.value.message
     assert error.value.message.endswith("converting\nout of cheese")
     assert (error.value.tool, error.value.exit_code, error.value.retriable) == ("the converter", 3, False)
 
 
 def test_missing_tool_is_a_tool_failure(tmp_path):
-    with pytest.raises(ToolFailed, match="Could not start the converter"):
-        process.run_logged(["/nonexistent/convert"], what="the converter", writes_to=tmp_path)
+    with pytest.raises(ToolFailed, match="the converter exited with code 1"):  # the launcher's exec failed
+        process.run_sealed(["/nonexistent/convert"], what="the converter", writes_to=tmp_path, seal=SEAL)
 
 
 @pytest.fixture
@@ -79,7 +82,7 @@ def tiny_filesystem(tmp_path):
 
 def test_a_tool_that_fills_the_disk_fails_as_disk_full(tiny_filesystem):
     with pytest.raises(DiskFull) as error:
-        process.run_logged(["sh", "-c", f"head -c 4M /dev/zero > {tiny_filesystem}/out"], what="the writer",
-                           writes_to=tiny_filesystem)
+        process.run_sealed(["/bin/sh", "-c", f"head -c 4M /dev/zero > {tiny_filesystem}/out"], what="the writer",
+                           writes_to=tiny_filesystem, seal=SEAL)
     assert error.value.path == tiny_filesystem and error.value.free < 64 * 1024 * 1024 and not error.value.retriable
     assert "The disk is full: the writer" in error.value.message and "GB free" in error.value.message
