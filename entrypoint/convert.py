@@ -269,7 +269,8 @@ def check_config_matches_weights(config: dict[str, Any], shapes: dict[str, list[
     Two kinds of bounds. Whatever the tensors are called: no dimension can exceed the largest dimension of
     any tensor (a vocabulary is one tensor's rows), and no checkpoint has more layers than tensors. And where
     the token embedding and the layers go by the names the converter's architectures use, the exact ones."""
-    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    text_config = config.get("text_config")
+    text: dict[str, Any] = text_config if isinstance(text_config, dict) else config
     vocab, hidden, depth = text.get("vocab_size"), text.get("hidden_size"), text.get("num_hidden_layers")
     embeddings = [shape for name, shape in shapes.items()
                   if name.rsplit(".", 2)[-2:] in ([module, "weight"] for module in _EMBEDDING_MODULES)

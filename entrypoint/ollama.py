@@ -346,6 +346,8 @@ def serve(log_path: Path, models_dir: Path, home: Path, ollama_key: str = "",
     if not _port_is_free(bind):
         raise InputError(f"Something already listens on {bind}, where the action starts its Ollama server. "
                          "Stop it, or set ollama-host to use that server.", input_name="ollama-host")
+    for folder in (log_path.parent, home):
+        folder.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
         if ollama_key:
             stack.enter_context(signing_key(home, ollama_key))

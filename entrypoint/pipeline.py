@@ -14,7 +14,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from . import chat_jinja, checks, convert, github, gguf_header, hub, modelfile, preflight, process, quantize, registry, retry
+from . import (chat_jinja, checks, convert, github, gguf_header, hub, modelfile, preflight, process, quantize, registry,
+               retry)
 from .errors import CheckFailed, InputError, LimitExceeded, RegistryError
 from .ollama import OllamaClient, free_loopback_address, serve, signing_key
 from .settings import Settings

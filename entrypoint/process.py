@@ -136,10 +136,11 @@ def run_sealed(command: Sequence[str], *, what: str, writes_to: Path, seal: Seal
     kind, detail = stopped or ("", "")
     limit = f"{seal.memory_bytes / 2**30:.1f} GiB"
     if kind in ("code", "network"):
-        reached = "to run " + detail if kind == "code" else "to reach the network (" + detail + ")"
-        raise RemoteCodeRefused(f"{what} was stopped before it could run code the repository does not ship as data: "
-                                f"it tried {reached}. No code from a repository runs here; publish a checkpoint "
-                                "whose config and tokenizer use only classes transformers ships (no auto_map).",
+        attempt = (f"to run code the repository brings ({detail})" if kind == "code" else
+                   f"to reach the network ({detail})")
+        raise RemoteCodeRefused(f"{what} tried {attempt} and was stopped before it could: nothing that reads a "
+                                "repository runs its code or goes online here. Publish a checkpoint saved with the "
+                                "classes transformers ships (no auto_map in its config or tokenizer files).",
                                 attempt=kind, input_name=seal.input_name)
     if kind == "memory":
         raise LimitExceeded(f"{what} needed more than its memory limit of {limit}, which follows from the "

@@ -85,7 +85,7 @@ def _install_seccomp() -> None:
     filters = ctypes.create_string_buffer(program, len(program))
 
     class SockFprog(ctypes.Structure):
-        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]  # noqa: RUF012 (ctypes declares it)
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
 
     fprog = SockFprog(len(program) // 8, ctypes.addressof(filters))
     libc = ctypes.CDLL(None, use_errno=True)
@@ -161,7 +161,7 @@ def _run_python(reporter: _Reporter, run, roots: tuple[str, ...]) -> None:
         raise
     except MemoryError:
         reporter.stop("memory", "the program ran out of the memory it may use")
-    except BaseException as exc:  # noqa: BLE001 (the program's own failure: reported, then its exit)
+    except BaseException as exc:
         # torch reports a refused allocation as a RuntimeError carrying the C library's text for ENOMEM:
         # across the C boundary, that text is all there is to tell it by.
         if os.strerror(errno.ENOMEM) in str(exc):

@@ -6,7 +6,7 @@ import jinja2.exceptions
 import pytest
 
 from entrypoint import chat_jinja, checks
-from entrypoint.errors import LimitExceeded, RepoRefused
+from entrypoint.errors import LimitExceeded
 
 LLAMA3 = ("{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
           "'<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"

@@ -54,7 +54,7 @@ def test_bos_flag_absent_means_no_bos(tmp_path):
 def test_not_a_gguf(tmp_path):
     path = tmp_path / "model.safetensors"
     path.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
-    with pytest.raises(RepoRefused, match="model.safetensors is not a valid GGUF file"):
+    with pytest.raises(RepoRefused, match=r"model\.safetensors is not a valid GGUF file"):
         read_metadata(path)
 
 
@@ -62,7 +62,7 @@ def test_truncated_header(tmp_path):
     path = tmp_path / "tiny.gguf"
     _write(path)
     path.write_bytes(path.read_bytes()[:60])
-    with pytest.raises(RepoRefused, match="tiny.gguf is not a valid GGUF file: the GGUF header ends early"):
+    with pytest.raises(RepoRefused, match=r"tiny\.gguf is not a valid GGUF file: the GGUF header ends early"):
         read_metadata(path)
 
 
@@ -78,5 +78,5 @@ def test_a_string_longer_than_the_file_is_refused_before_it_is_read(tmp_path):
 def test_a_link_named_like_a_gguf_is_refused(tmp_path):
     _write(tmp_path / "real.gguf")
     (tmp_path / "model-Q4_K_M.gguf").symlink_to(tmp_path / "real.gguf")
-    with pytest.raises(RepoRefused, match="model-Q4_K_M.gguf is not a regular file"):
+    with pytest.raises(RepoRefused, match=r"model-Q4_K_M\.gguf is not a regular file"):
         read_metadata(tmp_path / "model-Q4_K_M.gguf")

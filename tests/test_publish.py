@@ -3,6 +3,7 @@ from source, llama.cpp's converter and llama-quantize, and the real SmolLM2-135M
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -31,18 +32,95 @@ def make_ollama_key(folder: Path) -> str:
     return (folder / "key").read_text()
 
 
+# What the runner puts in the step's environment that no tool reading the repository may see.
+RUNNER_SECRETS = {"ACTIONS_RUNTIME_TOKEN": "runtime-token-secret", "ACTIONS_ID_TOKEN_REQUEST_TOKEN": "oidc-secret",
+                  "HF_TOKEN": "hf_EnvironmentTokenSecret", "GITHUB_TOKEN": "ghs_WorkflowTokenSecret"}
+
+
+def _process_of(marker: str, under: Path) -> int | None:
+    """The pid of a process whose command line holds `marker` and a path under `under`."""
+    for entry in Path("/proc").iterdir():
+        try:
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if marker in command and str(under) in command and entry.name.isdigit():
+            return int(entry.name)
+    return None
+
+
+class _Witness:
+    """Watches a run from its log: when the converter starts, reads its environment from /proc and looks for
+    the push key on disk; when the push starts, looks where the action's server reads the key."""
+
+    def __init__(self, root: Path, key: str):
+        # The OpenSSH header every ed25519 key shares (its first ~80 base64 characters) left out.
+        self.root, self.key_body = root, "".join(key.splitlines()[1:-1])[100:]
+        self.converter_environ: dict[str, str] | None = None
+        self.key_files_while_converting: list[str] | None = None
+        self.key_in_place_while_pushing: bool | None = None
+
+    def on_line(self, line: str, proc, env) -> None:
+        if line.startswith("$ ") and "convert_hf_to_gguf.py" in line and self.converter_environ is None:
+            pid = None
+            for _ in range(100):  # the line is logged as the tool starts
+                pid = _process_of("convert_hf_to_gguf.py", self.root)
+                if pid:
+                    break
+                time.sleep(0.05)
+            assert pid, "the converter's process was not found"
+            raw = Path(f"/proc/{pid}/environ").read_bytes()
+            self.converter_environ = dict(item.split("=", 1) for item in raw.decode().split("\0") if "=" in item)
+            self.key_files_while_converting = self._files_holding_the_key()
+        elif line.startswith("pushing ") and self.key_in_place_while_pushing is None:
+            homes = list(self.root.rglob(".ollama-publish-*/home/.ollama/id_ed25519"))
+            self.key_in_place_while_pushing = any(self.key_body in "".join(p.read_text().splitlines()[1:-1])
+                                                  for p in homes)
+
+    def _files_holding_the_key(self) -> list[str]:
+        found = []
+        for path in self.root.rglob("*"):
+            if path.is_file() and not path.is_symlink() and path.stat().st_size < 10**6:
+                with contextlib.suppress(OSError):
+                    if self.key_body[:60] in path.read_text(errors="replace").replace("\n", ""):
+                        found.append(str(path))
+        return found
+
+
 @pytest.fixture(scope="module")
 def release(stack, tmp_path_factory):
-    """One full release, v1.0.0 with Q4_K_M and Q8_0, shared by the assertions below."""
+    """One full release, v1.0.0 with Q4_K_M and Q8_0, shared by the assertions below; watched (_Witness)."""
     key = make_ollama_key(tmp_path_factory.mktemp("key"))
-    run = action_runner(tmp_path_factory.mktemp("release"))({
+    root = tmp_path_factory.mktemp("release")
+    witness = _Witness(root, key)
+    run = action_runner(root)({
         "hf-repo": HF_REPO, "hf-revision": "v1.0.0", "hf-token": HF_TOKEN,
         "ollama-model": f"{stack.registry}/test-team/smollm2", "quantizations": "Q4_K_M, q8_0",
         "insecure-registry": "true", "ollama-key": key,
-    }, env={"HF_ENDPOINT": stack.hub_endpoint})
+    }, env={"HF_ENDPOINT": stack.hub_endpoint, **RUNNER_SECRETS}, on_line=witness.on_line)
     print(run.stdout[-4000:], run.stderr[-2000:])
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    run.witness = witness
     return run, key
+
+
+def test_the_converter_sees_none_of_the_runs_secrets(release):
+    """Read from /proc while it ran: no ACTIONS_* or GitHub token, no Hub token or endpoint, no input; offline."""
+    run, key = release
+    environ = run.witness.converter_environ
+    assert environ is not None
+    assert not [name for name in environ if name.startswith(("ACTIONS_", "GITHUB_", "INPUT_", "RUNNER_"))], environ
+    assert "HF_ENDPOINT" not in environ and "HF_TOKEN" not in environ
+    secrets = [HF_TOKEN, *RUNNER_SECRETS.values(), "".join(key.splitlines()[1:-1])[100:160]]
+    assert not [secret for secret in secrets if secret in json.dumps(environ)]
+    assert environ["HF_HUB_OFFLINE"] == environ["TRANSFORMERS_OFFLINE"] == "1"
+
+
+def test_the_push_key_is_on_disk_only_while_pushing(release):
+    run, _ = release
+    assert run.witness.key_files_while_converting == []  # nowhere under the run's folders, the scratch included
+    assert run.witness.key_in_place_while_pushing is True
+    assert not list(run.workspace.rglob("id_ed25519"))  # removed with the scratch space
 
 
 def test_every_tag_is_created_and_pushed(release, stack):

@@ -89,7 +89,7 @@ def test_code_from_outside_the_installation_is_never_run(tmp_path):
 def test_transformers_dynamic_modules_are_refused_by_name(tmp_path):
     script = _script(tmp_path / "tool", "try:\n    __import__('transformers_modules.x')\n"
                                         "except Exception:\n    pass\n")
-    with pytest.raises(RemoteCodeRefused, match="transformers' dynamic module transformers_modules.x"):
+    with pytest.raises(RemoteCodeRefused, match=r"transformers' dynamic module transformers_modules\.x"):
         process.run_sealed([str(script)], what="the tool", writes_to=tmp_path, seal=SEAL, python=True)
 
 
