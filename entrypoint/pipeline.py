@@ -16,7 +16,7 @@ from typing import Any
 
 from . import (chat_jinja, checks, convert, github, gguf_header, hub, modelfile, preflight, process, quantize, registry,
                retry)
-from .errors import CheckFailed, InputError, LimitExceeded, RegistryError
+from .errors import CheckFailed, InputError, LimitExceeded, RegistryError, RepoRefused
 from .ollama import OllamaClient, free_loopback_address, serve, signing_key
 from .settings import Settings
 
@@ -65,7 +65,7 @@ def run(settings: Settings) -> Report:
                     retry.retrying(lambda: registry.check_reachable(settings.model_name,
                                                                     insecure=settings.insecure_registry),
                                    f"reaching the registry {settings.model_name.host}")
-            with github.group("2. Download the checkpoint"):
+            with github.group("2. Download the checkpoint"), _blaming(_source_input(settings)):
                 checkpoint = _fetch_checkpoint(settings, scratch, client)  # checks its other files before weights
                 seal = process.Seal(memory_bytes=preflight.tool_memory(0), input_name=_source_input(settings))
                 if checkpoint.plan.kind != "gguf":  # the converter trusts config.json: it must match the weights
@@ -224,9 +224,24 @@ def _fetch_checkpoint(settings: Settings, scratch: Path, client: OllamaClient) -
     return checkpoint
 
 
+@contextlib.contextmanager
+def _blaming(input_name: str) -> Iterator[None]:
+    """A refusal of the repository's files that names no input names `input_name`, which gave the repository."""
+    try:
+        yield
+    except RepoRefused as exc:
+        exc.input_name = exc.input_name or input_name
+        raise
+
+
 def _check_descriptions(settings: Settings, checkpoint: hub.Checkpoint, input_name: str) -> None:
     """Before any weights are downloaded or read: the checkpoint (and a LoRA adapter) declares no code of its
     own, the converter supports it, and its chat template renders within its limits and makes a Modelfile."""
+    with _blaming(input_name):
+        _check_description_files(settings, checkpoint, input_name)
+
+
+def _check_description_files(settings: Settings, checkpoint: hub.Checkpoint, input_name: str) -> None:
     convert.check_no_custom_code([checkpoint.path], input_name)
     architectures = convert.supported_architectures()
     config = hub.read_json(checkpoint.path / "config.json")
