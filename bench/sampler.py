@@ -99,9 +99,13 @@ def label(pid: int) -> str:
     if not argv:
         return "?"
     program = os.path.basename(argv[0])
-    if program.startswith("python") and len(argv) > 1:
-        return "python " + (f"-m {argv[2]}" if argv[1] == "-m" and len(argv) > 2 else
-                            "-c" if argv[1] == "-c" else os.path.basename(argv[1]))
+    args = [a for a in argv[1:] if a not in ("-I", "-P")]
+    if program.startswith("python") and args and os.path.basename(args[0]) == "sealed.py" and "--" in args:
+        args = args[args.index("--") + 1:]  # a sealed Python tool: named by the script it runs
+        return "python " + (os.path.basename(args[0]) if args else "sealed.py")
+    if program.startswith("python") and args:
+        return "python " + (f"-m {args[1]}" if args[0] == "-m" and len(args) > 1 else
+                            "-c" if args[0] == "-c" else os.path.basename(args[0]))
     if program == "ollama" and len(argv) > 1:
         return f"ollama {argv[1]}"
     return program

@@ -311,11 +311,6 @@ def _fetch(remote: RemoteCheckpoint, token: str, destination: Path, name: str) -
     return expected
 
 
-def read_config(remote: RemoteCheckpoint, token: str, destination: Path, name: str = "config.json") -> dict[str, Any]:
-    """Download one JSON file alone (into the folder the full download then completes) and parse it."""
-    return read_json(_fetch(remote, token, destination, name))
-
-
 def read_text(path: Path, errors: str = "strict") -> str:
     """A checkpoint's text file (a chat template, a license): a regular file of at most DESCRIPTION_MAX_BYTES
     of UTF-8 (`errors` as str.decode takes it), or a refusal naming it."""

@@ -102,9 +102,10 @@ def sealed_environment(home: Path) -> dict[str, str]:
 
 
 def sealed_command(command: Sequence[str], *, how: str, report: Path | None, memory_bytes: int | None,
-                   code_roots: Sequence[Path] = ()) -> list[str]:
+                   code_roots: Sequence[Path] = (), writable: Sequence[Path] = ()) -> list[str]:
     """`command` behind the launcher (sealed.py): `how` is "exec" (a program), "python-script" (command[0]
-    is a script) or "python-module" (command[0] is a module under `code_roots`)."""
+    is a script) or "python-module" (command[0] is a module under `code_roots`); it may write only beneath
+    `writable` (and /dev)."""
     launcher = [sys.executable, "-I", str(SEALED), f"--{how}"]
     if report is not None:
         launcher += ["--report", str(report)]
@@ -112,13 +113,16 @@ def sealed_command(command: Sequence[str], *, how: str, report: Path | None, mem
         launcher += ["--memory", str(memory_bytes)]
     for root in code_roots:
         launcher += ["--code-root", str(root)]
+    for folder in writable:
+        launcher += ["--writable", str(folder)]
     return [*launcher, "--", *command]
 
 
 def run_sealed(command: Sequence[str], *, what: str, writes_to: Path, seal: Seal, python: bool = False) -> None:
     """Run a tool that reads the repository's files, sealed (sealed.py): offline, with an allow-listed
-    environment, HOME in a folder of its own under `writes_to` (removed after), and the seal's memory
-    limit. `python`: command[0] is a Python script, run by this interpreter.
+    environment, HOME in a folder of its own under `writes_to` (removed after), writing only beneath
+    `writes_to`, and the seal's memory limit. `python`: command[0] is a Python script, run by this
+    interpreter.
 
     Raises RemoteCodeRefused when the seal stopped it, LimitExceeded past its memory (a Python tool says
     so), ToolRaised when a Python tool raised, else DiskFull or ToolFailed when it failed."""
@@ -126,7 +130,7 @@ def run_sealed(command: Sequence[str], *, what: str, writes_to: Path, seal: Seal
     report = home / "stopped.json"
     try:
         sealed = sealed_command(command, how="python-script" if python else "exec", report=report,
-                                memory_bytes=seal.memory_bytes)
+                                memory_bytes=seal.memory_bytes, writable=[writes_to])
         code, tail = _run_logged(sealed, what, shown=command, env=sealed_environment(home))
         stopped = _read_report(report)
     finally:

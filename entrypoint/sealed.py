@@ -9,6 +9,8 @@ instruction and everything it starts:
   count), CPU seconds (RLIMIT_CPU) when asked, and no core files;
 - no network and no prying: a seccomp filter makes socket(), io_uring and ptrace fail, whatever a library
   or the program tries (the Docker socket, the Hub and the runner's services are all behind a socket);
+- writes only beneath the folders given (--writable) and /dev, where the kernel offers Landlock (so not
+  into the runner's file commands, the checkout or the action's own files);
 - for Python programs, an audit hook that ends the process before any code from outside the Python
   installation and the program's own folders is compiled or run (transformers' dynamic modules, a
   repository's *.py), and before any host name is resolved or any connection made, and writes what was
@@ -50,6 +52,16 @@ _EACCES = 13
 _PR_SET_NO_NEW_PRIVS, _PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 38, 22, 2
 # Classic BPF opcodes: load a word of seccomp_data, compare with a constant, return.
 _LD_ABS, _JEQ, _JGE, _RET = 0x20, 0x15, 0x35, 0x06
+
+# Landlock (Linux 5.13 and later, unprivileged): the filesystem rights this seal takes away except beneath
+# the folders a tool may write to. Reading stays open (a tool reads the checkpoint, libraries, /proc/self).
+_LANDLOCK_CREATE_RULESET, _LANDLOCK_ADD_RULE, _LANDLOCK_RESTRICT_SELF = 444, 445, 446  # every architecture
+_LANDLOCK_VERSION_FLAG, _LANDLOCK_RULE_PATH_BENEATH = 1, 1
+_WRITE_RIGHTS_BY_ABI = {
+    1: 0b1_1111_1111_0010,  # write, remove (dir, file), make (char, dir, reg, sock, fifo, block, sym)
+    2: 1 << 13,  # refer (link or rename across folders)
+    3: 1 << 14,  # truncate
+}
 
 EXIT_STOPPED = 113  # the seal or a limit stopped the program (the report says which)
 
@@ -93,6 +105,36 @@ def _install_seccomp() -> None:
     if libc.prctl(_PR_SET_NO_NEW_PRIVS, word(1), word(0), word(0), word(0)) != 0 or \
             libc.prctl(_PR_SET_SECCOMP, word(_SECCOMP_MODE_FILTER), ctypes.byref(fprog), word(0), word(0)) != 0:
         raise OSError(ctypes.get_errno(), "could not install the seccomp filter")
+
+
+def _confine_writes(writable: list[str]) -> bool:
+    """Let the process (and what it starts) write only beneath `writable` and /dev (its null device), where
+    the kernel offers Landlock; False where it does not (an older kernel, or a container that refuses the
+    syscalls): then nothing changes."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    abi = libc.syscall(_LANDLOCK_CREATE_RULESET, None, ctypes.c_size_t(0), ctypes.c_uint32(_LANDLOCK_VERSION_FLAG))
+    if abi < 1:
+        return False
+    rights = sum(bits for version, bits in _WRITE_RIGHTS_BY_ABI.items() if version <= abi)
+    handled = struct.pack("Q", rights)  # landlock_ruleset_attr's first field; the others stay unhandled
+    ruleset = libc.syscall(_LANDLOCK_CREATE_RULESET, handled, ctypes.c_size_t(len(handled)), ctypes.c_uint32(0))
+    if ruleset < 0:
+        return False
+    try:
+        for folder in [*writable, "/dev"]:
+            fd = os.open(folder, os.O_PATH | os.O_CLOEXEC)
+            try:
+                beneath = struct.pack("=Qi", rights, fd)  # landlock_path_beneath_attr (packed)
+                if libc.syscall(_LANDLOCK_ADD_RULE, ctypes.c_int(ruleset), ctypes.c_int(_LANDLOCK_RULE_PATH_BENEATH),
+                                beneath, ctypes.c_uint32(0)) != 0:
+                    raise OSError(ctypes.get_errno(), f"could not let the tool write beneath {folder}")
+            finally:
+                os.close(fd)
+        if libc.syscall(_LANDLOCK_RESTRICT_SELF, ctypes.c_int(ruleset), ctypes.c_uint32(0)) != 0:
+            raise OSError(ctypes.get_errno(), "could not confine the tool's writes")
+    finally:
+        os.close(ruleset)
+    return True
 
 
 def _set_limits(memory: int | None, cpu: int | None) -> None:
@@ -180,6 +222,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--memory", type=int, help="RLIMIT_DATA, bytes")
     parser.add_argument("--cpu", type=int, help="RLIMIT_CPU, seconds")
     parser.add_argument("--code-root", action="append", default=[], help="another folder Python code may come from")
+    parser.add_argument("--writable", action="append", default=[], help="a folder the program may write beneath")
     how = parser.add_mutually_exclusive_group(required=True)
     how.add_argument("--python-script", action="store_true", help="the program is a Python script: run it here")
     how.add_argument("--python-module", action="store_true", help="the program is a module: run it here")
@@ -191,7 +234,8 @@ def main(argv: list[str]) -> None:
         parser.error("no program given")
     reporter = _Reporter(args.report)
     _set_limits(args.memory, args.cpu)
-    _install_seccomp()
+    _install_seccomp()  # first: it sets no_new_privs, which Landlock needs too
+    _confine_writes(args.writable)
     if args.exec:
         os.execv(program[0], program)
     if args.python_script:

@@ -173,3 +173,22 @@ def test_the_action_process_hides_its_environment_from_its_children():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                           env={**os.environ, "PYTHONPATH": str(process.APP_ROOT)}, check=True)
     assert result.stdout.strip() == "0"
+
+
+def test_a_tool_writes_only_beneath_its_folder(tmp_path):
+    """Where the kernel offers Landlock (every machine this project runs on): the runner's file commands,
+    the checkout and the action's own files are out of a tool's reach; its own folder is not."""
+    work, outside = tmp_path / "work", tmp_path / "file_commands"
+    work.mkdir()
+    outside.mkdir()
+    (outside / "set_env").write_text("")
+    probe = (f"import os\nopen({str(work / 'out.gguf')!r}, 'w').write('ok')\nopen('/dev/null', 'w').write('x')\n"
+             f"for path in ({str(outside / 'set_env')!r}, {str(outside / 'new')!r}):\n"
+             "    try:\n        open(path, 'a').write('LD_PRELOAD=/tmp/evil.so')\n"
+             "    except PermissionError:\n        print('refused', path)\n")
+    out = work / "probe.txt"
+    command = [sys.executable, "-I", "-c", f"import sys; sys.stdout = open({str(out)!r}, 'w')\n{probe}"]
+    process.run_sealed(command, what="probe", writes_to=work, seal=SEAL)
+    assert (work / "out.gguf").read_text() == "ok"
+    assert out.read_text().splitlines() == [f"refused {outside / 'set_env'}", f"refused {outside / 'new'}"]
+    assert (outside / "set_env").read_text() == "" and not (outside / "new").exists()
