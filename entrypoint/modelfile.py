@@ -117,7 +117,8 @@ class TokenizerInfo:
     bos_token: str
     special_tokens: tuple[str, ...] = ()
     model_type: str = ""  # config.json's model_type
-    template_file: str = ""  # where the chat template came from (a file, or the GGUF's metadata)
+    # Where the chat template came from (a file, or the GGUF's metadata): for messages, not a fact compared.
+    template_file: str = dataclasses.field(default="", compare=False)
 
 
 def _has_markers(info: TokenizerInfo, markers: tuple[str, ...]) -> bool:

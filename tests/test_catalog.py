@@ -29,7 +29,7 @@ import jinja2.ext
 import jinja2.sandbox
 import pytest
 
-from entrypoint import chat_jinja, checks, convert, modelfile
+from entrypoint import chat_jinja, checks, convert, modelfile, preflight, process
 from entrypoint.ollama import OllamaClient
 from tests import servers
 
@@ -262,7 +262,9 @@ def server(tmp_path_factory) -> Iterator[Server]:
         raise RuntimeError("$SMOLLM2_CHECKPOINT is not set to the SmolLM2 checkpoint: run the tests via scripts/test")
     root = tmp_path_factory.mktemp("catalog")
     gguf = root / "smollm2-q8_0.gguf"
-    convert.convert(checkpoint, gguf, "q8_0", "SmolLM2-135M-Instruct")
+    convert.convert(checkpoint, gguf, "q8_0", "SmolLM2-135M-Instruct",
+                    process.Seal(preflight.tool_memory(convert.largest_tensor(convert.safetensors_shapes(checkpoint))),
+                                 input_name="hf-repo"))
     assert not convert.adds_bos(gguf)  # so no BOS is added on either side (see test_family_prompt_parity)
     with servers.ollama(root / "home") as url:
         client = OllamaClient(url)
