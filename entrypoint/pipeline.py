@@ -245,9 +245,10 @@ def _check_description_files(settings: Settings, checkpoint: hub.Checkpoint, inp
     convert.check_no_custom_code([checkpoint.path], input_name)
     architectures = convert.supported_architectures()
     config = hub.read_json(checkpoint.path / "config.json")
-    convert.check_architecture(config, architectures, input_name=input_name)
-    convert.check_encoder_has_pooling(config, architectures, "modules.json" in checkpoint.plan.files,
-                                      input_name=input_name)
+    with hub.reading("config.json"):
+        convert.check_architecture(config, architectures, input_name=input_name)
+        convert.check_encoder_has_pooling(config, architectures, "modules.json" in checkpoint.plan.files,
+                                          input_name=input_name)
     if "modules.json" not in checkpoint.plan.files:  # not an embedding model: it chats
         _check_template(settings, _tokenizer_info(checkpoint))
 
@@ -276,7 +277,8 @@ def _fetch_base(settings: Settings, scratch: Path, client: OllamaClient, remote:
     """A LoRA adapter's base model, from base-model or the adapter's own config: the other files of both are
     checked before the base's weights are downloaded."""
     adapter_config = hub.read_json(adapter / "adapter_config.json")
-    convert.check_adapter(adapter_config, _source_input(settings))
+    with hub.reading("adapter_config.json"):
+        convert.check_adapter(adapter_config, _source_input(settings))
     convert.check_no_custom_code([adapter], _source_input(settings))
     base_id = settings.base_model or str(adapter_config.get("base_model_name_or_path") or "")
     if not hub.is_repo_id(base_id):
@@ -338,7 +340,9 @@ def _task(checkpoint: hub.Checkpoint) -> str:
         return "embedding" if f"{metadata.get('general.architecture')}.pooling_type" in metadata else "chat"
     if "modules.json" in checkpoint.plan.files:
         return "embedding"
-    return "vision" if convert.is_vision_model(hub.read_json(checkpoint.path / "config.json")) else "chat"
+    config = hub.read_json(checkpoint.path / "config.json")
+    with hub.reading("config.json"):
+        return "vision" if convert.is_vision_model(config) else "chat"
 
 
 def _embedding_context(checkpoint: hub.Checkpoint) -> int | None:

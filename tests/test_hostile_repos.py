@@ -235,6 +235,8 @@ GARBAGE = b"\xff\xfe\x00GGUF\x9c not text \x80\x81"
 @pytest.mark.parametrize("name, content, named", [
     ("config.json", GARBAGE, "config.json in the checkpoint is not UTF-8 text"),
     ("config.json", "[1, 2]", "config.json in the checkpoint is not a JSON object"),
+    ("config.json", '{"architectures": ["LlamaForCausalLM"], "text_config": [1]}',
+     "config.json in the checkpoint is malformed"),
     ("tokenizer_config.json", GARBAGE, "tokenizer_config.json in the checkpoint is not UTF-8 text"),
     ("tokenizer_config.json", '{"added_tokens_decoder": [1, 2]}',
      "tokenizer_config.json in the checkpoint is malformed"),
