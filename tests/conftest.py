@@ -145,8 +145,24 @@ def registry_manifest(registry: str, repository: str, tag: str) -> tuple[str, di
     return response.headers["Docker-Content-Digest"], json.loads(response.content)
 
 
-def pytest_terminal_summary(terminalreporter):
+def pytest_sessionfinish(session):
+    """On an xdist worker: hand this worker's tally to the controller (pytest_testnodedown)."""
     from tests import fault_report  # imported here: it imports this module
+
+    if hasattr(session.config, "workeroutput"):
+        session.config.workeroutput["fault_counts"] = dict(fault_report.COUNTS)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    """On the xdist controller: add up the tallies of the workers, as each finishes."""
+    from tests import fault_report
+
+    fault_report.COUNTS.update(getattr(node, "workeroutput", {}).get("fault_counts", {}))
+
+
+def pytest_terminal_summary(terminalreporter):
+    from tests import fault_report
 
     if any(fault_report.COUNTS.values()):
         terminalreporter.write_sep("-", "failure modes: what the tests proved")

@@ -5,11 +5,12 @@ plain, tools and thinking conversations (the prompt-parity check, in a real Olla
 
     scripts/template-report [--markdown FILE]
 
-Every template is checked on one real model, SmolLM2-135M-Instruct's Q4_1 GGUF, rewritten with the
-template as its tokenizer.chat_template (as the converter embeds a checkpoint's): Ollama sees each
-template's own Jinja and picks between it and the TEMPLATE as it would for the real model, and the
-Jinja path is llama-server's real rendering. Parity is about the prompt text, which does not depend on
-the weights; BOS and EOS are SmolLM2's. As in the action, the candidate templates are tried in order
+Every template is checked on a GGUF with SmolLM2-135M-Instruct's tokenizer (tests/material/tiny_gguf.py:
+its Q4_1 GGUF's metadata, with one tiny layer of zero weights), rewritten with the template as its
+tokenizer.chat_template (as the converter embeds a checkpoint's): Ollama sees each template's own Jinja
+and picks between it and the TEMPLATE as it would for the real model, and the Jinja path is
+llama-server's real rendering. Parity is about the prompt text, which depends on the tokenizer and never
+on the weights; BOS and EOS are SmolLM2's. As in the action, the candidate templates are tried in order
 (modelfile.candidate_formats) and the first that proves itself is the one reported, else the first whose
 prompts lack only the reasoning Ollama does not pass to llama-server; when none does, the parity columns
 are those of the candidate with the fewest failures.
@@ -29,10 +30,11 @@ from pathlib import Path
 
 import jinja2
 
-from entrypoint import chat_jinja, checks, convert, gguf_header, modelfile
+from entrypoint import chat_jinja, checks, gguf_header, modelfile
 from entrypoint.errors import PublishError
 from entrypoint.ollama import OllamaClient
 from tests import servers
+from tests.material import tiny_gguf
 
 # Each conversation's kind (plain, tools, thinking), for the report's columns.
 KINDS = {label: case.kind for label, case in checks.conversations(
@@ -64,14 +66,14 @@ def _writes_bos_first(jinja: str) -> bool:
 
 
 def _with_template(source: Path, template: Path, target: Path) -> None:
-    """A copy of `source` carrying `template`; one that prepends BOS itself when the template writes BOS
-    first, as the GGUFs of those families do (so both sides get one BOS token, as for the real model)."""
-    scripts = Path(os.environ["LLAMA_CPP_DIR"]) / "gguf-py" / "gguf" / "scripts"
-    subprocess.run([sys.executable, str(scripts / "gguf_new_metadata.py"), "--force", "--chat-template-file",
-                    str(template), str(source), str(target)], check=True, capture_output=True)
-    if _writes_bos_first(template.read_text(encoding="utf-8")):
-        subprocess.run([sys.executable, str(scripts / "gguf_set_metadata.py"), "--force", str(target),
-                        "tokenizer.ggml.add_bos_token", "1"], check=True, capture_output=True)
+    """A copy of `source` (a tiny GGUF: tiny_gguf) carrying `template`; one that prepends BOS itself when the
+    template writes BOS first, as the GGUFs of those families do (so both sides get one BOS token, as for
+    the real model)."""
+    jinja = template.read_text(encoding="utf-8")
+    overrides: dict[str, object] = {"tokenizer.chat_template": jinja}
+    if _writes_bos_first(jinja):
+        overrides["tokenizer.ggml.add_bos_token"] = True
+    tiny_gguf.write(tiny_gguf.metadata(source), target, overrides)
 
 
 # The verdict of conversations whose only difference is the reasoning Ollama does not pass to llama-server.
@@ -94,8 +96,9 @@ def _verdict(failures: list[checks.ParityFailure], compared: set[str]) -> dict[s
 def check_template(client: OllamaClient, index: int, path: Path, base_gguf: Path, root: Path) -> Row:
     gguf = root / f"t{index}.gguf"
     _with_template(base_gguf, path, gguf)
-    info = modelfile.tokenizer_info_from_gguf(gguf_header.read_metadata(gguf))
-    adds_bos = convert.adds_bos(gguf)
+    metadata = gguf_header.read_metadata(gguf)
+    info = modelfile.tokenizer_info_from_gguf(metadata)
+    adds_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", False))
     caps = chat_jinja.capabilities(info.chat_template, bos_token=info.bos_token, eos_token=info.eos_tokens[0])
     try:
         formats = modelfile.candidate_formats("auto", info, Path("."), bos_added=adds_bos)
@@ -167,15 +170,26 @@ def _first_proven(client: OllamaClient, name: str, digest: str, path: Path, info
     return dataclasses.replace(row, handled="caught: " + "; ".join(tried))
 
 
+def templates() -> list[Path]:
+    """The corpus: llama.cpp's models/templates, from the tree the image ships."""
+    return sorted((Path(os.environ["LLAMA_CPP_DIR"]) / "models" / "templates").glob("*.jinja"))
+
+
+def tokenizer_gguf(root: Path) -> Path:
+    """The GGUF every template is embedded in: SmolLM2's tokenizer, tiny weights."""
+    gguf = root / "smollm2-tokenizer.gguf"
+    tiny_gguf.build(Path(os.environ["SMOLLM2_GGUF"]), gguf)
+    return gguf
+
+
 def build_report() -> list[Row]:
     """A Row for every template in the corpus."""
-    templates = sorted((Path(os.environ["LLAMA_CPP_DIR"]) / "models" / "templates").glob("*.jinja"))
     root = Path(tempfile.mkdtemp(prefix="template-report-"))
     rows = []
     with servers.ollama(root / "home") as url:
-        client = OllamaClient(url)
-        for index, path in enumerate(templates):
-            row = check_template(client, index, path, Path(os.environ["SMOLLM2_GGUF"]), root)
+        client, base = OllamaClient(url), tokenizer_gguf(root)
+        for index, path in enumerate(templates()):
+            row = check_template(client, index, path, base, root)
             rows.append(row)
             print(f"{row.name}: {row.handled} [{row.rendering}] {row.parity}", file=sys.stderr)
     shutil.rmtree(root, ignore_errors=True)
