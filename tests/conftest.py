@@ -129,6 +129,23 @@ def run_action(tmp_path):
     return run
 
 
+# A prompt-parity comparison as checks.prompt_parity logs it: "  <conversation> [<rendering>]: <verdict> ...".
+_PARITY_LINE = re.compile(r"^  (?P<label>.+?) \[(?P<rendering>\w+)\]: (?P<verdict>same prompt|DIFFERENT|"
+                          r"FAILED TO RENDER|the checkpoint's prompt without the reasoning)")
+PARITY_VERDICTS = {"same prompt": "same", "DIFFERENT": "different", "FAILED TO RENDER": "not rendered",
+                   "the checkpoint's prompt without the reasoning": "reasoning dropped"}
+
+
+def parity_verdicts(stdout: str) -> dict[tuple[str, str], list[str]]:
+    """Every prompt-parity comparison a run logged: (conversation, rendering) -> its verdicts, in order
+    ("same", "different", "not rendered", "reasoning dropped"; one per candidate template tried)."""
+    verdicts: dict[tuple[str, str], list[str]] = {}
+    for line in stdout.splitlines():
+        if match := _PARITY_LINE.match(line):
+            verdicts.setdefault((match["label"], match["rendering"]), []).append(PARITY_VERDICTS[match["verdict"]])
+    return verdicts
+
+
 def registry_tags(registry: str, repository: str) -> list[str]:
     """Tags the registry holds for a repository ([] when it has none)."""
     response = requests.get(f"http://{registry}/v2/{repository}/tags/list", timeout=10)

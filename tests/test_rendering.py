@@ -22,14 +22,16 @@ from pathlib import Path
 import pytest
 import requests
 
-from entrypoint import checks
+from entrypoint import chat_jinja, checks
 from entrypoint.ollama import OllamaClient, file_sha256
 from tests import servers
-from tests.conftest import HF_REPO, action_runner, registry_tags
+from tests.conftest import HF_REPO, action_runner, parity_verdicts, registry_tags
 
 pytestmark = pytest.mark.servers
 TOOLS_TEMPLATE = (Path(__file__).resolve().parent / "material" / "templates" /
                   "Qwen-Qwen3-4B-Instruct-2507.jinja").read_text(encoding="utf-8")
+# What it renders: tools and their round trip, no thinking (the parity check's conversations follow it).
+WITH_TOOLS = chat_jinja.Capabilities(tools=True, tool_round_trip=True, thinking=False, thinking_switch=False)
 
 
 def _with_template(folder: Path, template: str, stale_config_template: str | None = None) -> Path:
@@ -79,7 +81,7 @@ def test_a_plain_chat_template_is_rendered_by_the_template(stack, ollama, tmp_pa
     show = requests.post(f"{url}/api/show", json={"model": name}, timeout=30).json()
     assert "tools" not in show["capabilities"]
     assert "Ollama renders the prompts with the Modelfile's TEMPLATE (go_template)" in run.stdout
-    assert run.stdout.count(" [go_template]: same ") == 4 and "[gguf_chat_template]" not in run.stdout
+    assert parity_verdicts(run.stdout) == {(label, "go_template"): ["same"] for label in checks.CONVERSATIONS}
 
 
 def test_a_tool_calling_template_is_rendered_by_llama_server_and_both_renderings_pass(stack, ollama,
@@ -105,10 +107,9 @@ def test_a_tool_calling_template_is_rendered_by_llama_server_and_both_renderings
     # like it with a parser, which Ollama renders with the TEMPLATE whatever the GGUF's Jinja offers.
     # The four plain conversations on both renderings, and the three tool ones on the Jinja's, which has
     # tools (the TEMPLATE has none: Ollama with OLLAMA_GO_TEMPLATE=1 offers none).
-    assert run.stdout.count(" [gguf_chat_template]: same ") == 7
-    for label in ("two tools", "two tools + system", "tool call + result"):
-        assert f"  {label} [gguf_chat_template]: same prompt" in run.stdout
-    assert run.stdout.count(" [go_template]: same ") == 4
+    assert parity_verdicts(run.stdout) == {
+        **{(label, "gguf_chat_template"): ["same"] for label in checks.conversations(WITH_TOOLS)},
+        **{(label, "go_template"): ["same"] for label in checks.CONVERSATIONS}}
     assert "the checkpoint's chat template supports: tools" in run.stdout and "the models offer: tools" in run.stdout
     assert "The models offer tools." in run.summary
     assert "Sampling defaults: temperature 0.7 (generation_config.json), top_p 0.8 (generation_config.json), " \
@@ -150,8 +151,9 @@ def test_a_jinja_rendering_that_differs_pins_the_template_but_not_without_the_to
     run = _publish(stack, ollama, tmp_path_factory, "test-org/SmolLM2-stale-template", "rendering/stale")
     assert run.returncode == 1
     # The derived TEMPLATE: the Jinja differs on the plain conversations, the TEMPLATE matches them.
-    assert run.stdout.count("  user [gguf_chat_template]: DIFFERENT") == 1
-    assert "  user [go_template]: same prompt" in run.stdout
+    verdicts = parity_verdicts(run.stdout)
+    assert verdicts[("user", "gguf_chat_template")] == ["different"]  # once: the derived TEMPLATE is pinned
+    assert verdicts[("user", "go_template")][0] == "same"
     assert "The models pin the TEMPLATE (PARSER passthrough)" in run.stdout
     assert "1 failed checks (capabilities); trying qwen3 (catalog) instead" in run.stdout
     assert "the checkpoint's template supports: tools\n--- Ollama builds [api/show]\nthe model offers: no tools, " \
@@ -175,8 +177,9 @@ def test_a_mismatch_on_the_rendering_ollama_uses_fails_and_pushes_nothing(stack,
     assert run.returncode == 1
     assert len(run.errors()) == 1 and "Prompt parity failed" in run.errors()[0]
     # The plain and tool conversations on the stale Jinja; the plain ones on zephyr (no tools to compare).
-    assert run.stdout.count(" [gguf_chat_template]: DIFFERENT") == 7
-    assert run.stdout.count(" [go_template]: DIFFERENT") == 4
+    assert parity_verdicts(run.stdout) == {
+        **{(label, "gguf_chat_template"): ["different"] for label in checks.conversations(WITH_TOOLS)},
+        **{(label, "go_template"): ["different"] for label in checks.CONVERSATIONS}}
     assert "[gguf_chat_template]" in run.errors()[0] and "[go_template]" in run.errors()[0]
     assert "6. Push" not in run.stdout
     assert registry_tags(stack.registry, "rendering/wrong") == []

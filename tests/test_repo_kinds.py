@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 import requests
 
-from entrypoint import quantize
+from entrypoint import checks, quantize
 from entrypoint.ollama import file_sha256
 from tests import servers
 from tests.material import bert, lora, smolvlm
-from tests.conftest import HF_REPO, registry_manifest, registry_tags
+from tests.conftest import HF_REPO, parity_verdicts, registry_manifest, registry_tags
 
 pytestmark = pytest.mark.servers
 GGUF_REPO = "gguf-org/SmolLM2-135M-Instruct-GGUF"
@@ -61,7 +61,7 @@ def test_gguf_repo_is_published_without_conversion(stack, gguf_repo, run_action)
     assert "convert_hf_to_gguf" not in run.stdout and "llama-quantize" not in run.stdout
     # The template comes from the GGUF's own metadata and is proved like a converted one's.
     assert "chat template: derived from the checkpoint's chat template" in run.stdout, run.stdout[-3000:]
-    assert run.stdout.count(": same ") == 4 and "DIFFERENT" not in run.stdout
+    assert parity_verdicts(run.stdout) == {(label, "go_template"): ["same"] for label in checks.CONVERSATIONS}
 
     assert sorted(registry_tags(stack.registry, repository)) == ["2.0.0", "2.0.0-q4_1", "latest"]
     models = json.loads(run.outputs["models"])
@@ -132,7 +132,8 @@ def test_split_gguf_is_merged_then_published(stack, run_action, tmp_path):
                for line in run.stdout.splitlines())
     models = json.loads(run.outputs["models"])
     assert all(m["pushed"] and m["pulled"] and m["answer"].strip() for m in models)
-    assert run.stdout.count(": same ") == 4  # the template from the first part's metadata passes parity
+    # The template from the first part's metadata passes parity.
+    assert parity_verdicts(run.stdout) == {(label, "go_template"): ["same"] for label in checks.CONVERSATIONS}
     assert sorted(registry_tags(stack.registry, repository)) == ["1.0.0", "1.0.0-q4_1", "latest"]
 
 
