@@ -8,6 +8,7 @@ import contextlib
 import http.server
 import os
 import re
+import secrets
 import shutil
 import socket
 import subprocess
@@ -273,7 +274,9 @@ def docker_engine(root: Path) -> Iterator[str]:
     starts. Host networking only, as scripts/engine starts ours. Yields its DOCKER_HOST."""
     run_dir = Path(tempfile.mkdtemp(prefix="op-docker-", dir="/run"))  # the socket's path must be short
     socket_path = run_dir / "docker.sock"
-    namespace = run_dir.name  # apart from any other engine's, should they share a containerd
+    # Apart from any other engine's, should they share a containerd; containerd takes letters and digits
+    # joined by single separators (mkdtemp's names may hold "__").
+    namespace = "op-docker-" + secrets.token_hex(4)
     command = [shutil.which("dockerd") or "dockerd", "--data-root", str(root / "data"), "--exec-root", str(run_dir),
                "--pidfile", str(run_dir / "dockerd.pid"), "-H", f"unix://{socket_path}", "--bridge=none",
                "--iptables=false", "--ip-forward=false", "--ip-masq=false", "--containerd-namespace", namespace,
