@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from . import gguf_header, hub, process, quantize
-from .errors import PublishError, RemoteCodeRefused, RepoRefused
+from .errors import RemoteCodeRefused, RepoRefused, ToolFailed, ToolMissing
 
 
 def find_converter() -> Path:
@@ -19,9 +19,9 @@ def find_converter() -> Path:
     root = os.environ.get("LLAMA_CPP_DIR", "")
     script = Path(root) / "convert_hf_to_gguf.py"
     if not root or not script.is_file():
-        raise PublishError("llama.cpp's convert_hf_to_gguf.py was not found. Inside the action's image it is "
-                           "preinstalled; when running the CLI elsewhere run scripts/bootstrap, or set "
-                           "LLAMA_CPP_DIR to a llama.cpp source tree.", title="llama.cpp converter missing")
+        raise ToolMissing("llama.cpp's convert_hf_to_gguf.py was not found. Inside the action's image it is "
+                          "preinstalled; when running the CLI elsewhere run scripts/bootstrap, or set "
+                          "LLAMA_CPP_DIR to a llama.cpp source tree.", tool="llama.cpp's converter")
     return script
 
 
@@ -40,8 +40,8 @@ def _model_map(converter_package_init: str, name: str) -> dict[str, str]:
     for node in ast.parse(converter_package_init).body:
         if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", "") == name and node.value is not None:
             return dict(ast.literal_eval(node.value))
-    raise PublishError(f"llama.cpp's conversion/__init__.py has no {name}; the converter in LLAMA_CPP_DIR "
-                       "is not the version this action expects.", title="llama.cpp converter missing")
+    raise ToolMissing(f"llama.cpp's conversion/__init__.py has no {name}; the converter in LLAMA_CPP_DIR "
+                      "is not the version this action expects.", tool="llama.cpp's converter")
 
 
 def architecture(config: dict[str, Any]) -> str:
@@ -159,7 +159,8 @@ def convert(checkpoint: Path, target: Path, outtype: str, model_name: str, seal:
                "--model-name", model_name]
     process.run_sealed(command, what="convert_hf_to_gguf.py", writes_to=target.parent, seal=seal, python=True)
     if not target.is_file():
-        raise PublishError(f"The converter finished but wrote no {target.name}.", title="Conversion failed")
+        raise ToolFailed(f"The converter finished but wrote no {target.name}.", tool="convert_hf_to_gguf.py",
+                         exit_code=0, title="Conversion failed")
 
 
 def check_adapter(adapter_config: dict[str, Any], input_name: str) -> None:
@@ -192,7 +193,8 @@ def convert_adapter(adapter: Path, base: Path, target: Path, seal: process.Seal)
                "--outfile", str(target), "--outtype", "f16"]
     process.run_sealed(command, what="convert_lora_to_gguf.py", writes_to=target.parent, seal=seal, python=True)
     if not target.is_file():
-        raise PublishError(f"The converter finished but wrote no {target.name}.", title="Conversion failed")
+        raise ToolFailed(f"The converter finished but wrote no {target.name}.", tool="convert_lora_to_gguf.py",
+                         exit_code=0, title="Conversion failed")
 
 
 def merge_adapter(base: Path, adapter: Path, target: Path, seal: process.Seal) -> None:
@@ -201,7 +203,8 @@ def merge_adapter(base: Path, adapter: Path, target: Path, seal: process.Seal) -
                         "-o", str(target), "-t", str(os.cpu_count() or 1)], what="llama-export-lora",
                        writes_to=target.parent, seal=seal)
     if not target.is_file():
-        raise PublishError(f"llama-export-lora finished but wrote no {target.name}.", title="Merge failed")
+        raise ToolFailed(f"llama-export-lora finished but wrote no {target.name}.", tool="llama-export-lora",
+                         exit_code=0, title="Merge failed")
 
 
 def convert_projector(checkpoint: Path, target: Path, seal: process.Seal) -> None:
@@ -210,7 +213,8 @@ def convert_projector(checkpoint: Path, target: Path, seal: process.Seal) -> Non
     process.run_sealed(command, what="convert_hf_to_gguf.py --mmproj", writes_to=target.parent, seal=seal,
                        python=True)
     if not target.is_file():
-        raise PublishError(f"The converter finished but wrote no {target.name}.", title="Conversion failed")
+        raise ToolFailed(f"The converter finished but wrote no {target.name}.", tool="convert_hf_to_gguf.py",
+                         exit_code=0, title="Conversion failed")
 
 
 def adds_bos(gguf_path: Path) -> bool:

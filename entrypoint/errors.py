@@ -85,11 +85,15 @@ class RegistryError(ServiceError):
     """The registry the models are pushed to (directly, or through Ollama's push)."""
 
 
-class OllamaUnreachable(PublishError):
+class OllamaError(PublishError):
+    """Ollama did not do what it was asked: did not start, stopped, or did not finish a step in time."""
+
+
+class OllamaUnreachable(OllamaError):
     """The Ollama server did not answer, or stopped answering mid-stream (it may have crashed)."""
 
 
-class OllamaRefused(PublishError):
+class OllamaRefused(OllamaError):
     """Ollama answered a request with an error: an HTTP error status, or an error line in a stream (then
     `status` is the stream's own, 200); `detail` is Ollama's own error text."""
 
@@ -97,6 +101,33 @@ class OllamaRefused(PublishError):
         super().__init__(message, title=title)
         self.status = status
         self.detail = detail
+
+
+class ToolMissing(PublishError):
+    """A tool the action runs (the converter, a llama.cpp tool, Ollama) is not where it looks, or is not the
+    version it expects: `tool`. Inside the image it never is; the CLI elsewhere needs scripts/bootstrap."""
+
+    def __init__(self, message: str, *, tool: str):
+        super().__init__(message, title=f"{tool} missing")
+        self.tool = tool
+
+
+class NotEnoughResources(PublishError):
+    """The preflight: the run needs more of `resource` ("disk" or "memory") than there is, in bytes."""
+
+    def __init__(self, message: str, *, resource: str, needed: int, available: int):
+        super().__init__(message, input_name="resource-check", title=f"Not enough {resource}")
+        self.resource = resource
+        self.needed = needed
+        self.available = available
+
+
+class LocalWriteFailed(PublishError):
+    """Writing into `path` failed for another reason than a full disk (permissions, a read-only folder)."""
+
+    def __init__(self, message: str, *, path: Path, title: str):
+        super().__init__(message, title=title)
+        self.path = path
 
 
 class ToolFailed(PublishError):

@@ -26,7 +26,7 @@ from huggingface_hub.errors import (
 )
 
 from . import github, quantize, registry, retry
-from .errors import DiskFull, HubError, InputError, PublishError, RepoRefused
+from .errors import DiskFull, HubError, InputError, LocalWriteFailed, RepoRefused
 
 # What llama.cpp's converter and the Modelfile read: weights, config, tokenizer, chat template, license.
 # Paths from the repository's top: the converter reads the top-level model*.safetensors (not, say, a
@@ -246,7 +246,8 @@ def _hub_errors(api: HfApi, repo: str, revision: str, token: str, repo_input: st
         where = destination or Path.cwd()
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise DiskFull(where, free=shutil.disk_usage(_existing(where)).free, what=f"downloading {repo}") from exc
-        raise PublishError(f"Could not write {repo}'s files into {where}: {exc}.", title="Download failed") from exc
+        raise LocalWriteFailed(f"Could not write {repo}'s files into {where}: {exc}.", path=where,
+                               title="Download failed") from exc
 
 
 def _existing(path: Path) -> Path:

@@ -237,15 +237,17 @@ def _derive(info: TokenizerInfo, bos_added: bool) -> tuple[chat_jinja.Derived | 
         return None, str(exc)
 
 
-def choose_format(template_input: str, info: TokenizerInfo, workspace: Path, bos_added: bool = False) -> ChatFormat:
+def choose_format(template_input: str, info: TokenizerInfo, workspace: Path, bos_added: bool = False,
+                  derivation: tuple[chat_jinja.Derived | None, str] | None = None) -> ChatFormat:
     """`template` input: 'auto' detects from the checkpoint, a family name picks one, a path loads a Go template.
-    bos_added: the GGUF's tokenizer prepends BOS itself (then a derived template must not write it)."""
+    bos_added: the GGUF's tokenizer prepends BOS itself (then a derived template must not write it).
+    derivation: _derive's result, when the caller has it."""
     if template_input != "auto" and template_input not in FAMILIES:  # settings checked that the file exists
         path = workspace / template_input
         # A user's own template: stop on the checkpoint's EOS tokens only.
         return ChatFormat(name=f"file:{template_input}", template=path.read_text(encoding="utf-8").removesuffix("\n"),
                           end_of_turn=(), begin_of_turn=())
-    derived, why_not = _derive(info, bos_added)
+    derived, why_not = derivation or _derive(info, bos_added)
     if template_input in FAMILIES:
         chosen = load_family(template_input)
         # The checkpoint's own default system prompt (a fine-tune's, say) beats the family's.
@@ -283,37 +285,34 @@ def matching_renderers(info: TokenizerInfo) -> list[Renderer]:
     return sorted(found, key=lambda r: _specificity(r.markers), reverse=True)
 
 
-def candidate_formats(template_input: str, info: TokenizerInfo, workspace: Path,
-                      bos_added: bool = False) -> list[ChatFormat]:
+def candidate_formats(template_input: str, info: TokenizerInfo, workspace: Path, bos_added: bool = False,
+                      caps: chat_jinja.Capabilities | None = None) -> list[ChatFormat]:
     """The renderings to try, in order, until one proves itself in Ollama. For `auto`: the built-in
     renderers the template matches (they write and parse the family's tools and thinking), then
     choose_format's (a derived TEMPLATE, which writes neither, and the GGUF's Jinja, which Ollama may
     prefer), then the detected family's catalog template (tools and thinking where the family has them);
-    when no TEMPLATE can be derived and the checkpoint's template has tools or thinking, the GGUF's Jinja
-    alone last (jinja_format). Otherwise only choose_format's."""
-    renderers = [r.chat_format() for r in matching_renderers(info)] if template_input == "auto" else []
-    jinja = [jinja_format(info)] if template_input == "auto" and _jinja_is_the_only_way(info, bos_added) else []
+    when no TEMPLATE can be derived and the checkpoint's template has tools or thinking (`caps`, found by
+    rendering when not given), the GGUF's Jinja alone last (jinja_format). Otherwise only choose_format's."""
+    if template_input != "auto":
+        return [choose_format(template_input, info, workspace, bos_added)]
+    renderers = [r.chat_format() for r in matching_renderers(info)]
+    derivation = _derive(info, bos_added)
+    if caps is None and info.chat_template:
+        caps = chat_jinja.capabilities(info.chat_template, bos_token=info.bos_token,
+                                       eos_token=(info.eos_tokens or ("",))[0])
+    # No TEMPLATE can be derived, and the checkpoint's template has tools or thinking: only the Jinja carries them.
+    jinja = [jinja_format(info)] if derivation[0] is None and caps is not None and caps.names() else []
     try:
-        first = choose_format(template_input, info, workspace, bos_added)
+        first = choose_format(template_input, info, workspace, bos_added, derivation)
     except RepoRefused:
         if renderers or jinja:  # no TEMPLATE for this template: Ollama may still render it
             return renderers + jinja
         raise
-    if template_input != "auto":
-        return [first]
     formats = [*renderers, first]
     family = detect_family(info)
     if family is not None and first.name != family.chat_format().name:
         formats.append(dataclasses.replace(family.chat_format(), default_system=first.default_system))
     return formats + jinja
-
-
-def _jinja_is_the_only_way(info: TokenizerInfo, bos_added: bool) -> bool:
-    """No TEMPLATE can be derived, and the checkpoint's template has tools or thinking, which only the GGUF's
-    Jinja then carries."""
-    caps = chat_jinja.capabilities(info.chat_template, bos_token=info.bos_token,
-                                   eos_token=(info.eos_tokens or ("",))[0]) if info.chat_template else None
-    return caps is not None and bool(caps.names()) and _derive(info, bos_added)[0] is None
 
 
 JINJA_FORMAT_NAME = "the checkpoint's own Jinja chat template (no TEMPLATE)"

@@ -22,7 +22,7 @@ from typing import Any
 import requests
 
 from . import github, registry
-from .errors import InputError, OllamaRefused, OllamaUnreachable, PublishError, RegistryError
+from .errors import InputError, OllamaError, OllamaRefused, OllamaUnreachable, PublishError, RegistryError, ToolMissing
 from .process import running
 
 DEFAULT_BIND = "127.0.0.1:11434"
@@ -131,8 +131,8 @@ class OllamaClient:
                 github.log(f"  {status}")
             last = status
         if last != "success":
-            raise PublishError(f"Ollama create of {body['model']} ended without success (last status: {last}).",
-                               title="Ollama create failed")
+            raise OllamaError(f"Ollama create of {body['model']} ended without success (last status: {last}).",
+                              title="Ollama create failed")
 
     def chat(self, model: str, messages: list[dict[str, Any]], options: dict[str, Any],
              tools: list[dict[str, Any]] | None = None, think: bool | None = None) -> dict[str, Any]:
@@ -173,8 +173,8 @@ class OllamaClient:
         while any(m.get("name") == model for m in self._check(self._send("GET", "/api/ps", "list running models"),
                                                                "list running models").json().get("models", [])):
             if time.monotonic() > deadline:
-                raise PublishError(f"Ollama did not stop {model} within {UNLOAD_TIMEOUT_S:.0f} s.",
-                                   title="Ollama unload failed")
+                raise OllamaError(f"Ollama did not stop {model} within {UNLOAD_TIMEOUT_S:.0f} s.",
+                                  title="Ollama unload failed")
             time.sleep(0.2)
 
     def push(self, model: str, insecure: bool, on_progress: Callable[[dict[str, Any]], None]) -> None:
@@ -215,7 +215,7 @@ class OllamaClient:
         for entry in self.list_models():
             if entry.get("name") == model or entry.get("model") == model:
                 return "sha256:" + entry["digest"], int(entry["size"])
-        raise PublishError(f"Ollama does not list {model} after creating it.", title="Ollama create failed")
+        raise OllamaError(f"Ollama does not list {model} after creating it.", title="Ollama create failed")
 
 
     def local_manifest(self, host: str, namespace: str, model: str, tag: str) -> bytes | None:
@@ -339,9 +339,9 @@ def serve(log_path: Path, models_dir: Path, home: Path, ollama_key: str = "",
     """
     binary = os.environ.get("OLLAMA_BIN") or shutil.which("ollama")
     if not binary:
-        raise PublishError("The ollama binary was not found. Inside the action's image it is preinstalled; when "
-                           "running the CLI elsewhere run scripts/bootstrap, or set ollama-host to a running server.",
-                           title="Ollama missing")
+        raise ToolMissing("The ollama binary was not found. Inside the action's image it is preinstalled; when "
+                          "running the CLI elsewhere run scripts/bootstrap, or set ollama-host to a running server.",
+                          tool="ollama")
     bind = bind or bind_address(os.environ.get("OLLAMA_HOST", ""))
     if not _port_is_free(bind):
         raise InputError(f"Something already listens on {bind}, where the action starts its Ollama server. "
@@ -359,7 +359,7 @@ def serve(log_path: Path, models_dir: Path, home: Path, ollama_key: str = "",
         deadline = time.monotonic() + HEALTH_TIMEOUT_S
         while not client.is_healthy():
             if server.poll() is not None or time.monotonic() > deadline:
-                raise PublishError(
+                raise OllamaError(
                     f"The Ollama server did not become healthy on {bind} within {HEALTH_TIMEOUT_S:.0f} s. "
                     f"Last lines of its log:\n{_tail(log_path)}", title="Ollama server failed to start")
             time.sleep(0.2)
@@ -372,8 +372,8 @@ def serve(log_path: Path, models_dir: Path, home: Path, ollama_key: str = "",
                     server.wait(timeout=5)
             if server.poll() is None:
                 raise
-            raise PublishError(f"{exc.message}\nThe Ollama server had exited (code {server.returncode}). Last "
-                               f"lines of its log:\n{_tail(log_path)}", title="Ollama server stopped") from exc
+            raise OllamaError(f"{exc.message}\nThe Ollama server had exited (code {server.returncode}). Last "
+                              f"lines of its log:\n{_tail(log_path)}", title="Ollama server stopped") from exc
 
 
 def _tail(path: Path, lines: int = 30) -> str:

@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 from . import github
-from .errors import PublishError
+from .errors import NotEnoughResources
 
 # Approximate bits per weight of each type on real models (llama.cpp's reported sizes); small models
 # keep more tensors at high precision, hence the margin below.
@@ -89,12 +89,12 @@ def check_disk(phases: list[dict[str, int]], folders: dict[str, Path]) -> None:
         free = shutil.disk_usage(folder).free
         if need > free:
             names = {"work": "the work directory", "outputs": "output-dir", "ollama": "Ollama's models directory"}
-            raise PublishError(
+            raise NotEnoughResources(
                 f"Not enough disk: this run needs about {need / 1e9:.2f} GB on the filesystem of {folder} "
                 f"({', '.join(names[r] for r in roles)}), which has {free / 1e9:.2f} GB free. Free space (on hosted "
                 "runners, remove preinstalled SDKs such as /usr/share/dotnet and /usr/local/lib/android), request "
-                "fewer quantizations, or set resource-check: false to try anyway.",
-                input_name="resource-check", title="Not enough disk")
+                "fewer quantizations, or set resource-check: false to try anyway.", resource="disk", needed=need,
+                available=free)
 
 
 # Loading a model for the smoke test and parity check holds its weights plus the KV cache and
@@ -147,8 +147,8 @@ def check_memory(model_bytes: int, quantization: str) -> None:
         github.warning("memory not checked: this system tells neither the available memory nor a limit")
         return
     if need > free:
-        raise PublishError(
+        raise NotEnoughResources(
             f"Not enough memory: checking the {quantization} model needs about {need / 1e9:.2f} GB of RAM, and "
             f"{free / 1e9:.2f} GB is available. Use a runner with more memory, drop {quantization} from "
-            "quantizations, or set resource-check: false to try anyway.", input_name="resource-check",
-            title="Not enough memory")
+            "quantizations, or set resource-check: false to try anyway.", resource="memory", needed=need,
+            available=free)

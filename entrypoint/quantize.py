@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from . import process
-from .errors import InputError, PublishError
+from .errors import InputError, ToolFailed, ToolMissing
 
 # Every type llama-quantize accepts (llama.cpp tools/quantize), in its own spelling.
 QUANTIZATION_TYPES = (
@@ -63,10 +63,10 @@ def find_tool(name: str) -> str:
     configured = os.environ.get("LLAMA_QUANTIZE")
     path = str(Path(configured).with_name(name)) if configured else shutil.which(name)
     if not path or not os.access(path, os.X_OK):
-        raise PublishError(
+        raise ToolMissing(
             f"{name} was not found. Inside the action's image it is preinstalled; when running the CLI "
             "elsewhere, run scripts/bootstrap or set LLAMA_QUANTIZE to llama-quantize in llama.cpp's build/bin.",
-            title=f"{name} missing")
+            tool=name)
     return path
 
 
@@ -94,7 +94,7 @@ def compute_imatrix(model: Path, calibration: Path, target: Path, seal: process.
                         "-t", str(os.cpu_count() or 1), "--no-ppl"], what="llama-imatrix",
                        writes_to=target.parent, seal=seal)
     if not target.is_file():
-        raise PublishError(f"llama-imatrix finished but wrote no {target.name}.", title="llama-imatrix failed")
+        raise ToolFailed(f"llama-imatrix finished but wrote no {target.name}.", tool="llama-imatrix", exit_code=0)
 
 
 @contextlib.contextmanager

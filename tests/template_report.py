@@ -30,7 +30,7 @@ from pathlib import Path
 
 import jinja2
 
-from entrypoint import chat_jinja, checks, gguf_header, modelfile
+from entrypoint import chat_jinja, checks, gguf_header, modelfile, proof
 from entrypoint.errors import PublishError
 from entrypoint.ollama import OllamaClient
 from tests import servers
@@ -101,7 +101,7 @@ def check_template(client: OllamaClient, index: int, path: Path, base_gguf: Path
     adds_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", False))
     caps = chat_jinja.capabilities(info.chat_template, bos_token=info.bos_token, eos_token=info.eos_tokens[0])
     try:
-        formats = modelfile.candidate_formats("auto", info, Path("."), bos_added=adds_bos)
+        formats = modelfile.candidate_formats("auto", info, Path("."), bos_added=adds_bos, caps=caps)
     except PublishError as exc:
         gguf.unlink()
         return Row(path.stem, "refused: " + exc.message.split(": ", 1)[-1].split(". Set")[0], "", caps.names(), {})
@@ -113,61 +113,54 @@ def check_template(client: OllamaClient, index: int, path: Path, base_gguf: Path
 
 def _prove_candidates(client: OllamaClient, index: int, path: Path, gguf: Path, info: modelfile.TokenizerInfo,
                       adds_bos: bool, caps: chat_jinja.Capabilities, formats: list[modelfile.ChatFormat]) -> Row:
-    """As the pipeline's stage 5: the first candidate that passes parity and offers the checkpoint's tools
-    and thinking, else what each failed on."""
+    """As the pipeline's stage 5 (proof.prove each candidate, proof.choose when none passes): the first
+    candidate that passes parity and offers the checkpoint's tools and thinking, else what each failed on."""
     digest = client.upload_blob(gguf)
     name = f"report.local/templates/t{index}:latest"
+
+    def create(spec: modelfile.ModelSpec) -> tuple[str, dict]:
+        body = modelfile.create_request(spec, name, digest, "model.gguf")
+        client.create(body, quiet=True)
+        return name, body
+
+    tried: list[str] = []  # why each candidate failed
+    attempts: list[tuple[proof.Attempt, Row]] = []
     try:
-        return _first_proven(client, name, digest, path, info, adds_bos, caps, formats)
+        for attempt_index, chat in enumerate(formats):
+            if attempt_index:
+                client.unload(name)  # as the pipeline does between candidates
+            spec = modelfile.ModelSpec(template=chat.template, system=chat.system_prompt(""), parameters=(),
+                                       license="", source="report", renderer=chat.renderer, parser=chat.parser)
+            how = chat.name.replace("derived from the checkpoint's chat template", "derived").replace(
+                " (Ollama's built-in renderer)", " (renderer)").replace(
+                modelfile.JINJA_FORMAT_NAME, "the checkpoint's own Jinja")
+            try:
+                attempt = proof.prove(client, create, spec, chat, info, caps, adds_bos, "fail")
+            except PublishError as exc:
+                tried.append(f"Ollama rejects {how} ({exc.message[:60]})")
+                continue
+            failures = attempt.failures or []
+            offered = checks.offered_capabilities(client.show(name))
+            compared = set(checks.conversations(checks.compared_capabilities(caps, set(offered))))
+            verdict = _verdict([f for f in failures if f.conversation != "capabilities"], compared)
+            row = Row(path.stem, how, attempt.rendering, caps.names(), verdict)
+            if attempt.passed:
+                return row
+            attempts.append((attempt, row))
+            failed = list(dict.fromkeys(f.conversation for f in failures if f.conversation != "capabilities"))
+            why = ([f"{len(failed)} prompts differ"] if failed else []) + \
+                ([f"offers {', '.join(offered) or 'no tools, no thinking'}"]
+                 if any(f.conversation == "capabilities" for f in failures) else [])
+            tried.append(f"{how} [{attempt.rendering}]: {', '.join(why)}")
     finally:
         client.delete(name)  # and the GGUF blob with it
-
-
-def _first_proven(client: OllamaClient, name: str, digest: str, path: Path, info: modelfile.TokenizerInfo,
-                  adds_bos: bool, caps: chat_jinja.Capabilities, formats: list[modelfile.ChatFormat]) -> Row:
-    tried: list[str] = []  # why each candidate failed
-    closest: tuple[int, Row] | None = None  # the candidate with the fewest failures, and how many
-    fallback: Row | None = None  # the first whose prompts lack only the reasoning Ollama drops: published
-    for attempt, chat in enumerate(formats):
-        if attempt:
-            client.unload(name)  # as the pipeline does between candidates
-        spec = modelfile.ModelSpec(template=chat.template, system=chat.system_prompt(""), parameters=(), license="",
-                                   source="report", renderer=chat.renderer, parser=chat.parser)
-        body = modelfile.create_request(spec, name, digest, "model.gguf")
-        how = chat.name.replace("derived from the checkpoint's chat template", "derived").replace(
-            " (Ollama's built-in renderer)", " (renderer)").replace(
-            modelfile.JINJA_FORMAT_NAME, "the checkpoint's own Jinja")
-        try:
-            client.create(body, quiet=True)
-        except PublishError as exc:
-            tried.append(f"Ollama rejects {how} ({exc.message[:60]})")
-            continue
-        rendering = checks.selected_rendering(client.show(name), spec.template)
-        renderings = checks.renderings_to_check(rendering, spec.template)
-        failures, _ = checks.prompt_parity(client, name, body, info, adds_bos, renderings, caps, chat.leading_bos)
-        if checks.pins_template(failures, renderings):
-            client.create({**body, "parser": checks.PIN_PARSER}, quiet=True)
-            rendering, failures = checks.selected_rendering(client.show(name), spec.template), []
-        failures += checks.capability_failures(caps, client.show(name))
-        offered = checks.offered_capabilities(client.show(name))
-        compared = set(checks.conversations(checks.compared_capabilities(caps, set(offered))))
-        fewer = [f for f in failures if f.conversation == "capabilities"]
-        verdict = _verdict([f for f in failures if f.conversation != "capabilities"], compared)
-        if not failures:
-            return Row(path.stem, how, rendering, caps.names(), verdict)
-        if fallback is None and checks.only_reasoning_dropped(failures):
-            fallback = Row(path.stem, how, rendering, caps.names(), verdict)
-        failed = list(dict.fromkeys(f.conversation for f in failures if f.conversation != "capabilities"))
-        why = ([f"{len(failed)} prompts differ"] if failed else []) + \
-            ([f"offers {', '.join(offered) or 'no tools, no thinking'}"] if fewer else [])
-        tried.append(f"{how} [{rendering}]: {', '.join(why)}")
-        if closest is None or len(failures) < closest[0]:
-            closest = (len(failures), Row(path.stem, "", rendering, caps.names(), verdict))
-    if fallback is not None:  # as the pipeline, which publishes it with a caveat
-        return fallback
+    choice = proof.choose([attempt for attempt, _ in attempts], "fail")
+    if choice is not None:  # as the pipeline, which publishes it with a caveat
+        return attempts[choice.index][1]
     # Every candidate failed: what each failed on, and the columns of the one closest to passing.
-    row = closest[1] if closest else Row(path.stem, "", "", caps.names(), {})
-    return dataclasses.replace(row, handled="caught: " + "; ".join(tried))
+    closest = min(attempts, key=lambda pair: len(pair[0].failures or []))[1] if attempts else \
+        Row(path.stem, "", "", caps.names(), {})
+    return dataclasses.replace(closest, handled="caught: " + "; ".join(tried))
 
 
 def templates() -> list[Path]:

@@ -106,6 +106,7 @@ def release(stack, tmp_path_factory):
     return run, key
 
 
+@pytest.mark.dev
 def test_the_converter_sees_none_of_the_runs_secrets(release):
     """Read from /proc while it ran: no ACTIONS_* or GitHub token, no Hub token or endpoint, no input; offline."""
     run, key = release
@@ -118,6 +119,7 @@ def test_the_converter_sees_none_of_the_runs_secrets(release):
     assert environ["HF_HUB_OFFLINE"] == environ["TRANSFORMERS_OFFLINE"] == "1"
 
 
+@pytest.mark.dev
 def test_the_push_key_is_on_disk_only_while_pushing(release):
     run, _ = release
     assert run.witness.key_files_while_converting == []  # nowhere under the run's folders, the scratch included
@@ -125,6 +127,7 @@ def test_the_push_key_is_on_disk_only_while_pushing(release):
     assert not list(run.workspace.rglob("id_ed25519"))  # removed with the scratch space
 
 
+@pytest.mark.dev
 def test_every_tag_is_created_and_pushed(release, stack):
     run, _ = release
     models = json.loads(run.outputs["models"])
@@ -139,6 +142,7 @@ def test_every_tag_is_created_and_pushed(release, stack):
     assert sorted(registry_tags(stack.registry, "test-team/smollm2")) == sorted(m["tag"] for m in models)
 
 
+@pytest.mark.dev
 def test_q8_model_answers_berlin_and_stops(release):
     run, _ = release
     q8 = next(m for m in json.loads(run.outputs["models"]) if m["quantization"] == "Q8_0")
@@ -151,6 +155,7 @@ def test_q8_model_answers_berlin_and_stops(release):
     assert all(m["answer"] for m in json.loads(run.outputs["models"]))
 
 
+@pytest.mark.dev
 def test_registry_holds_exactly_the_published_files(release, stack):
     """Each tag's manifest: the model layer is the GGUF left in output-dir, byte for byte; the template
     and parameters layers are the Modelfile's."""
@@ -177,6 +182,7 @@ def test_registry_holds_exactly_the_published_files(release, stack):
     assert by_tag["1.0.0"] == by_tag["latest"] == by_tag["1.0.0-q4_K_M"] != by_tag["1.0.0-q8_0"]
 
 
+@pytest.mark.dev
 def test_outputs_point_at_the_artifacts(release):
     run, _ = release
     assert run.outputs["revision"] and len(run.outputs["revision"]) == 40
@@ -195,6 +201,7 @@ def test_outputs_point_at_the_artifacts(release):
     assert default in modelfile.split("TEMPLATE", 1)[1] and "\nSYSTEM " not in modelfile
 
 
+@pytest.mark.dev
 def test_summary_has_one_row_per_tag(release):
     run, _ = release
     rows = [line for line in run.summary.splitlines() if line.startswith("| `")]
@@ -203,12 +210,14 @@ def test_summary_has_one_row_per_tag(release):
     assert "Berlin" in run.summary
 
 
+@pytest.mark.dev
 def test_runs_on_ollama_0_34_3(release):
     run, _ = release
     assert "Ollama 0.34.3 is running on 127.0.0.1:" in run.stdout  # what its /api/version reports
     assert "Ollama 0.34.3." in run.summary
 
 
+@pytest.mark.dev
 def test_stages_are_logged_in_groups(release):
     run, _ = release
     groups = [line for line in run.stdout.splitlines() if line.startswith("::group::")]
@@ -216,6 +225,7 @@ def test_stages_are_logged_in_groups(release):
     assert run.stdout.count("::group::") == run.stdout.count("::endgroup::")
 
 
+@pytest.mark.dev
 def test_no_secret_leaks_and_the_key_file_is_gone(release):
     run, key = release
     secrets = [HF_TOKEN] + [line for line in key.splitlines() if len(line) > 20 and "-----" not in line]
@@ -296,6 +306,7 @@ def test_wrong_template_fails_prompt_parity_and_pushes_nothing(stack, run_action
     assert registry_tags(stack.registry, repository) == []
 
 
+@pytest.mark.dev
 def test_prompt_parity_passed_for_every_conversation(release):
     run, _ = release
     assert "DIFFERENT" not in run.stdout

@@ -1,0 +1,111 @@
+"""Stage 3: a GGUF file of every requested quantization in output-dir, built from the checkpoint (convert
+once, merge a LoRA adapter, compute an importance matrix, quantize to each type) or taken from a repo of
+ready GGUF files. Every tool runs sealed (process.run_sealed); what is consumed is deleted at once."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from . import convert, github, hub, process, quantize
+from .settings import Settings
+
+
+def path(settings: Settings, quantization: str) -> Path:
+    return settings.output_dir / f"{settings.model_name.model}-{quantize.tag_suffix(quantization)}.gguf"
+
+
+def extra_path(settings: Settings, what: str) -> Path:
+    return settings.output_dir / f"{settings.model_name.model}-{what}.gguf"
+
+
+def intermediate_type(settings: Settings, merging: bool) -> str:
+    """Convert straight to the one type asked for when the converter writes it (and neither an adapter merge
+    nor llama-quantize's options come between); else to a 16/32-bit intermediate every quantization reads."""
+    quants = settings.quantizations
+    if len(quants) == 1 and quants[0] in quantize.CONVERTER_TYPES and not (merging or quantize_options_set(settings)):
+        return quants[0]
+    return next((t for t in ("F32", "BF16") if t in quants), "F16")
+
+
+def quantize_options_set(settings: Settings) -> bool:
+    return bool(settings.imatrix or settings.imatrix_calibration or settings.output_tensor_type
+                or settings.token_embedding_type)
+
+
+def build(settings: Settings, checkpoint: hub.Checkpoint, scratch: Path, projector: Path | None,
+          seal: process.Seal) -> dict[str, Path]:
+    """Convert once (and the vision projector to `projector`, when given), merge a LoRA adapter, quantize
+    to each requested type, and delete what is consumed as soon as it is."""
+    quants = settings.quantizations
+    model_label = settings.hf_repo.split("/")[-1] if settings.hf_repo else Path(settings.model_path or "model").name
+    merging = checkpoint.adapter is not None
+    first_type = intermediate_type(settings, merging)
+    intermediate = scratch / f"intermediate-{first_type.lower()}.gguf"
+    convert.convert(checkpoint.path, intermediate, quantize.CONVERTER_TYPES[first_type], model_label, seal)
+    if projector:
+        with quantize.written_whole(projector) as partial:
+            convert.convert_projector(checkpoint.path, partial, seal)
+    adapter = scratch / "adapter-f16.gguf"
+    if checkpoint.adapter is not None:
+        convert.convert_adapter(checkpoint.adapter, checkpoint.path, adapter, seal)
+    if not settings.model_path or merging:
+        shutil.rmtree(checkpoint.path, ignore_errors=True)  # the downloaded weights are no longer needed
+    if merging:
+        merged = scratch / "merged.gguf"
+        github.log("merging the adapter into the base model")
+        convert.merge_adapter(intermediate, adapter, merged, seal)
+        adapter.unlink()
+        os.replace(merged, intermediate)
+        github.log(f"{intermediate.name} now holds the base model with the adapter merged: it is what is quantized")
+    to_quantize = [q for q in quants if q != first_type]
+    imatrix = settings.imatrix
+    if settings.imatrix_calibration and to_quantize:
+        imatrix = scratch / "imatrix.gguf"
+        github.log(f"computing the importance matrix over {settings.imatrix_calibration.name}")
+        quantize.compute_imatrix(intermediate, settings.imatrix_calibration, imatrix, seal)
+    options = quantize.Options(imatrix=imatrix, output_tensor_type=settings.output_tensor_type,
+                               token_embedding_type=settings.token_embedding_type)
+    ggufs = {}
+    for quant in to_quantize:
+        github.log(f"quantizing to {quant}")
+        quantize.quantize(intermediate, path(settings, quant), quant, seal, options)
+        ggufs[quant] = path(settings, quant)
+    if first_type in quants:
+        os.replace(intermediate, path(settings, first_type))  # same filesystem: a rename
+        ggufs[first_type] = path(settings, first_type)
+    intermediate.unlink(missing_ok=True)
+    for quant in quants:
+        github.log(f"{ggufs[quant].name}: {ggufs[quant].stat().st_size / 1e6:.1f} MB")
+    return {q: ggufs[q] for q in quants}
+
+
+def take(settings: Settings, checkpoint: hub.Checkpoint, seal: process.Seal) -> dict[str, Path]:
+    """The repo's own GGUF files under the names converted ones get: moved when downloaded, else linked
+    (or copied, across filesystems) so that a local model-path folder is left as it was. Split files are
+    merged into one: Ollama 0.34 creates split models but marks them as needing Ollama 0.35, and older
+    versions load one file only."""
+    if quantize_options_set(settings):
+        github.warning("imatrix, imatrix-calibration, output-tensor-type and token-embedding-type are ignored: the "
+                       "repo's GGUF files are published as they are.")
+    ggufs = {}
+    for quant, parts in checkpoint.plan.ggufs.items():
+        name, source, target = parts[0], checkpoint.path / parts[0], path(settings, quant)
+        target.unlink(missing_ok=True)
+        if len(parts) > 1:
+            quantize.merge_split(source, target, seal)
+            if not settings.model_path:
+                for part in parts:
+                    (checkpoint.path / part).unlink()
+        elif not settings.model_path:
+            os.replace(source, target)
+        else:
+            try:
+                os.link(source, target)
+            except OSError:
+                with quantize.written_whole(target) as partial:
+                    shutil.copyfile(source, partial)
+        github.log(f"{name} -> {target.name}: {target.stat().st_size / 1e6:.1f} MB")
+        ggufs[quant] = target
+    return ggufs

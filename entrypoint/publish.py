@@ -1,0 +1,190 @@
+"""Stages 6 and 7: push every tag, verify what the registry holds, and pull it back with an empty Ollama.
+
+Before any push every tag is looked up: a tag that already holds exactly these layers is skipped (a re-run
+is a no-op), a version tag holding other content is refused unless overwrite is set. After each push the
+manifest is read back; then a second Ollama with nothing of its own pulls every tag, as a user's would."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import hashlib
+import json
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from . import github, registry, retry
+from .errors import CheckFailed, RegistryError
+from .ollama import OllamaClient, free_loopback_address, serve, signing_key
+from .settings import Settings
+
+
+@dataclasses.dataclass
+class TagResult:
+    tag: str
+    name: str  # the full name Ollama's API uses
+    quantization: str
+    gguf: Path
+    digest: str = ""  # the local model digest, as `ollama list` shows it
+    size: int = 0
+    registry_digest: str = ""  # the manifest digest in the registry, once pushed
+    layers: tuple[str, ...] = ()  # the config and layer digests the registry holds for the tag, once pushed
+    answer: str = ""
+    pushed: bool = False
+    pulled: bool = False  # an empty Ollama pulled the tag back, with the same layers (and answered)
+
+
+@contextlib.contextmanager
+def push_key(settings: Settings, server_home: Path) -> Iterator[None]:
+    """The push key where our Ollama server reads it at each signature, for the block only: nothing that
+    reads the repository (the converter, the tools) ever runs while it is on disk."""
+    if settings.ollama_host or not settings.ollama_key:  # a server of the user's signs with its own key
+        yield
+        return
+    with signing_key(server_home, settings.ollama_key):
+        yield
+
+
+def _layers(manifest: dict[str, Any]) -> list[str]:
+    return sorted(layer["digest"] for layer in manifest.get("layers", []))
+
+
+def _blobs(manifest: dict[str, Any]) -> tuple[str, ...]:
+    """Every blob a manifest names: its config, then its layers."""
+    return (manifest.get("config", {}).get("digest", ""), *_layers(manifest))
+
+
+def _already_published(client: OllamaClient, settings: Settings, results: list[TagResult]) -> set[str]:
+    """Check every tag in the registry before pushing any. Returns the tags that already hold exactly
+    these layers (a re-run skips them). A version tag holding other content is refused: published
+    versions are immutable unless overwrite is set; tags without the version (latest, ...) move."""
+    name = settings.model_name
+    identical = set()
+    for result in results:
+        try:
+            found = _manifest(settings, result.tag)
+        except RegistryError as exc:
+            if name.is_ollama_com:  # private models cannot be read anonymously: push and let the registry decide
+                github.warning(f"Could not check {result.name} in the registry before pushing: {exc}")
+                continue
+            raise
+        if found is None:
+            continue
+        local = client.local_manifest(name.host, name.namespace, name.model, result.tag)
+        if local is not None and _layers(json.loads(local)) == _layers(found[1]):
+            identical.add(result.tag)
+            result.registry_digest, result.layers = found[0], _blobs(found[1])
+            github.log(f"{result.name} is already published with the same layers; not pushing it again")
+        elif result.tag in settings.immutable_tags and not settings.overwrite:
+            raise CheckFailed(f"{result.name} is already published with different content, and published versions "
+                              "are immutable. Release a new version, or set overwrite: true to replace it.",
+                              input_name="overwrite", title="Version already published")
+    return identical
+
+
+def _manifest(settings: Settings, tag: str) -> tuple[str, dict] | None:
+    name = settings.model_name
+    return retry.retrying(lambda: registry.fetch_manifest(name, tag, insecure=settings.insecure_registry),
+                          f"reading {name.with_tag(tag)} in the registry")
+
+
+def _progress_logger() -> Callable[[dict[str, Any]], None]:
+    """Logs a push's or pull's status lines, each blob's progress in steps of 25%."""
+    reported: dict[str, int] = {}
+
+    def progress(line: dict[str, Any]) -> None:
+        status, total = line.get("status", ""), line.get("total") or 0
+        step = int(100 * (line.get("completed") or 0) / total) // 25 * 25 if total else -1
+        if reported.get(status) != step:
+            reported[status] = step
+            github.log(f"  {status}" + (f" {step}%" if step >= 0 else ""))
+
+    return progress
+
+
+def push(client: OllamaClient, settings: Settings, results: list[TagResult]) -> None:
+    skip = _already_published(client, settings, results)
+    for result in results:
+        if result.tag in skip:
+            result.pushed = True
+            continue
+        github.log(f"pushing {result.name}")
+        # A re-push resumes: blobs the registry already has are skipped. Refusals are not retried, nor is
+        # Ollama gone (OllamaUnreachable is never retriable).
+        retry.retrying(functools.partial(client.push, result.name, settings.insecure_registry, _progress_logger()),
+                       f"pushing {result.name}")
+        _verify_pushed(client, settings, result)
+        result.pushed = True
+
+
+def _verify_pushed(client: OllamaClient, settings: Settings, result: TagResult) -> None:
+    """Read the manifest back from the registry. With our own server's manifest file at hand, the registry
+    must hold exactly that manifest (Ollama pushes the file without its final newline): the config and
+    layers built and checked here. Without it (ollama-host), the manifest must at least have a model layer.
+    """
+    name = settings.model_name
+    try:
+        found = _manifest(settings, result.tag)
+    except RegistryError as exc:
+        if name.is_ollama_com:  # private models cannot be read back anonymously
+            github.warning(f"Pushed {result.name}, but could not read it back to verify: {exc}")
+            return
+        raise
+    if found is None:
+        raise CheckFailed(f"After pushing {result.name} the registry has no such tag.", title="Push not verified")
+    result.registry_digest, remote = found
+    remote_layers = _layers(remote)
+    result.layers = _blobs(remote)
+    local = client.local_manifest(name.host, name.namespace, name.model, result.tag)
+    if local is not None:
+        expected = "sha256:" + hashlib.sha256(local.removesuffix(b"\n")).hexdigest()
+        if result.registry_digest != expected:
+            raise CheckFailed(f"After pushing {result.name} the registry holds manifest {result.registry_digest}, "
+                              f"not {expected}, the one Ollama built (layers there: {remote_layers}).",
+                              title="Push not verified")
+    elif not any(layer.get("mediaType") == "application/vnd.ollama.image.model" for layer in remote.get("layers", [])):
+        raise CheckFailed(f"The registry's manifest for {result.name} has no model layer.", title="Push not verified")
+    github.log(f"  verified in the registry: manifest {result.registry_digest}, {len(remote_layers)} layers")
+
+
+def pull_back(settings: Settings, scratch: Path, results: list[TagResult],
+               smoke: Callable[[OllamaClient, str], str]) -> None:
+    """The proof a user's `ollama pull` works: a second Ollama with nothing of its own (models, blobs, HOME)
+    pulls every pushed tag, must hold exactly the blobs the registry verified, and answers the smoke test
+    once per quantization. One quantization at a time, deleted once checked, so the disk holds one copy."""
+    root = scratch / "pull-back"
+    name = settings.model_name
+    try:
+        with serve(root / "ollama.log", root / "models", root / "home", settings.ollama_key,
+                   bind=free_loopback_address()) as empty:
+            by_quantization: dict[str, list[TagResult]] = {}
+            for result in results:
+                by_quantization.setdefault(result.quantization, []).append(result)
+            for tagged in by_quantization.values():
+                for result in tagged:
+                    retry.retrying(functools.partial(empty.pull, result.name, settings.insecure_registry,
+                                                     _progress_logger()), f"pulling {result.name}")
+                    pulled = empty.local_manifest(name.host, name.namespace, name.model, result.tag)
+                    blobs = _blobs(json.loads(pulled)) if pulled is not None else ()
+                    if blobs != result.layers:
+                        raise CheckFailed(f"An empty Ollama pulled {result.name} with blobs {list(blobs)}, not "
+                                          f"{list(result.layers)}, the ones pushed.", title="Pull check failed")
+                account = smoke(empty, tagged[0].name) if settings.smoke_test else "pulled"
+                github.log(f"{tagged[0].quantization}: pulled by an empty Ollama, same blobs; {account}")
+                for result in tagged:
+                    empty.delete(result.name)
+                    result.pulled = True
+    except (RegistryError, CheckFailed) as exc:
+        message = (f"Pushed, but an empty Ollama could not use what it pulled from {name.host}: {exc.message}"
+                   if isinstance(exc, CheckFailed) else
+                   f"Pushed, but an empty Ollama could not pull it back from {name.host}, so users cannot "
+                   f"either: {exc.message}")
+        if settings.pull_check == "fail":
+            raise CheckFailed(message + " (Set pull-check: warn to accept this.)", input_name="pull-check",
+                              title="Pull check failed") from exc
+        github.warning(message)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
