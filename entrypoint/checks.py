@@ -262,7 +262,7 @@ def compared_capabilities(caps: chat_jinja.Capabilities, offered: set[str]) -> c
 
 def prompt_parity(client: OllamaClient, model: str, create_body: dict[str, Any], info: modelfile.TokenizerInfo,
                   adds_bos: bool, renderings: list[str], caps: chat_jinja.Capabilities | None = None,
-                  leading_bos: str = "") -> tuple[list[ParityFailure], int]:
+                  leading_bos: str = "", show: dict[str, Any] | None = None) -> tuple[list[ParityFailure], int]:
     """For each conversation and each of `renderings` (renderings_to_check's: the model's own first), the
     prompt Ollama builds for a chat request must be the checkpoint's own Jinja rendering, character for
     character (so token for token). The conversations: the plain ones, and with `caps` (the checkpoint's
@@ -275,7 +275,7 @@ def prompt_parity(client: OllamaClient, model: str, create_body: dict[str, Any],
     A request without `think`, as most clients send, makes a model Ollama deems able to think think
     (think: true, passed to the Jinja as enable_thinking), so the Jinja rendering compared gets the same.
     leading_bos: the BOS text a RENDERER writes first, which Ollama takes off the prompt when the GGUF's
-    tokenizer adds BOS itself (so it is taken off here too).
+    tokenizer adds BOS itself (so it is taken off here too). show: the model's /api/show, when the caller has it.
     """
     probe = f"{model.rpartition(':')[0]}:parity-probe"
     forced = GO_TEMPLATE in renderings[1:]
@@ -284,7 +284,9 @@ def prompt_parity(client: OllamaClient, model: str, create_body: dict[str, Any],
     failures, compared = [], 0
     try:
         targets = {rendering: probe if forced and rendering == GO_TEMPLATE else model for rendering in renderings}
-        offered = {rendering: set(client.show(target).get("capabilities", [])) for rendering, target in targets.items()}
+        shown = {target: show if target == model and show is not None else client.show(target)
+                 for target in set(targets.values())}
+        offered = {rendering: set(shown[target].get("capabilities", [])) for rendering, target in targets.items()}
         thinks = {rendering: "thinking" in offered[rendering] for rendering in targets}
         cases = {rendering: conversations(compared_capabilities(caps, offered[rendering]) if caps else
                                           chat_jinja.NO_CAPABILITIES) for rendering in targets}

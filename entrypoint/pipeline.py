@@ -205,11 +205,10 @@ def _prove(models: _Models, settings: Settings, src: source.Source, candidates: 
 
     name = settings.model_name.with_tag(settings.tags[0][1])
     chosen, caveat = proof.settle(candidates, attempt, settings.prompt_parity, name, models.client.version())
-    offered = checks.offered_capabilities(models.client.show(models.results[0].name))
     rendering = checks.describe_rendering(chosen.rendering, bool(chosen.spec.template))
     github.log(f"Ollama renders the prompts with {rendering}; the models offer: "
-               f"{checks.describe_capabilities(offered)}")
-    return chosen, caveat, offered
+               f"{checks.describe_capabilities(chosen.offered)}")
+    return chosen, caveat, chosen.offered
 
 
 def _smoke(settings: Settings, task: str, offered: tuple[str, ...], embedding_size: int

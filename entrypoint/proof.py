@@ -26,6 +26,7 @@ class Attempt:
     chat_format: modelfile.ChatFormat
     spec: modelfile.ModelSpec  # as created: with PARSER passthrough when the proof pinned the TEMPLATE
     rendering: str  # the rendering Ollama uses for the models (checks.selected_rendering)
+    offered: tuple[str, ...]  # the tools and thinking the models offer (their /api/show)
     failures: list[checks.ParityFailure] | None  # None: nothing was compared (prompt-parity: off, or no template)
 
     @property
@@ -99,19 +100,20 @@ def prove(client: OllamaClient, create: Create, spec: modelfile.ModelSpec, chat_
     prefers, fails (llama-server renders it other than transformers, or the GGUF's copy is stale) the
     TEMPLATE is pinned. Then the models must offer the checkpoint's tools (and should offer its thinking)."""
     name, body = create(spec)
-    rendering = checks.selected_rendering(client.show(name), spec.template)
+    show = client.show(name)
+    rendering, offered = checks.selected_rendering(show, spec.template), checks.offered_capabilities(show)
     if prompt_parity == "off":
-        return Attempt(chat_format, spec, rendering, None)
+        return Attempt(chat_format, spec, rendering, offered, None)
     if not info.chat_template:
         github.warning("prompt parity not checked: the checkpoint has no chat template to compare with")
-        return Attempt(chat_format, spec, rendering, None)
+        return Attempt(chat_format, spec, rendering, offered, None)
     renderings = checks.renderings_to_check(rendering, spec.template)
     github.log(f"prompt parity of {name} with the checkpoint's chat template (the same for every quantization), "
                f"as Ollama renders it [{', '.join(renderings)}]:")
     failures, compared = checks.prompt_parity(client, name, body, info, adds_bos, renderings, caps,
-                                              chat_format.leading_bos)
+                                              chat_format.leading_bos, show)
     if not compared:  # the template renders no conversation: refused, or warned about, before any weights
-        return Attempt(chat_format, spec, rendering, None)
+        return Attempt(chat_format, spec, rendering, offered, None)
     if checks.pins_template(failures, renderings):
         github.warning(f"Ollama would render the prompts of {name} with the GGUF's own Jinja chat template, in "
                        "llama-server (it supports more than the TEMPLATE: tools, thinking), and that builds other "
@@ -120,14 +122,15 @@ def prove(client: OllamaClient, create: Create, spec: modelfile.ModelSpec, chat_
                        + checks.explain(failures))
         spec = dataclasses.replace(spec, parser=checks.PIN_PARSER)
         name, _ = create(spec)
-        rendering, failures = checks.selected_rendering(client.show(name), spec.template), []
-    show = client.show(name)
+        show = client.show(name)
+        rendering, offered, failures = checks.selected_rendering(show, spec.template), checks.offered_capabilities(
+            show), []
     failures += checks.capability_failures(caps, show)
     if not failures and checks.missing_thinking(caps, show):
         github.warning(f"The checkpoint's chat template thinks, and {name} does not offer thinking: Ollama "
                        f"{client.version()} leaves the reasoning in the answer (it splits it off only between tags it "
                        "knows, such as <think>). The prompts are the checkpoint's.")
-    return Attempt(chat_format, spec, rendering, failures)
+    return Attempt(chat_format, spec, rendering, offered, failures)
 
 
 def reasoning_dropped(name: str, version: str, failures: list[checks.ParityFailure]) -> str:

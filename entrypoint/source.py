@@ -59,9 +59,11 @@ def fetch(settings: Settings, scratch: Path, client: OllamaClient) -> Source:
             convert.check_config_matches_weights(hub.read_json(checkpoint.path / "config.json"), shapes,
                                                  input_name(settings))
             seal = dataclasses.replace(seal, memory_bytes=preflight.tool_memory(convert.largest_tensor(shapes)))
-        task = _task(checkpoint)
-        if task != "embedding" and chat is None:  # a repo of GGUF files: its template is in them
-            chat = _chat(settings, _tokenizer_info(checkpoint))
+            task = _task(checkpoint)
+        else:  # a repo of GGUF files: what it is and its template are in them (the first, or first part)
+            metadata = gguf_header.read_metadata(checkpoint.path / next(iter(checkpoint.plan.ggufs.values()))[0])
+            task = "embedding" if f"{metadata.get('general.architecture')}.pooling_type" in metadata else "chat"
+            chat = _chat(settings, modelfile.tokenizer_info_from_gguf(metadata)) if task == "chat" else None
         license_text = modelfile.read_license(checkpoint.adapter or checkpoint.path) or \
             modelfile.read_license(checkpoint.path)
         return Source(checkpoint=checkpoint, task=task, chat=chat if task != "embedding" else None,
@@ -218,12 +220,9 @@ def _check_resources(settings: Settings, client: OllamaClient, scratch: Path, re
 
 
 def _task(checkpoint: hub.Checkpoint) -> str:
-    """'embedding': a sentence-transformers checkpoint (its modules.json gives the converter the pooling) or
-    a GGUF with a pooling type; 'vision': a checkpoint with an image encoder the converter writes as a
-    projector; else 'chat'."""
-    if checkpoint.plan.kind == "gguf":
-        metadata = gguf_header.read_metadata(checkpoint.path / next(iter(checkpoint.plan.ggufs.values()))[0])
-        return "embedding" if f"{metadata.get('general.architecture')}.pooling_type" in metadata else "chat"
+    """A checkpoint's task: 'embedding' for a sentence-transformers checkpoint (its modules.json gives the
+    converter the pooling), 'vision' for one with an image encoder the converter writes as a projector, else
+    'chat'. (A repo of GGUF files tells by its pooling type: fetch.)"""
     if "modules.json" in checkpoint.plan.files:
         return "embedding"
     config = hub.read_json(checkpoint.path / "config.json")
@@ -267,9 +266,6 @@ def input_name(settings: Settings) -> str:
 
 
 def _tokenizer_info(checkpoint: hub.Checkpoint) -> modelfile.TokenizerInfo:
-    if checkpoint.plan.kind == "gguf":  # a GGUF carries its chat template and special tokens in its metadata
-        first = checkpoint.path / next(iter(checkpoint.plan.ggufs.values()))[0]  # split files: the first part
-        return modelfile.tokenizer_info_from_gguf(gguf_header.read_metadata(first))
     return modelfile.read_tokenizer_info(_tokenizer_folder(checkpoint), base=checkpoint.path)
 
 

@@ -139,8 +139,7 @@ def _prove_candidates(client: OllamaClient, index: int, path: Path, gguf: Path, 
             except PublishError as exc:
                 tried.append(f"Ollama rejects {how} ({exc.message[:60]})")
                 continue
-            failures = attempt.failures or []
-            offered = checks.offered_capabilities(client.show(name))
+            failures, offered = attempt.failures or [], attempt.offered
             compared = set(checks.conversations(checks.compared_capabilities(caps, set(offered))))
             verdict = _verdict([f for f in failures if f.conversation != "capabilities"], compared)
             row = Row(path.stem, how, attempt.rendering, caps.names(), verdict)

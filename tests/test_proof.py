@@ -22,7 +22,7 @@ def _failure(conversation: str, dropped: bool = False) -> checks.ParityFailure:
 
 
 def _attempt(name: str, failures: list[checks.ParityFailure] | None) -> proof.Attempt:
-    return proof.Attempt(_format(name), SPEC, checks.GO_TEMPLATE, failures)
+    return proof.Attempt(_format(name), SPEC, checks.GO_TEMPLATE, (), failures)
 
 
 class Candidates:
