@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -46,6 +47,22 @@ def stack(tmp_path_factory) -> Iterator[Stack]:
     with servers.hub(root / "hub") as (endpoint, mirrors), servers.registry(root / "registry") as registry:
         servers.add_model_repo(mirrors, HF_REPO, checkpoint, tags=("v1.0.0",))
         yield Stack(hub_endpoint=endpoint, registry=registry, mirrors=mirrors)
+
+
+@pytest.fixture(scope="session")
+def ready_gguf(tmp_path_factory) -> Path:
+    """A folder holding SmolLM2-135M-Instruct converted to Q8_0 by the sealed converter, as the action does,
+    and its license: a repo of ready GGUF files for model-path. The tests about pushing, pulling, faults
+    and re-runs start from it, where converting is not the subject (each worker converts once)."""
+    from entrypoint import convert, preflight, process  # imported here: the unit tier collects this file
+
+    checkpoint = Path(os.environ["SMOLLM2_CHECKPOINT"])
+    folder = tmp_path_factory.mktemp("ready-gguf")
+    seal = process.Seal(preflight.tool_memory(convert.largest_tensor(convert.safetensors_shapes(checkpoint))),
+                        input_name="model-path")
+    convert.convert(checkpoint, folder / "SmolLM2-135M-Instruct-Q8_0.gguf", "q8_0", "SmolLM2-135M-Instruct", seal)
+    shutil.copy(checkpoint / "LICENSE", folder)
+    return folder
 
 
 @dataclasses.dataclass

@@ -220,6 +220,10 @@ def add_model_repo(mirrors: Path, repo_id: str, checkpoint: Path, tags: tuple[st
     shutil.copytree(checkpoint, repo, dirs_exist_ok=True)
     git = ["git", "-C", str(repo), "-c", "user.name=tests", "-c", "user.email=tests@localhost"]
     subprocess.run(git[:3] + ["init", "-q", "-b", "main"], check=True)
+    # Weights stored as they are: zlib at git's default level takes most of the time of committing them,
+    # and saves little on weights. (Every commit of the repo, a test's branches too, follows this.)
+    for setting in ("core.compression", "core.loosecompression"):
+        subprocess.run(git[:3] + ["config", setting, "0"], check=True)
     subprocess.run(git + ["add", "-A"], check=True)
     subprocess.run(git + ["commit", "-q", "-m", f"{repo_id} checkpoint"], check=True)
     for tag in tags:

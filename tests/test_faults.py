@@ -112,11 +112,11 @@ def _ollama_server_pids(bind: str) -> list[int]:
     return pids
 
 
-def test_ollama_killed_during_create_fails_clearly_and_a_rerun_completes(tmp_path, stack):
+def test_ollama_killed_during_create_fails_clearly_and_a_rerun_completes(tmp_path, stack, ready_gguf):
     repository = "faults/ollama-killed"
-    inputs = {"hf-repo": HF_REPO, "ollama-model": f"{stack.registry}/{repository}", "quantizations": "Q8_0",
-              "insecure-registry": "true"}
-    env = {"HF_ENDPOINT": stack.hub_endpoint}
+    inputs = {"model-path": str(ready_gguf), "ollama-model": f"{stack.registry}/{repository}",
+              "quantizations": "Q8_0", "insecure-registry": "true"}
+    env: dict[str, str] = {}
     killed: list[int] = []
 
     def kill_during_create(line, process, run_env):
@@ -139,15 +139,15 @@ def test_ollama_killed_during_create_fails_clearly_and_a_rerun_completes(tmp_pat
     assert fault_report.assert_all_or_nothing(stack.registry, repository, RELEASE_Q8) == RELEASE_Q8
 
 
-def test_registry_down_for_good_fails_after_retries_and_a_rerun_completes(tmp_path, stack):
+def test_registry_down_for_good_fails_after_retries_and_a_rerun_completes(tmp_path, stack, ready_gguf):
     """The registry stops as the first push starts and stays down: three attempts, one clear error,
     nothing published. Once it is back, the same release run again publishes everything."""
     root, address = tmp_path / "down-registry", f"127.0.0.1:{servers.free_port()}"
     registry = Restartable(lambda: servers.registry(root, address))
     repository = "faults/registry-down"
-    inputs = {"hf-repo": HF_REPO, "ollama-model": f"{address}/{repository}", "quantizations": "Q8_0",
+    inputs = {"model-path": str(ready_gguf), "ollama-model": f"{address}/{repository}", "quantizations": "Q8_0",
               "insecure-registry": "true"}
-    env = {"HF_ENDPOINT": stack.hub_endpoint}
+    env: dict[str, str] = {}
     stopped: list[bool] = []
 
     def stop_at_push(line, process, run_env):
@@ -205,7 +205,7 @@ def _writes_need_credentials(challenge: Callable[[], str]):
 
 
 @pytest.mark.parametrize("scheme", ["bearer token refused", "basic"])
-def test_a_push_the_registry_refuses_is_not_retried(tmp_path, stack, scheme):
+def test_a_push_the_registry_refuses_is_not_retried(tmp_path, stack, ready_gguf, scheme):
     """A registry that demands credentials: Ollama asks a token server on the registry's own host (which
     refuses this key), or cannot answer a Basic challenge at all. One attempt, 401 named, nothing published."""
     repository = f"faults/push-refused-{scheme.split()[0]}"
@@ -214,9 +214,8 @@ def test_a_push_the_registry_refuses_is_not_retried(tmp_path, stack, scheme):
         if scheme.startswith("bearer") else (lambda: 'Basic realm="Registry Realm"')
     with servers.relay(f"http://{stack.registry}", _writes_need_credentials(challenge)) as address:
         front["address"] = address
-        run = action_runner(tmp_path)({"hf-repo": HF_REPO, "ollama-model": f"{address}/{repository}",
-                                       "quantizations": "Q8_0", "insecure-registry": "true"},
-                                      env={"HF_ENDPOINT": stack.hub_endpoint})
+        run = action_runner(tmp_path)({"model-path": str(ready_gguf), "ollama-model": f"{address}/{repository}",
+                                       "quantizations": "Q8_0", "insecure-registry": "true"})
     assert run.returncode == 1, run.stdout[-3000:]
     errors = run.errors()
     assert len(errors) == 1 and "title=Push refused" in errors[0], errors
@@ -225,12 +224,11 @@ def test_a_push_the_registry_refuses_is_not_retried(tmp_path, stack, scheme):
     assert fault_report.assert_all_or_nothing(stack.registry, repository, RELEASE_Q8) == set()
 
 
-def test_a_push_answered_503_is_retried_and_completes(tmp_path, stack):
+def test_a_push_answered_503_is_retried_and_completes(tmp_path, stack, ready_gguf):
     repository = "faults/push-503"
     with servers.relay(f"http://{stack.registry}", _manifest_puts(503, times=1)) as front:
-        run = action_runner(tmp_path)({"hf-repo": HF_REPO, "ollama-model": f"{front}/{repository}",
-                                       "quantizations": "Q8_0", "insecure-registry": "true"},
-                                      env={"HF_ENDPOINT": stack.hub_endpoint})
+        run = action_runner(tmp_path)({"model-path": str(ready_gguf), "ollama-model": f"{front}/{repository}",
+                                       "quantizations": "Q8_0", "insecure-registry": "true"})
     assert run.returncode == 0, run.stdout[-3000:]
     retries = [line for line in run.stdout.splitlines() if "retrying in" in line]
     assert len(retries) == 1 and "pushing" in retries[0] and "503" in retries[0], retries

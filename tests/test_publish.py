@@ -320,12 +320,13 @@ def test_prompt_parity_passed_for_every_conversation(release):
     assert len(parity_lines) == 1 and ":1.0.0-q4_K_M " in parity_lines[0]  # Q4_K_M is smaller than Q8_0
 
 
-def test_rerun_is_a_no_op_and_published_versions_are_immutable(stack, run_action, tmp_path):
+def test_rerun_is_a_no_op_and_published_versions_are_immutable(stack, run_action, tmp_path, ready_gguf):
     """Same release twice: nothing pushed again. Different content under the same version: refused
-    before any push, unless overwrite is set; latest moves with it."""
-    inputs = {"hf-repo": HF_REPO, "ollama-model": f"{stack.registry}/test-team/immutable", "quantizations": "Q8_0",
-              "insecure-registry": "true", "prompt-parity": "warn"}
-    env = {"HF_ENDPOINT": stack.hub_endpoint}
+    before any push, unless overwrite is set; latest moves with it. (From a folder of ready GGUF files:
+    model-path.)"""
+    inputs = {"model-path": str(ready_gguf), "ollama-model": f"{stack.registry}/test-team/immutable",
+              "quantizations": "Q8_0", "insecure-registry": "true", "prompt-parity": "warn"}
+    env: dict[str, str] = {}
     first = run_action(inputs, env=env)
     assert first.returncode == 0, first.stdout[-2000:]
     before = {m["tag"]: m["registry_digest"] for m in json.loads(first.outputs["models"])}
@@ -351,7 +352,7 @@ def test_rerun_is_a_no_op_and_published_versions_are_immutable(stack, run_action
     assert set(after) == set(before) and all(after[t] != before[t] for t in before)
 
 
-def test_registry_down_during_push_is_retried(stack, run_action, tmp_path):
+def test_registry_down_during_push_is_retried(stack, run_action, tmp_path, ready_gguf):
     """The registry stops as the first push starts and is back two seconds later: the push is retried
     (logged as a warning) and the release completes."""
     root, address = tmp_path / "flaky-registry", f"127.0.0.1:{servers.free_port()}"
@@ -372,9 +373,8 @@ def test_registry_down_during_push_is_retried(stack, run_action, tmp_path):
             state["thread"].start()
 
     try:
-        run = run_action({"hf-repo": HF_REPO, "ollama-model": f"{address}/test-team/retried", "quantizations": "Q8_0",
-                          "insecure-registry": "true"}, env={"HF_ENDPOINT": stack.hub_endpoint},
-                         on_line=stop_then_restart)
+        run = run_action({"model-path": str(ready_gguf), "ollama-model": f"{address}/test-team/retried",
+                          "quantizations": "Q8_0", "insecure-registry": "true"}, on_line=stop_then_restart)
     finally:
         if "thread" in state:
             state["thread"].join()

@@ -11,7 +11,7 @@ import json
 import pytest
 
 from tests import fault_report, servers
-from tests.conftest import HF_REPO, registry_tags
+from tests.conftest import registry_tags
 
 pytestmark = pytest.mark.servers
 RELEASE_Q8 = ["1.0.0", "1.0.0-q8_0", "latest"]
@@ -23,14 +23,13 @@ def plain_registry(tmp_path_factory):
         yield address
 
 
-def _publish(stack, run_action, registry: str, repository: str, pull_check: str):
-    return run_action({"hf-repo": HF_REPO, "ollama-model": f"{registry}/{repository}", "quantizations": "Q8_0",
-                       "insecure-registry": "true", "pull-check": pull_check},
-                      env={"HF_ENDPOINT": stack.hub_endpoint})
+def _publish(ready_gguf, run_action, registry: str, repository: str, pull_check: str):
+    return run_action({"model-path": str(ready_gguf), "ollama-model": f"{registry}/{repository}",
+                       "quantizations": "Q8_0", "insecure-registry": "true", "pull-check": pull_check})
 
 
-def test_a_registry_no_ollama_can_pull_from_fails_the_run(stack, run_action, plain_registry):
-    run = _publish(stack, run_action, plain_registry, "pull-back/fail", "fail")
+def test_a_registry_no_ollama_can_pull_from_fails_the_run(ready_gguf, run_action, plain_registry):
+    run = _publish(ready_gguf, run_action, plain_registry, "pull-back/fail", "fail")
     assert run.returncode == 1, run.stdout[-3000:]
     errors = run.errors()
     assert len(errors) == 1, errors
@@ -45,8 +44,8 @@ def test_a_registry_no_ollama_can_pull_from_fails_the_run(stack, run_action, pla
     fault_report.pull_check_failed()
 
 
-def test_pull_check_warn_publishes_and_says_it_was_not_pulled(stack, run_action, plain_registry):
-    run = _publish(stack, run_action, plain_registry, "pull-back/warn", "warn")
+def test_pull_check_warn_publishes_and_says_it_was_not_pulled(ready_gguf, run_action, plain_registry):
+    run = _publish(ready_gguf, run_action, plain_registry, "pull-back/warn", "warn")
     assert run.returncode == 0, run.stdout[-3000:]
     warnings = [line for line in run.stdout.splitlines() if line.startswith("::warning")]
     assert any("could not pull it back" in w and "no Location header" in w for w in warnings), warnings
