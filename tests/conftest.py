@@ -25,6 +25,9 @@ HF_REPO = "test-org/SmolLM2-135M-Instruct"
 # before 0.30, it loops on the default one ("L'Étoile, la Cité, la France, la France, ...").
 SMOKE_PROMPT = "What is the capital of Germany?"
 ACTION_TIMEOUT_S = 900
+# What the runner puts in a step's environment that no tool reading the repository may see.
+RUNNER_SECRETS = {"ACTIONS_RUNTIME_TOKEN": "runtime-token-secret", "ACTIONS_ID_TOKEN_REQUEST_TOKEN": "oidc-secret",
+                  "HF_TOKEN": "hf_EnvironmentTokenSecret", "GITHUB_TOKEN": "ghs_WorkflowTokenSecret"}
 # One thread for every llama-server the tests start (through any Ollama, ours or the action's): with
 # more, ggml's threads spin-wait on each other on these shared 2-core machines, about 30x slower.
 # Ollama passes no -t unless num_thread is set, and llama-server then reads this variable.
@@ -96,6 +99,12 @@ def parse_outputs(text: str) -> dict[str, str]:
             outputs[name] = value
             i += 1
     return outputs
+
+
+def make_ollama_key(folder: Path) -> str:
+    """A new Ollama key (ed25519, OpenSSH format) written to folder/key; returns its text."""
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "test", "-f", str(folder / "key")], check=True)
+    return (folder / "key").read_text()
 
 
 def action_runner(tmp_path: Path):

@@ -74,6 +74,10 @@ class Runner:
         self.docker_host = docker_host or os.environ["DOCKER_HOST"]  # unix://PATH: the engine's socket
         self.client = docker.DockerClient(base_url=self.docker_host, timeout=RUN_TIMEOUT_S)
 
+    @property
+    def mounted(self) -> tuple[Path, ...]:
+        return self.home, self.workspace, self.workflow, self.file_commands, self.runner_temp
+
     def run(self, inputs: dict[str, str], env: dict[str, str] | None = None,
             on_line: Callable[[str, docker.models.containers.Container], None] | None = None) -> ContainerRun:
         """Run the action's container to its end; on_line(line, container) sees each stdout line as it comes."""
@@ -132,3 +136,15 @@ class Runner:
                             outputs_text=output.read_text(), summary=summary.read_text(), home=self.home,
                             workspace=self.workspace, workflow=self.workflow, file_commands=self.file_commands,
                             runner_temp=self.runner_temp)
+
+
+def secrets_left(run: ContainerRun, secrets: list[str]) -> list[str]:
+    """Where any secret shows: stdout (the ::add-mask:: lines GitHub swallows aside), stderr, and every
+    file the container left in the runner's folders it mounted."""
+    places = {"stdout": "\n".join(line for line in run.stdout.splitlines() if not line.startswith("::add-mask::")),
+              "stderr": run.stderr}
+    for folder in run.mounted:
+        for path in folder.rglob("*"):
+            if path.is_file() and not path.is_symlink():
+                places[str(path)] = path.read_bytes().decode("latin-1")
+    return [f"{secret[:8]}... in {where}" for secret in secrets for where, text in places.items() if secret in text]

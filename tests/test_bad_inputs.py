@@ -15,8 +15,7 @@ import pytest
 from entrypoint.quantize import tag_suffix
 from tests import fault_report, servers
 from tests.material import bert
-from tests.conftest import HF_REPO, action_runner, registry_tags
-from tests.test_publish import make_ollama_key
+from tests.conftest import HF_REPO, action_runner, make_ollama_key, registry_tags
 
 pytestmark = pytest.mark.servers
 TOKEN = "hf_BadInputCaseTokenNeverPrinted987654321"

@@ -1,6 +1,6 @@
 """The pull-back check after the push (publish.pull_back), against real registries. Ollama 0.30 and
 later download a blob only from where the registry redirects it, as ollama.com redirects to its CDN: the
-stack's registry does (tests/servers.registry), so an empty Ollama pulls every tag there (tests/test_publish).
+stack's registry does (tests/servers.registry), so an empty Ollama pulls every tag there (tests/test_release).
 A plain docker-registry serves blobs itself and no current Ollama can pull from it: with pull-check: fail
 the run fails saying so, with warn it publishes and warns; neither calls the model pulled."""
 
