@@ -76,9 +76,12 @@ def summary_markdown(report: pipeline.Report, source: str, workspace: Path) -> s
     return "\n".join(lines) + "\n"
 
 
-def _fail(title: str, message: str) -> int:
-    github.error(message, title=title)
-    github.write_summary(f"## ollama-publish failed\n\n**{title}**\n\n```\n{message}\n```\n")
+def _fail(title: str, message: str, more: str = "") -> int:
+    """One error annotation and the same at the top of the summary: what happened, why and the fix (the
+    message), and where the README says more."""
+    github.error(f"{message}\nMore: {more}" if more else message, title=title)
+    more_line = f"More: [{more.rpartition('#')[2]}]({more})\n" if more else ""
+    github.write_summary(f"## ollama-publish failed\n\n**{title}**\n\n```\n{message}\n```\n\n{more_line}")
     return 1
 
 
@@ -97,7 +100,7 @@ def main() -> int:
         settings = build_settings(values, environ)
         report = pipeline.run(settings)
     except PublishError as exc:
-        return _fail(exc.title, exc.shown)
+        return _fail(exc.title, exc.shown, more=github.readme_link(exc.anchor))
     except Exception as exc:  # a bug, not a user error: keep the traceback (scrubbed of secrets) for the report
         github.log(traceback.format_exc())
         return _fail("ollama-publish crashed", f"Unexpected {type(exc).__name__}: {exc}. Please report this "

@@ -14,7 +14,7 @@ from typing import Any
 import jinja2
 
 from . import chat_jinja, github, modelfile
-from .errors import CheckFailed, OllamaRefused
+from .errors import SmokeTestFailed, OllamaRefused
 from .ollama import OllamaClient
 
 SMOKE_MAX_TOKENS = 256
@@ -116,14 +116,13 @@ def smoke_test(client: OllamaClient, model: str, prompt: str, parameters: tuple[
     reason = reply.get("done_reason", "")
     github.log(f"{model}: {answer!r} (done_reason: {reason})")
     if not answer:
-        raise CheckFailed(f"Smoke test failed: {model} gave an empty answer to {prompt!r}. Check the template and "
-                          "parameters inputs.", title="Smoke test failed")
+        raise SmokeTestFailed(f"Smoke test failed: {model} gave an empty answer to {prompt!r}. Check the template and "
+                              "parameters inputs.")
     if reason != "stop":
-        raise CheckFailed(
+        raise SmokeTestFailed(
             f"Smoke test failed: {model} did not stop by itself (done_reason '{reason}' after "
             f"{reply.get('eval_count')} tokens). Its answer began: {answer[:200]!r}. A model that does not stop "
-            "usually has the wrong template or stop tokens, or a num_predict parameter that is too small.",
-            title="Smoke test failed")
+            "usually has the wrong template or stop tokens, or a num_predict parameter that is too small.")
     return answer.strip()
 
 
@@ -144,16 +143,16 @@ def embedding_smoke_test(client: OllamaClient, model: str, dimensions: int) -> s
     than unrelated ones. Returns a one-line account for the summary."""
     vectors = client.embed(model, list(EMBEDDING_PROBE))
     if len(vectors) != len(EMBEDDING_PROBE) or any(len(v) != dimensions for v in vectors):
-        raise CheckFailed(f"Smoke test failed: {model} returned {len(vectors)} embeddings of sizes "
-                          f"{sorted({len(v) for v in vectors})} for {len(EMBEDDING_PROBE)} inputs; expected "
-                          f"{dimensions} dimensions each.", title="Smoke test failed")
+        raise SmokeTestFailed(f"Smoke test failed: {model} returned {len(vectors)} embeddings of sizes "
+                              f"{sorted({len(v) for v in vectors})} for {len(EMBEDDING_PROBE)} inputs; expected "
+                              f"{dimensions} dimensions each.")
     similar, unrelated = _cosine(vectors[0], vectors[1]), _cosine(vectors[0], vectors[2])
     account = f"{dimensions} dimensions; similar sentences {similar:.3f} > unrelated {unrelated:.3f}"
     github.log(f"{model}: {account.replace(' > ', ' vs ')}")
     if not similar > unrelated:
-        raise CheckFailed(f"Smoke test failed: {model} puts {EMBEDDING_PROBE[0]!r} closer to the unrelated "
-                          f"{EMBEDDING_PROBE[2]!r} ({unrelated:.3f}) than to {EMBEDDING_PROBE[1]!r} ({similar:.3f}). "
-                          "The pooling or the weights are wrong.", title="Smoke test failed")
+        raise SmokeTestFailed(f"Smoke test failed: {model} puts {EMBEDDING_PROBE[0]!r} closer to the unrelated "
+                              f"{EMBEDDING_PROBE[2]!r} ({unrelated:.3f}) than to {EMBEDDING_PROBE[1]!r} "
+                              f"({similar:.3f}). The pooling or the weights are wrong.")
     return account
 
 
@@ -168,8 +167,8 @@ def vision_smoke_test(client: OllamaClient, model: str) -> str:
     account = f"an image adds {with_image - without} prompt tokens"
     github.log(f"{model}: {account} ({without} without it)")
     if with_image <= without:
-        raise CheckFailed(f"Smoke test failed: {model} ignores images ({with_image} prompt tokens with one, "
-                          f"{without} without). Its projector did not load.", title="Smoke test failed")
+        raise SmokeTestFailed(f"Smoke test failed: {model} ignores images ({with_image} prompt tokens with one, "
+                              f"{without} without). Its projector did not load.")
     return account
 
 

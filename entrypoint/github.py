@@ -76,6 +76,12 @@ def error(message: str, title: str | None = None) -> None:
     _emit(f"::error{props}::{_escape_data(redact(message))}")
 
 
+def readme_link(anchor: str) -> str:
+    """Where the action's README explains `anchor`: a URL at the ref the workflow uses, when
+    scripts/select-image knew it (OLLAMA_PUBLISH_README), else the file's name in the action's repository."""
+    return f"{os.environ.get('OLLAMA_PUBLISH_README') or 'README.md'}#{anchor}"
+
+
 @contextlib.contextmanager
 def group(name: str) -> Iterator[None]:
     _emit(f"::group::{_escape_data(name)}")

@@ -246,7 +246,8 @@ def _hub_errors(api: HfApi, repo: str, revision: str, token: str, repo_input: st
         where = destination or Path.cwd()
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise DiskFull(where, free=shutil.disk_usage(_existing(where)).free, what=f"downloading {repo}") from exc
-        raise LocalWriteFailed(f"Could not write {repo}'s files into {where}: {exc}.", path=where,
+        raise LocalWriteFailed(f"Could not write {repo}'s files into {where}: {exc}. Point output-dir at a "
+                               "writable folder in the workspace.", path=where,
                                title="Download failed") from exc
 
 

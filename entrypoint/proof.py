@@ -15,7 +15,7 @@ import dataclasses
 from collections.abc import Callable
 
 from . import chat_jinja, checks, github, modelfile
-from .errors import CheckFailed
+from .errors import ParityFailed
 from .ollama import OllamaClient
 
 
@@ -71,8 +71,7 @@ def settle(candidates: list[modelfile.ChatFormat], attempt: Callable[[modelfile.
     choice = choose(attempts, prompt_parity)
     last = attempts[-1]
     if choice is None:
-        raise CheckFailed(parity_message(name, last.failures or []), input_name="template",
-                          title="Prompt parity failed")
+        raise ParityFailed(parity_message(name, last.failures or []))
     chosen = attempts[choice.index]
     if choice.index + 1 < len(attempts):
         github.log(f"{last.chat_format.name}: {failure_headline(last.failures or [])}.\n"

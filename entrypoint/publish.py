@@ -17,9 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from . import github, registry, retry
-from .errors import CheckFailed, RegistryError
+from .errors import AlreadyPublished, PullCheckFailed, PushNotVerified, RegistryError
 from .ollama import OllamaClient, free_loopback_address, serve, signing_key
 from .settings import Settings
+
+# Something else changed the tag between Ollama's push and the check, or the registry stores manifests
+# differently from what Ollama sent.
+UNVERIFIED_FIX = ("Make sure nothing else pushes to this model while the release runs, then re-run; if it "
+                  "happens again, the registry rewrites manifests and users would not get what was checked.")
 
 
 @dataclasses.dataclass
@@ -79,9 +84,9 @@ def _already_published(client: OllamaClient, settings: Settings, results: list[T
             result.registry_digest, result.layers = found[0], _blobs(found[1])
             github.log(f"{result.name} is already published with the same layers; not pushing it again")
         elif result.tag in settings.immutable_tags and not settings.overwrite:
-            raise CheckFailed(f"{result.name} is already published with different content, and published versions "
-                              "are immutable. Release a new version, or set overwrite: true to replace it.",
-                              input_name="overwrite", title="Version already published")
+            raise AlreadyPublished(f"{result.name} is already published with different content, and published "
+                                   "versions are immutable. Release a new version, or set overwrite: true to replace "
+                                   "it.")
     return identical
 
 
@@ -134,7 +139,7 @@ def _verify_pushed(client: OllamaClient, settings: Settings, result: TagResult) 
             return
         raise
     if found is None:
-        raise CheckFailed(f"After pushing {result.name} the registry has no such tag.", title="Push not verified")
+        raise PushNotVerified(f"After pushing {result.name} the registry has no such tag. {UNVERIFIED_FIX}")
     result.registry_digest, remote = found
     remote_layers = _layers(remote)
     result.layers = _blobs(remote)
@@ -142,11 +147,11 @@ def _verify_pushed(client: OllamaClient, settings: Settings, result: TagResult) 
     if local is not None:
         expected = "sha256:" + hashlib.sha256(local.removesuffix(b"\n")).hexdigest()
         if result.registry_digest != expected:
-            raise CheckFailed(f"After pushing {result.name} the registry holds manifest {result.registry_digest}, "
-                              f"not {expected}, the one Ollama built (layers there: {remote_layers}).",
-                              title="Push not verified")
+            raise PushNotVerified(f"After pushing {result.name} the registry holds manifest "
+                                  f"{result.registry_digest}, not {expected}, the one Ollama built (layers there: "
+                                  f"{remote_layers}). {UNVERIFIED_FIX}")
     elif not any(layer.get("mediaType") == "application/vnd.ollama.image.model" for layer in remote.get("layers", [])):
-        raise CheckFailed(f"The registry's manifest for {result.name} has no model layer.", title="Push not verified")
+        raise PushNotVerified(f"The registry's manifest for {result.name} has no model layer. {UNVERIFIED_FIX}")
     github.log(f"  verified in the registry: manifest {result.registry_digest}, {len(remote_layers)} layers")
 
 
@@ -170,21 +175,20 @@ def pull_back(settings: Settings, scratch: Path, results: list[TagResult],
                     pulled = empty.local_manifest(name.host, name.namespace, name.model, result.tag)
                     blobs = _blobs(json.loads(pulled)) if pulled is not None else ()
                     if blobs != result.layers:
-                        raise CheckFailed(f"An empty Ollama pulled {result.name} with blobs {list(blobs)}, not "
-                                          f"{list(result.layers)}, the ones pushed.", title="Pull check failed")
+                        raise PullCheckFailed(f"An empty Ollama pulled {result.name} with blobs {list(blobs)}, not "
+                                              f"{list(result.layers)}, the ones pushed.")
                 account = smoke(empty, tagged[0].name) if settings.smoke_test else "pulled"
                 github.log(f"{tagged[0].quantization}: pulled by an empty Ollama, same blobs; {account}")
                 for result in tagged:
                     empty.delete(result.name)
                     result.pulled = True
-    except (RegistryError, CheckFailed) as exc:
+    except (RegistryError, PullCheckFailed) as exc:
         message = (f"Pushed, but an empty Ollama could not use what it pulled from {name.host}: {exc.message}"
-                   if isinstance(exc, CheckFailed) else
+                   if isinstance(exc, PullCheckFailed) else
                    f"Pushed, but an empty Ollama could not pull it back from {name.host}, so users cannot "
                    f"either: {exc.message}")
         if settings.pull_check == "fail":
-            raise CheckFailed(message + " (Set pull-check: warn to accept this.)", input_name="pull-check",
-                              title="Pull check failed") from exc
+            raise PullCheckFailed(message + " (Set pull-check: warn to accept this.)") from exc
         github.warning(message)
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from . import chat_jinja, checks, convert, ggufs, github, gguf_header, hub, modelfile, preflight, process
-from .errors import CheckFailed, InputError, LimitExceeded, RepoRefused
+from .errors import ParityFailed, InputError, LimitExceeded, RepoRefused
 from .ollama import OllamaClient
 from .settings import Settings
 
@@ -154,7 +154,7 @@ def _chat(settings: Settings, info: modelfile.TokenizerInfo) -> Chat:
                        f"conversations the parity check compares ({'; '.join(failures)}), so nothing could prove "
                        "Ollama's prompts. Set the template input, or prompt-parity: warn to publish anyway.")
             if settings.prompt_parity == "fail":
-                raise CheckFailed(message, input_name="template", title="Prompt parity failed")
+                raise ParityFailed(message)
             github.warning(message)
     except LimitExceeded as exc:
         exc.message = f"{info.template_file}: {exc.message}"

@@ -91,8 +91,14 @@ def test_the_written_action_declares_every_input(tmp_path):
                             text=True, check=True)
     assert "docker://ghcr.io/owner/ollama-publish:2.0.1" in result.stdout
     written = yaml.safe_load((tmp_path / SELECT_IMAGE["GENERATED"]).read_text())
-    assert written["runs"] == {"using": "docker", "image": "docker://ghcr.io/owner/ollama-publish:2.0.1"}
+    # The README at the same ref, for the links in error messages.
+    assert written["runs"] == {"using": "docker", "image": "docker://ghcr.io/owner/ollama-publish:2.0.1", "env": {
+        "OLLAMA_PUBLISH_README": "https://github.com/owner/ollama-publish/blob/v2.0.1/README.md"}}
     assert list(written["inputs"]) == list(INPUTS)
+
+
+def test_uses_dot_slash_sets_no_readme_address():
+    assert SELECT_IMAGE["readme_env"]("", "") == {}
 
 
 def _from_images(dockerfile: str) -> list[tuple[str, str | None]]:

@@ -43,6 +43,9 @@ def test_a_failing_smoke_test_pushes_nothing(stack, tmp_path):
     assert "6. Push" not in run.stdout
     assert registry_tags(stack.registry, "container/smoke-fails") == []
     assert "## ollama-publish failed" in run.summary
+    # Where the README says what to do: the link in the error and the summary.
+    assert run.errors()[0].endswith("%0AMore: README.md#smoke-test-failed")
+    assert "More: [smoke-test-failed](README.md#smoke-test-failed)" in run.summary
 
 
 def test_a_bad_input_is_one_error(stack, tmp_path):
