@@ -69,13 +69,7 @@ def _already_published(client: OllamaClient, settings: Settings, results: list[T
     name = settings.model_name
     identical = set()
     for result in results:
-        try:
-            found = _manifest(settings, result.tag)
-        except RegistryError as exc:
-            if name.is_ollama_com:  # private models cannot be read anonymously: push and let the registry decide
-                github.warning(f"Could not check {result.name} in the registry before pushing: {exc}")
-                continue
-            raise
+        found = _manifest(settings, result.tag)
         if found is None:
             continue
         local = client.local_manifest(name.host, name.namespace, name.model, result.tag)
@@ -91,8 +85,10 @@ def _already_published(client: OllamaClient, settings: Settings, results: list[T
 
 
 def _manifest(settings: Settings, tag: str) -> tuple[str, dict] | None:
+    """The tag's manifest as the push key's owner sees it (a private model's too)."""
     name = settings.model_name
-    return retry.retrying(lambda: registry.fetch_manifest(name, tag, insecure=settings.insecure_registry),
+    return retry.retrying(lambda: registry.fetch_manifest(name, tag, insecure=settings.insecure_registry,
+                                                          key=settings.ollama_key),
                           f"reading {name.with_tag(tag)} in the registry")
 
 
@@ -131,13 +127,7 @@ def _verify_pushed(client: OllamaClient, settings: Settings, result: TagResult) 
     layers built and checked here. Without it (ollama-host), the manifest must at least have a model layer.
     """
     name = settings.model_name
-    try:
-        found = _manifest(settings, result.tag)
-    except RegistryError as exc:
-        if name.is_ollama_com:  # private models cannot be read back anonymously
-            github.warning(f"Pushed {result.name}, but could not read it back to verify: {exc}")
-            return
-        raise
+    found = _manifest(settings, result.tag)
     if found is None:
         raise PushNotVerified(f"After pushing {result.name} the registry has no such tag. {UNVERIFIED_FIX}")
     result.registry_digest, remote = found

@@ -1,15 +1,26 @@
 """Ollama model names and the registry they are pushed to.
 
-A name is `[http(s)://]host/namespace/model[:tag]`; ollama.com's host is registry.ollama.ai. After a
-push the manifest is read back through the registry's OCI `/v2/` API to prove it landed.
+A name is `[http(s)://]host/namespace/model[:tag]`; ollama.com's host is registry.ollama.ai. Before a
+push each tag is looked up, and after it the manifest is read back, through the registry's OCI `/v2/`
+API. A registry that answers 401 with a Bearer challenge (ollama.com, for a private model) is asked for a
+token the way Ollama asks (its server/auth.go and auth/auth.go): a GET of the challenge's realm on the
+same host, signed with the push key, so the action reads what the key's owner can read.
 """
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import hashlib
+import json
 import re
+import secrets
+import time
+import urllib.parse
 
 import requests
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from .errors import InputError, RegistryError
 
@@ -113,22 +124,90 @@ def _may_answer_later(exc: requests.RequestException) -> bool:
     return not isinstance(exc, requests.exceptions.SSLError)
 
 
-def fetch_manifest(name: ModelName, tag: str, *, insecure: bool, timeout: float = 30) -> tuple[str, dict] | None:
-    """Read a tag's manifest from the registry: (digest, manifest), or None if the tag is absent."""
+def fetch_manifest(name: ModelName, tag: str, *, insecure: bool, key: str = "",
+                   timeout: float = 30) -> tuple[str, dict] | None:
+    """Read a tag's manifest from the registry: (digest, manifest), or None if the tag is absent. The digest
+    is that of the bytes served (a Docker-Content-Digest header, optional in OCI, must agree); the manifest
+    is read whatever its Content-Type (ollama.com is reported to send text/plain). With `key`, a Bearer
+    challenge is answered as Ollama answers it."""
     url = f"{registry_base_url(name, insecure)}/v2/{name.namespace}/{name.model}/manifests/{tag}"
-    try:
-        response = requests.get(url, headers={"Accept": MANIFEST_MEDIA_TYPE}, timeout=timeout)
-    except requests.RequestException as exc:
-        raise RegistryError(f"Could not reach the registry at {url}: {exc}", status=None,
-                            retriable=_may_answer_later(exc), title="Registry unreachable") from exc
+    headers = {"Accept": MANIFEST_MEDIA_TYPE}
+    response = _get(url, headers, timeout)
+    challenge = response.headers.get("WWW-Authenticate", "")
+    if response.status_code == 401 and key and challenge.startswith("Bearer "):
+        headers["Authorization"] = "Bearer " + _token(challenge, url, key, timeout)
+        response = _get(url, headers, timeout)
     if response.status_code == 404:
         return None
     if response.status_code in (401, 403):
-        raise RegistryError(f"The registry refused to show {url} ({response.status_code}).",
-                            status=response.status_code, retriable=False, title="Registry refused")
+        fix = (" Check that ollama-key is the key registered with the registry for the namespace in ollama-model "
+               "(on ollama.com: Settings > Ollama keys) or, if the model is private, that it belongs to that "
+               "account." if key else " The model may be private: set ollama-key to the key of its owner.")
+        raise RegistryError(f"The registry refused to show {url} ({response.status_code}).{fix}",
+                            status=response.status_code, retriable=False, title="Registry refused",
+                            input_name="ollama-key")
     if response.status_code != 200:
         raise RegistryError(f"The registry answered {response.status_code} for {url}: {response.text[:300]}",
                             status=response.status_code, retriable=retriable_status(response.status_code),
                             title="Registry error")
-    digest = response.headers.get("Docker-Content-Digest", "")
-    return digest, response.json()
+    digest = "sha256:" + hashlib.sha256(response.content).hexdigest()
+    stated = response.headers.get("Docker-Content-Digest")
+    if stated and stated != digest:
+        raise RegistryError(f"The registry says the manifest at {url} is {stated}, but the bytes it sent hash to "
+                            f"{digest}. The registry (or a proxy in front of it) changes manifests; it cannot be "
+                            "published to safely.", status=200, retriable=False, title="Registry error")
+    try:
+        manifest = json.loads(response.content)
+    except ValueError as exc:
+        raise RegistryError(f"The registry's manifest at {url} is not JSON ({exc}).", status=200, retriable=False,
+                            title="Registry error") from exc
+    return digest, manifest
+
+
+def _get(url: str, headers: dict[str, str], timeout: float) -> requests.Response:
+    try:
+        return requests.get(url, headers=headers, timeout=timeout)
+    except requests.RequestException as exc:
+        raise RegistryError(f"Could not reach the registry at {url}: {exc}", status=None,
+                            retriable=_may_answer_later(exc), title="Registry unreachable") from exc
+
+
+def _token(challenge: str, url: str, key: str, timeout: float) -> str:
+    """A token for the challenge's scope, from its realm (Ollama's getAuthorizationToken): the realm's URL
+    with service, scope, ts and nonce, signed as `GET,<url>,<base64 of the hex SHA-256 of an empty body>`.
+    The realm must be on the registry's own host (as Ollama requires), so no signature goes elsewhere."""
+    fields = dict(re.findall(r'(\w+)="([^"]*)"', challenge))
+    realm = urllib.parse.urlsplit(fields.get("realm", ""))
+    if realm.netloc != urllib.parse.urlsplit(url).netloc:
+        raise RegistryError(f"The registry at {url} sends token requests to {fields.get('realm')!r}, another host; "
+                            "the key is not sent there.", status=401, retriable=False, title="Registry refused")
+    query = urllib.parse.parse_qsl(realm.query) + [("service", fields.get("service", ""))]
+    query += [("scope", scope) for scope in fields.get("scope", "").split(" ")]
+    query += [("ts", str(int(time.time()))), ("nonce", secrets.token_urlsafe(16))]
+    token_url = realm._replace(query=urllib.parse.urlencode(query)).geturl()
+    empty_body = base64.b64encode(hashlib.sha256(b"").hexdigest().encode()).decode()
+    signature = sign(key, f"GET,{token_url},{empty_body}".encode())
+    response = _get(token_url, {"Authorization": signature}, timeout)
+    if response.status_code >= 400:
+        raise RegistryError(f"The registry's token server refused ollama-key ({response.status_code}: "
+                            f"{response.text[:200].strip()}). Register the key's public part with the registry (on "
+                            "ollama.com: Settings > Ollama keys, the content of id_ed25519.pub) under the account "
+                            "whose namespace ollama-model names.", status=response.status_code,
+                            retriable=retriable_status(response.status_code), input_name="ollama-key",
+                            title="Registry refused the key")
+    try:
+        return str(response.json()["token"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise RegistryError(f"The registry's token server answered without a token: {response.text[:200]!r}.",
+                            status=response.status_code, retriable=False, title="Registry error") from exc
+
+
+def sign(key: str, data: bytes) -> str:
+    """Ollama's signature of `data` with an OpenSSH ed25519 private key (auth.Sign): the public key in
+    OpenSSH's base64 form, a colon, and the raw ed25519 signature in base64."""
+    private = serialization.load_ssh_private_key(key.encode(), password=None)
+    if not isinstance(private, ed25519.Ed25519PrivateKey):
+        raise InputError("ollama-key is not an ed25519 key. Use the key Ollama made (~/.ollama/id_ed25519).",
+                         input_name="ollama-key")
+    public = private.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    return f"{public.split()[1].decode()}:{base64.b64encode(private.sign(data)).decode()}"

@@ -8,6 +8,8 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
+from cryptography.exceptions import UnsupportedAlgorithm
+
 from . import hub, modelfile, quantize, registry
 from .errors import InputError
 from .registry import ModelName
@@ -181,7 +183,14 @@ def normalize_key(text: str) -> str:
         raise InputError(
             "ollama-key is not an OpenSSH private key. Store the whole content of ~/.ollama/id_ed25519 "
             f"(from '{_KEY_BEGIN}' to '{_KEY_END}') as a repository secret.", input_name="ollama-key")
-    return "\n".join(lines) + "\n"
+    key = "\n".join(lines) + "\n"
+    try:
+        registry.sign(key, b"")  # the key signs registry requests: it must be a whole, unencrypted ed25519 key
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise InputError(f"ollama-key cannot be read as an OpenSSH private key ({exc}). Store the whole, "
+                         "unchanged content of ~/.ollama/id_ed25519 (Ollama's keys have no passphrase).",
+                         input_name="ollama-key") from None
+    return key
 
 
 def release_version(environ: Mapping[str, str]) -> str:

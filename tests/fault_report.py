@@ -12,7 +12,8 @@ from tests.conftest import registry_tags
 COUNTS: collections.Counter[str] = collections.Counter()
 ORDER = ("bad inputs tried", "faults injected", "runs recovered", "nothing-lost checks passed",
          "hostile repositories refused", "workflow-command injections not obeyed", "full disks named",
-         "unpullable pushes caught", "remote-code attempts refused", "limits enforced")
+         "unpullable pushes caught", "remote-code attempts refused", "limits enforced",
+         "private releases through the ollama.com-like front", "registry auth refusals")
 
 
 def bad_input_refused() -> None:
@@ -49,6 +50,14 @@ def remote_code_refused() -> None:
 
 def limit_enforced() -> None:
     COUNTS["limits enforced"] += 1
+
+
+def private_release_published() -> None:
+    COUNTS["private releases through the ollama.com-like front"] += 1
+
+
+def auth_refused() -> None:
+    COUNTS["registry auth refusals"] += 1
 
 
 def assert_all_or_nothing(registry: str, repository: str, release_tags: set[str]) -> set[str]:

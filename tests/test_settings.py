@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from entrypoint import settings as s
-from entrypoint.errors import PublishError
+from entrypoint.errors import InputError, PublishError
 from entrypoint.registry import OLLAMA_COM, parse_model_name
 
-KEY = "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\n-----END OPENSSH PRIVATE KEY-----\n"
+
+def _openssh(key) -> str:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                             serialization.NoEncryption()).decode()
+
+
+MATERIAL = Path(__file__).resolve().parent / "material"
+KEY = _openssh(ed25519.Ed25519PrivateKey.generate())  # as Ollama makes them: ed25519, no passphrase
 
 
 def build(tmp_path, environ=None, **inputs):
@@ -88,6 +99,17 @@ def test_key_is_normalized_from_a_pasted_secret():
     pasted = KEY.replace("\n", "\r\n").replace("b3Bl", "  b3Bl")
     assert s.normalize_key(pasted) == KEY
     assert s.normalize_key(KEY.replace("\n", "\\n")) == KEY
+
+
+@pytest.mark.parametrize("key, phrase", [
+    ((MATERIAL / "ed25519-with-passphrase.key").read_text(), "cannot be read"),  # made by ssh-keygen -N secret
+    (_openssh(rsa.generate_private_key(public_exponent=65537, key_size=1024)), "not an ed25519 key"),
+    (KEY.replace(KEY.splitlines()[2], KEY.splitlines()[2][:-8]), "cannot be read"),  # cut short when pasted
+])
+def test_a_key_that_cannot_sign_as_ollama_does_is_refused_up_front(key, phrase):
+    with pytest.raises(InputError) as caught:
+        s.normalize_key(key)
+    assert caught.value.input_name == "ollama-key" and phrase in caught.value.message
 
 
 def test_parameters_are_typed():

@@ -1,0 +1,203 @@
+"""A registry that behaves like ollama.com toward Ollama: a front over the real docker-registry
+(tests/servers.registry), built from what Ollama 0.34.3's client code expects. It is not ollama.com
+(which cannot be reached from here), and says which of its behaviours are assumed.
+
+From Ollama's code (server/auth.go, auth/auth.go, server/images.go, server/download.go):
+- a request the key's owner must make answers 401 with `WWW-Authenticate: Bearer realm=..., service=...,
+  scope=...`; Ollama asks the realm, which must be on the same host (auth.go refuses any other), for a
+  token: a GET with the challenge's service and scopes, a unix `ts` and a `nonce`, whose Authorization
+  is `<public key, OpenSSH base64>:<ed25519 signature, base64>` over
+  `GET,<that URL>,<base64 of the hex SHA-256 of an empty body>`; the answer is `{"token": ...}`, sent
+  back as `Authorization: Bearer <token>` (images.go makeRequestWithRetry, one retry);
+- blob downloads are redirected to another host, as ollama.com's are to its CDN (the registry's own
+  redirect middleware does it here).
+
+Assumed (reported by users, or as registries with token servers commonly do):
+- a key belongs to one account, whose namespace it may push to and read; other keys get no access to a
+  private model, and a token request that would grant nothing is refused (403); an unknown key, 401;
+- private models answer reads without a token with the same challenge (`private`);
+- manifests are served as text/plain, without Docker-Content-Digest and without Content-Length
+  (oras-project/oras-go#882, ollama/ollama#6470): each a switch, all on by default, the strictest.
+Not modelled yet: uploads redirected to ollama.com's storage host (they go to the front itself).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import dataclasses
+import hashlib
+import http.server
+import json
+import re
+import secrets
+import threading
+import time
+import urllib.parse
+from collections.abc import Iterator
+
+import requests
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+
+EMPTY_BODY = base64.b64encode(hashlib.sha256(b"").hexdigest().encode()).decode()
+_REPOSITORY_PATH = re.compile(r"^/v2/(?P<namespace>[^/]+)/(?P<model>[^/]+)/(?P<kind>manifests|blobs)/")
+_SCOPE = re.compile(r"^repository:(?P<namespace>[^/]+)/(?P<model>[^:]+):(?P<actions>[a-z,]+)$")
+
+
+@dataclasses.dataclass
+class Behaviour:
+    private: bool = True  # reads need the owner's token
+    manifest_as_text_plain: bool = True
+    digest_header: bool = False
+    manifest_content_length: bool = False
+
+
+@dataclasses.dataclass
+class Record:
+    """What the front saw: tokens given (namespace/model -> actions), and what it refused, for the tests."""
+    tokens_given: list[tuple[str, frozenset[str]]] = dataclasses.field(default_factory=list)
+    refused: list[str] = dataclasses.field(default_factory=list)  # "unknown key", "bad signature", ...
+    challenged: int = 0
+
+
+class _Front(http.server.BaseHTTPRequestHandler):
+    upstream: str
+    keys: dict[str, str]  # OpenSSH public key body (base64) -> the namespace of its account
+    behaviour: Behaviour
+    record: Record
+    grants: dict[str, dict[str, frozenset[str]]]  # token -> {"namespace/model": actions}
+
+    def _handle(self) -> None:
+        path = self.path.split("?", 1)[0]
+        if path == "/token":
+            return self._token()
+        match = _REPOSITORY_PATH.match(path)
+        if match:
+            repository = f"{match['namespace']}/{match['model']}"
+            action = "pull" if self.command in ("GET", "HEAD") else "push"
+            if not self._allowed(repository, action):
+                return self._challenge(repository, action)
+        self._relay(manifest=bool(match) and match["kind"] == "manifests" and self.command in ("GET", "HEAD"))
+
+    def _allowed(self, repository: str, action: str) -> bool:
+        if action == "pull" and not self.behaviour.private:
+            return True
+        token = self.headers.get("Authorization", "").removeprefix("Bearer ")
+        return action in self.grants.get(token, {}).get(repository, frozenset())
+
+    def _challenge(self, repository: str, action: str) -> None:
+        self.record.challenged += 1
+        scope = f"repository:{repository}:{'pull' if action == 'pull' else 'push,pull'}"
+        realm = f"http://{self.headers['Host']}/token"
+        self._answer(401, {"errors": [{"code": "UNAUTHORIZED", "message": "authentication required"}]},
+                     {"WWW-Authenticate": f'Bearer realm="{realm}",service="ollama.com",scope="{scope}"'})
+
+    def _token(self) -> None:
+        refusal = self._verify_signature()
+        if refusal:
+            self.record.refused.append(refusal)
+            return self._answer(401, {"errors": [{"code": "UNAUTHORIZED", "message": refusal}]})
+        public = self.headers["Authorization"].split(":", 1)[0]
+        owner = self.keys[public]
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
+        granted: dict[str, frozenset[str]] = {}
+        for scope in query.get("scope", []):
+            match = _SCOPE.match(scope)
+            if not match:
+                continue
+            wanted = set(match["actions"].split(","))
+            allowed = {"pull", "push"} if match["namespace"] == owner else (
+                set() if self.behaviour.private else {"pull"})
+            if wanted & allowed:
+                granted[f"{match['namespace']}/{match['model']}"] = frozenset(wanted & allowed)
+        if not granted:
+            refusal = f"the key of {owner} has no access to {', '.join(query.get('scope', []))}"
+            self.record.refused.append(refusal)
+            return self._answer(403, {"errors": [{"code": "DENIED", "message": refusal}]})
+        token = secrets.token_urlsafe(24)
+        self.grants[token] = granted
+        self.record.tokens_given += [(repository, actions) for repository, actions in granted.items()]
+        self._answer(200, {"token": token})
+
+    def _verify_signature(self) -> str:
+        """Why the token request's signature does not hold, or "" when it does."""
+        public, _, signature = self.headers.get("Authorization", "").partition(":")
+        if public not in self.keys:
+            return "unknown key"
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
+        if abs(time.time() - int((query.get("ts") or ["0"])[0])) > 300:
+            return "stale or missing timestamp"
+        signed = f"GET,http://{self.headers['Host']}{self.path},{EMPTY_BODY}".encode()
+        try:
+            key = serialization.load_ssh_public_key(b"ssh-ed25519 " + public.encode())
+            key.verify(base64.b64decode(signature), signed)  # type: ignore[union-attr, call-arg]
+        except (InvalidSignature, ValueError):
+            return "bad signature"
+        return ""
+
+    def _relay(self, manifest: bool) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("content-length", "connection",
+                                                                               "authorization")}
+        answer = requests.request(self.command, self.upstream + self.path, headers=headers, data=body,
+                                  allow_redirects=False, stream=True, timeout=120)
+        dropped = {"transfer-encoding", "connection", "content-encoding"}
+        if manifest and answer.status_code == 200:
+            if not self.behaviour.digest_header:
+                dropped.add("docker-content-digest")
+            if not self.behaviour.manifest_content_length:
+                dropped.add("content-length")
+            if self.behaviour.manifest_as_text_plain:
+                dropped.add("content-type")
+        self.send_response(answer.status_code)
+        for name, value in answer.headers.items():
+            if name.lower() not in dropped:
+                self.send_header(name, value)
+        if manifest and answer.status_code == 200 and self.behaviour.manifest_as_text_plain:
+            self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.end_headers()
+        if self.command != "HEAD":
+            for block in answer.raw.stream(1 << 20, decode_content=False):
+                self.wfile.write(block)
+        # Without Content-Length the body ends with the connection (HTTP/1.0, this handler's protocol).
+
+    def _answer(self, status: int, body: dict, headers: dict[str, str] | None = None) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = _handle
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def public_key_body(private_key: str) -> str:
+    """The base64 part of an OpenSSH private key's public key: what Ollama sends before the colon."""
+    key = serialization.load_ssh_private_key(private_key.encode(), password=None)
+    line = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    return line.split()[1].decode()
+
+
+@contextlib.contextmanager
+def front(upstream: str, accounts: dict[str, str], behaviour: Behaviour | None = None) -> Iterator[tuple[str, Record]]:
+    """An ollama.com-like front of the registry at `upstream` (host:port). `accounts` maps a namespace to
+    the private key (OpenSSH text) registered for it. Yields ('host:port', what it saw)."""
+    record = Record()
+    handler = type("OllamaComFront", (_Front,), {
+        "upstream": f"http://{upstream}", "keys": {public_key_body(k): ns for ns, k in accounts.items()},
+        "behaviour": behaviour or Behaviour(), "record": record, "grants": {}})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"127.0.0.1:{server.server_address[1]}", record
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -1,0 +1,88 @@
+"""Publishing to a registry that behaves like ollama.com (tests/ollama_com.py: a front over the real
+docker-registry, built from Ollama 0.34.3's client code): private models, the Bearer challenge answered
+with the push key's signature, manifests without Docker-Content-Digest or Content-Length and as text/plain.
+Each release starts from ready GGUF files (model-path): publishing is the subject, not converting."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import requests
+
+from entrypoint import registry
+from tests import fault_report, ollama_com
+from tests.conftest import action_runner, make_ollama_key, registry_tags
+
+pytestmark = pytest.mark.servers
+RELEASE_Q8 = {"1.0.0", "1.0.0-q8_0", "latest"}
+
+
+@pytest.fixture(scope="module")
+def alice_key(tmp_path_factory) -> str:
+    return make_ollama_key(tmp_path_factory.mktemp("alice"))
+
+
+def _publish(tmp_path, ready_gguf, front: str, repository: str, key: str):
+    return action_runner(tmp_path)({"model-path": str(ready_gguf), "ollama-model": f"{front}/{repository}",
+                                    "quantizations": "Q8_0", "insecure-registry": "true", "ollama-key": key})
+
+
+@pytest.mark.parametrize("repository, behaviour", [
+    # The strictest: private, manifests as text/plain without Docker-Content-Digest or Content-Length.
+    ("alice/strict", ollama_com.Behaviour()),
+    ("alice/with-headers", ollama_com.Behaviour(manifest_as_text_plain=False, digest_header=True,
+                                                manifest_content_length=True)),
+    ("alice/public", ollama_com.Behaviour(private=False)),  # anyone reads it; still no optional header
+], ids=["private-no-digest-header", "private-with-digest-header", "public-no-digest-header"])
+def test_a_release_is_published_verified_pulled_back_and_found_on_a_rerun(
+        tmp_path, stack, ready_gguf, alice_key, repository, behaviour):
+    with ollama_com.front(stack.registry, {"alice": alice_key}, behaviour) as (front, record):
+        first = _publish(tmp_path / "first", ready_gguf, front, repository, alice_key)
+        assert first.returncode == 0, first.stdout[-3000:]
+        models = json.loads(first.outputs["models"])
+        assert {m["tag"] for m in models} == RELEASE_Q8
+        assert all(m["pushed"] and m["pulled"] for m in models), models
+        # Private: nobody reads it without the owner's token; the owner's key reads what was pushed.
+        url = f"http://{front}/v2/{repository}/manifests/1.0.0"
+        anonymous = requests.get(url, headers={"Accept": registry.MANIFEST_MEDIA_TYPE}, timeout=10)
+        assert anonymous.status_code == (401 if behaviour.private else 200)
+        name = registry.parse_model_name(f"{front}/{repository}")
+        for model in models:
+            digest, manifest = registry.fetch_manifest(name, model["tag"], insecure=True, key=alice_key)
+            assert digest == model["registry_digest"] and manifest["layers"]
+        assert (repository, frozenset({"pull", "push"})) in record.tokens_given
+        assert record.refused == []
+
+        again = _publish(tmp_path / "again", ready_gguf, front, repository, alice_key)
+    assert again.returncode == 0, again.stdout[-3000:]
+    skipped = [line for line in again.stdout.splitlines() if "already published with the same layers" in line]
+    assert len(skipped) == len(RELEASE_Q8), again.stdout[-3000:]
+    assert not [line for line in again.stdout.splitlines() if line.startswith("pushing ")]
+    assert set(registry_tags(stack.registry, repository)) == RELEASE_Q8
+    if behaviour.private:
+        fault_report.private_release_published()
+
+
+@pytest.mark.parametrize("case", ["unknown key", "another account's namespace"])
+def test_a_key_the_registry_does_not_accept_is_one_error_and_nothing_is_pushed(
+        tmp_path, stack, ready_gguf, alice_key, case):
+    stranger_key = make_ollama_key(tmp_path)
+    accounts = {"alice": alice_key} if case == "unknown key" else {"alice": alice_key, "mallory": stranger_key}
+    repository = "alice/refused" if case == "unknown key" else "alice/not-mallorys"
+    with ollama_com.front(stack.registry, accounts) as (front, record):
+        run = _publish(tmp_path / "run", ready_gguf, front, repository, stranger_key)
+    assert run.returncode == 1, run.stdout[-3000:]
+    errors = run.errors()
+    assert len(errors) == 1 and "ollama-key" in errors[0], errors
+    assert "Settings > Ollama keys" in errors[0] and "More: README.md#push-refused" in errors[0], errors[0]
+    assert [line for line in run.stdout.splitlines() if "retrying in" in line] == []  # a refusal is final
+    assert not [line for line in run.stdout.splitlines() if line.startswith("pushing ")]
+    assert registry_tags(stack.registry, repository) == []
+    if case == "unknown key":
+        assert record.refused == ["unknown key"]
+    else:
+        assert len(record.refused) == 1 and "the key of mallory has no access" in record.refused[0]
+    shown = "\n".join(line for line in run.stdout.splitlines() if not line.startswith("::add-mask::"))
+    assert stranger_key.splitlines()[2] not in shown + run.stderr  # masked, and scrubbed from what is printed
+    fault_report.auth_refused()
