@@ -15,6 +15,8 @@ import hashlib
 import json
 import re
 import secrets
+import socket
+import ssl
 import time
 import urllib.parse
 
@@ -108,15 +110,47 @@ def registry_base_url(name: ModelName, insecure: bool) -> str:
 
 
 def check_reachable(name: ModelName, *, insecure: bool, timeout: float = 30) -> None:
-    """Fail before any work when the registry does not answer: any HTTP answer from /v2/ (401 too)."""
+    """Fail before any work when the registry does not answer: any HTTP answer from /v2/ (401 too). With
+    insecure-registry, Ollama talks plain HTTP (its --insecure); a registry that speaks TLS there cannot
+    be pushed to that way, whatever its certificate."""
     url = f"{registry_base_url(name, insecure)}/v2/"
     try:
-        requests.get(url, timeout=timeout)
+        response = requests.get(url, timeout=timeout)
+    except requests.exceptions.SSLError as exc:
+        raise RegistryError(f"The registry at {url} has a TLS certificate this runner does not trust ({exc}). "
+                            "Ollama will not push to it either: give the registry a certificate from a trusted "
+                            "authority, or add its CA to the runner's. (insecure-registry does not help: it means "
+                            "plain HTTP.)", status=None, retriable=False, input_name="ollama-model",
+                            title="Registry certificate not trusted") from exc
     except requests.RequestException as exc:
+        if insecure and _speaks_tls(name.host, timeout):
+            raise _plain_http_to_tls(name) from exc
         plain_http = "" if insecure else " For a registry served over plain HTTP, set insecure-registry: true."
         raise RegistryError(f"The registry at {url} does not answer ({exc}). Check the host in ollama-model and "
-                            f"that the registry is up.{plain_http}", status=None, retriable=_may_answer_later(exc),
+                            f"that the registry is up.{plain_http}", status=None, retriable=True,
                             input_name="ollama-model", title="Registry unreachable") from exc
+    # A TLS server answers plain HTTP with 400 (a registry's /v2/ answers 200 or 401): make sure.
+    if insecure and response.status_code == 400 and _speaks_tls(name.host, timeout):
+        raise _plain_http_to_tls(name)
+
+
+def _plain_http_to_tls(name: ModelName) -> InputError:
+    return InputError(f"The registry at {name.host} speaks TLS, and insecure-registry: true makes Ollama talk plain "
+                      "HTTP to it (as 'ollama push --insecure' does), so no push can work. Set insecure-registry: "
+                      "false and give the registry a certificate the runner trusts.", input_name="insecure-registry")
+
+
+def _speaks_tls(host: str, timeout: float) -> bool:
+    """Whether a TLS handshake succeeds at host[:port] (port 80 by default, where plain HTTP would go)."""
+    hostname, _, port = host.partition(":")
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE  # any certificate: only the protocol counts
+    try:
+        with socket.create_connection((hostname, int(port or 80)), timeout=min(timeout, 10)) as raw:
+            with context.wrap_socket(raw, server_hostname=hostname):
+                return True
+    except (OSError, ValueError):  # ssl.SSLError is an OSError: not TLS, or nothing listening
+        return False
 
 
 def _may_answer_later(exc: requests.RequestException) -> bool:

@@ -5,7 +5,9 @@ The binaries come from scripts/bootstrap (its env file sets the *_BIN/CLI variab
 from __future__ import annotations
 
 import contextlib
+import datetime
 import http.server
+import ipaddress
 import os
 import re
 import secrets
@@ -20,6 +22,10 @@ from pathlib import Path
 
 import docker
 import requests
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from entrypoint.process import stop
 
@@ -78,14 +84,15 @@ def _running(command: list[str], log: Path, env: dict[str, str] | None = None) -
 
 
 @contextlib.contextmanager
-def registry(root: Path, address: str = "", blob_redirect: bool = True) -> Iterator[str]:
+def registry(root: Path, address: str = "", blob_redirect: bool = True, tls: bool = False) -> Iterator[str]:
     """Debian's docker-registry (CNCF distribution), no auth, deletes enabled. Yields 'host:port'.
     Started again with the same root and address, it serves what it stored before.
 
     With blob_redirect, blob downloads are answered with a 307 to a blob store on another host name
     (localhost, where the registry is 127.0.0.1), the way ollama.com sends them to its CDN: the
     registry's own redirect middleware, over a static server of its storage folder. Ollama (0.30 and
-    later) pulls blobs only that way; without it, the registry serves blobs itself, as most do."""
+    later) pulls blobs only that way; without it, the registry serves blobs itself, as most do. With tls,
+    it serves HTTPS with a self-signed certificate (made here) that nothing trusts."""
     root.mkdir(parents=True, exist_ok=True)
     address = address or f"127.0.0.1:{free_port()}"
     data = root / "data"
@@ -96,16 +103,36 @@ def registry(root: Path, address: str = "", blob_redirect: bool = True) -> Itera
             store = stack.enter_context(_blob_store(data))
             middleware = f"middleware:\n  storage:\n    - name: redirect\n      options:\n        baseurl: {store}\n"
         config = root / "config.yml"
+        certificate = f"  tls:\n    certificate: {root / 'cert.pem'}\n    key: {root / 'key.pem'}\n" if tls else ""
+        if tls:
+            _self_signed_certificate(root / "cert.pem", root / "key.pem")
         config.write_text(
             "version: 0.1\n"
             "log:\n  level: warn\n"
             f"storage:\n  filesystem:\n    rootdirectory: {data}\n  delete:\n    enabled: true\n"
-            f"{middleware}http:\n  addr: {address}\n")
+            f"{middleware}http:\n  addr: {address}\n{certificate}")
         log = root / f"registry-{time.monotonic_ns()}.log"
         process = stack.enter_context(_running([_tool("DOCKER_REGISTRY_BIN"), "serve", str(config)], log))
-        wait_until(lambda: requests.get(f"http://{address}/v2/", timeout=2).status_code == 200,
+        scheme, trust = ("https", str(root / "cert.pem")) if tls else ("http", True)
+        wait_until(lambda: requests.get(f"{scheme}://{address}/v2/", timeout=2, verify=trust).status_code == 200,
                    "docker-registry", process, log)
         yield address
+
+
+def _self_signed_certificate(certificate: Path, key: Path) -> None:
+    """A certificate for 127.0.0.1 signed by its own key, valid for a day."""
+    private = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    signed = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(private.public_key())
+              .serial_number(x509.random_serial_number()).not_valid_before(now)
+              .not_valid_after(now + datetime.timedelta(days=1))
+              .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                             critical=False)
+              .sign(private, hashes.SHA256()))
+    certificate.write_bytes(signed.public_bytes(serialization.Encoding.PEM))
+    key.write_bytes(private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
 
 
 class _StaticFiles(http.server.BaseHTTPRequestHandler):

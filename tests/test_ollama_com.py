@@ -11,7 +11,7 @@ import pytest
 import requests
 
 from entrypoint import registry
-from tests import fault_report, ollama_com
+from tests import fault_report, ollama_com, servers
 from tests.conftest import action_runner, make_ollama_key, registry_tags
 
 pytestmark = pytest.mark.servers
@@ -86,3 +86,27 @@ def test_a_key_the_registry_does_not_accept_is_one_error_and_nothing_is_pushed(
     shown = "\n".join(line for line in run.stdout.splitlines() if not line.startswith("::add-mask::"))
     assert stranger_key.splitlines()[2] not in shown + run.stderr  # masked, and scrubbed from what is printed
     fault_report.auth_refused()
+
+
+@pytest.fixture(scope="module")
+def tls_registry(tmp_path_factory):
+    """docker-registry over HTTPS with a self-signed certificate nothing trusts."""
+    with servers.registry(tmp_path_factory.mktemp("tls-registry"), tls=True) as address:
+        yield address
+
+
+@pytest.mark.parametrize("insecure, input_name, phrase", [
+    ("true", "insecure-registry", "speaks TLS, and insecure-registry: true makes Ollama talk plain HTTP"),
+    ("false", "ollama-model", "has a TLS certificate this runner does not trust"),
+])
+def test_a_registry_with_a_self_signed_certificate_is_one_error_before_any_work(
+        tmp_path, ready_gguf, tls_registry, insecure, input_name, phrase):
+    """insecure-registry means plain HTTP, as Ollama's --insecure does: it cannot reach a TLS registry whose
+    certificate is not trusted, and neither can anything else. Both ways, one error before any work."""
+    run = action_runner(tmp_path)({"model-path": str(ready_gguf), "ollama-model": f"{tls_registry}/team/model",
+                                   "quantizations": "Q8_0", "insecure-registry": insecure})
+    assert run.returncode == 1, run.stdout[-3000:]
+    errors = run.errors()
+    assert len(errors) == 1 and phrase in errors[0] and input_name in errors[0], errors
+    assert "2. Download" not in run.stdout and "retrying in" not in run.stdout
+    fault_report.bad_input_refused()
