@@ -10,7 +10,11 @@ From Ollama's code (server/auth.go, auth/auth.go, server/images.go, server/downl
   `GET,<that URL>,<base64 of the hex SHA-256 of an empty body>`; the answer is `{"token": ...}`, sent
   back as `Authorization: Bearer <token>` (images.go makeRequestWithRetry, one retry);
 - blob downloads are redirected to another host, as ollama.com's are to its CDN (the registry's own
-  redirect middleware does it here).
+  redirect middleware does it here);
+- blob uploads in parts (server/upload.go): Ollama PATCHes each part with `X-Redirect-Uploads: 1`; a 307
+  sends the part to a storage host (Location, PUT there without the token, retried by Ollama on its own)
+  and names the URL for the next part (Docker-Upload-Location); a final PUT with `digest` and `etag`
+  commits the blob. Here the storage host keeps the parts, and the commit hands them to the registry.
 
 Assumed (reported by users, or as registries with token servers commonly do):
 - a key belongs to one account, whose namespace it may push to and read; other keys get no access to a
@@ -18,7 +22,8 @@ Assumed (reported by users, or as registries with token servers commonly do):
 - private models answer reads without a token with the same challenge (`private`);
 - manifests are served as text/plain, without Docker-Content-Digest and without Content-Length
   (oras-project/oras-go#882, ollama/ollama#6470): each a switch, all on by default, the strictest.
-Not modelled yet: uploads redirected to ollama.com's storage host (they go to the front itself).
+The storage host can cut part uploads mid-body (`cut_part_uploads`), as big pushes to ollama.com are
+reported to fail mid-way (502s, "max retries exceeded").
 """
 
 from __future__ import annotations
@@ -31,10 +36,12 @@ import http.server
 import json
 import re
 import secrets
+import tempfile
 import threading
 import time
 import urllib.parse
 from collections.abc import Iterator
+from pathlib import Path
 
 import requests
 from cryptography.exceptions import InvalidSignature
@@ -42,6 +49,7 @@ from cryptography.hazmat.primitives import serialization
 
 EMPTY_BODY = base64.b64encode(hashlib.sha256(b"").hexdigest().encode()).decode()
 _REPOSITORY_PATH = re.compile(r"^/v2/(?P<namespace>[^/]+)/(?P<model>[^/]+)/(?P<kind>manifests|blobs)/")
+_UPLOAD_PATH = re.compile(r"^/v2/[^/]+/[^/]+/blobs/uploads/(?P<upload>[0-9a-f-]+)$")
 _SCOPE = re.compile(r"^repository:(?P<namespace>[^/]+)/(?P<model>[^:]+):(?P<actions>[a-z,]+)$")
 
 
@@ -51,6 +59,7 @@ class Behaviour:
     manifest_as_text_plain: bool = True
     digest_header: bool = False
     manifest_content_length: bool = False
+    cut_part_uploads: int = 0  # the storage host drops this many part uploads halfway through their body
 
 
 @dataclasses.dataclass
@@ -59,6 +68,9 @@ class Record:
     tokens_given: list[tuple[str, frozenset[str]]] = dataclasses.field(default_factory=list)
     refused: list[str] = dataclasses.field(default_factory=list)  # "unknown key", "bad signature", ...
     challenged: int = 0
+    parts_stored: list[tuple[str, int]] = dataclasses.field(default_factory=list)  # (upload, offset) received whole
+    parts_cut: int = 0
+    blobs_committed: list[str] = dataclasses.field(default_factory=list)  # digests handed to the registry
 
 
 class _Front(http.server.BaseHTTPRequestHandler):
@@ -67,6 +79,8 @@ class _Front(http.server.BaseHTTPRequestHandler):
     behaviour: Behaviour
     record: Record
     grants: dict[str, dict[str, frozenset[str]]]  # token -> {"namespace/model": actions}
+    storage: str  # host:port of the storage host
+    parts: Path  # where it keeps the parts: <upload id>/<offset>
 
     def _handle(self) -> None:
         path = self.path.split("?", 1)[0]
@@ -78,6 +92,11 @@ class _Front(http.server.BaseHTTPRequestHandler):
             action = "pull" if self.command in ("GET", "HEAD") else "push"
             if not self._allowed(repository, action):
                 return self._challenge(repository, action)
+        upload = _UPLOAD_PATH.match(path)
+        if upload and self.command == "PATCH" and self.headers.get("X-Redirect-Uploads") == "1":
+            return self._redirect_part(upload["upload"])
+        if upload and self.command == "PUT" and (self.parts / upload["upload"]).is_dir():
+            return self._commit(upload["upload"])
         self._relay(manifest=bool(match) and match["kind"] == "manifests" and self.command in ("GET", "HEAD"))
 
     def _allowed(self, repository: str, action: str) -> bool:
@@ -136,6 +155,51 @@ class _Front(http.server.BaseHTTPRequestHandler):
             return "bad signature"
         return ""
 
+    def _redirect_part(self, upload: str) -> None:
+        """A part goes to the storage host; the next part's URL is this one (nothing reached the registry)."""
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))  # Ollama sends the part here first too
+        start = int(self.headers["Content-Range"].split("-")[0])
+        (self.parts / upload).mkdir(exist_ok=True)
+        self.send_response(307)
+        self.send_header("Location", f"http://{self.storage}/{upload}/{start}")
+        self.send_header("Docker-Upload-Location", f"http://{self.headers['Host']}{self.path}")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def _commit(self, upload: str) -> None:
+        """The final PUT (digest, etag): the parts, in order, go to the registry's upload, then its commit."""
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        folder = self.parts / upload
+        offsets = sorted(int(part.name) for part in folder.iterdir())
+        sizes = [(folder / str(offset)).stat().st_size for offset in offsets]
+        if [sum(sizes[:i]) for i in range(len(offsets))] != offsets:
+            return self._answer(400, {"errors": [{"code": "BLOB_UPLOAD_INVALID", "message": "parts missing"}]})
+        url = urllib.parse.urlsplit(self.path)
+        query = [(k, v) for k, v in urllib.parse.parse_qsl(url.query) if k not in ("digest", "etag")]
+        digest = dict(urllib.parse.parse_qsl(url.query))["digest"]
+        host = {"Host": self.headers["Host"]}
+
+        def body() -> Iterator[bytes]:
+            for offset in offsets:
+                with (folder / str(offset)).open("rb") as part:
+                    while block := part.read(1 << 20):
+                        yield block
+
+        # One streamed (chunked) PATCH of every part, then the registry's own commit.
+        patched = requests.patch(f"{self.upstream}{url.path}?{urllib.parse.urlencode(query)}", data=body(),
+                                 headers={**host, "Content-Type": "application/octet-stream"}, timeout=300)
+        location = urllib.parse.urlsplit(patched.headers.get("Location", ""))
+        committed = requests.put(f"{self.upstream}{location.path}?{location.query}&"
+                                 f"{urllib.parse.urlencode({'digest': digest})}", headers=host, timeout=300)
+        if committed.status_code == 201:
+            self.record.blobs_committed.append(digest)
+        self.send_response(committed.status_code)
+        for name in ("Location", "Docker-Content-Digest"):
+            if name in committed.headers:
+                self.send_header(name, committed.headers[name])
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
     def _relay(self, manifest: bool) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         headers = {k: v for k, v in self.headers.items() if k.lower() not in ("content-length", "connection",
@@ -179,6 +243,39 @@ class _Front(http.server.BaseHTTPRequestHandler):
         pass
 
 
+class _Storage(http.server.BaseHTTPRequestHandler):
+    """The storage host: keeps each part PUT to /<upload id>/<offset>, or drops the connection halfway
+    through the body while `behaviour.cut_part_uploads` says so."""
+    behaviour: Behaviour
+    record: Record
+    parts: Path
+    lock: threading.Lock
+
+    def do_PUT(self) -> None:
+        upload, offset = self.path.split("?", 1)[0].strip("/").split("/")
+        size = int(self.headers.get("Content-Length") or 0)
+        with self.lock:
+            cut = self.record.parts_cut < self.behaviour.cut_part_uploads
+            if cut:
+                self.record.parts_cut += 1
+        if cut:
+            self.rfile.read(size // 2)
+            self.close_connection = True
+            self.connection.shutdown(2)  # no answer: the connection drops mid-body
+            return
+        data = self.rfile.read(size)
+        (self.parts / upload / str(int(offset))).write_bytes(data)
+        with self.lock:
+            self.record.parts_stored.append((upload, int(offset)))
+        self.send_response(200)
+        self.send_header("ETag", f'"{hashlib.md5(data).hexdigest()}"')
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
 def public_key_body(private_key: str) -> str:
     """The base64 part of an OpenSSH private key's public key: what Ollama sends before the colon."""
     key = serialization.load_ssh_private_key(private_key.encode(), password=None)
@@ -190,14 +287,22 @@ def public_key_body(private_key: str) -> str:
 def front(upstream: str, accounts: dict[str, str], behaviour: Behaviour | None = None) -> Iterator[tuple[str, Record]]:
     """An ollama.com-like front of the registry at `upstream` (host:port). `accounts` maps a namespace to
     the private key (OpenSSH text) registered for it. Yields ('host:port', what it saw)."""
-    record = Record()
-    handler = type("OllamaComFront", (_Front,), {
-        "upstream": f"http://{upstream}", "keys": {public_key_body(k): ns for ns, k in accounts.items()},
-        "behaviour": behaviour or Behaviour(), "record": record, "grants": {}})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"127.0.0.1:{server.server_address[1]}", record
-    finally:
-        server.shutdown()
-        server.server_close()
+    record, behaviour = Record(), behaviour or Behaviour()
+    with tempfile.TemporaryDirectory(prefix="ollama-com-parts-") as parts:
+        storage = http.server.ThreadingHTTPServer(("127.0.0.1", 0), type("Storage", (_Storage,), {
+            "behaviour": behaviour, "record": record, "parts": Path(parts), "lock": threading.Lock()}))
+        handler = type("OllamaComFront", (_Front,), {
+            "upstream": f"http://{upstream}", "keys": {public_key_body(k): ns for ns, k in accounts.items()},
+            "behaviour": behaviour, "record": record, "grants": {}, "parts": Path(parts),
+            # Another host name for the same loopback, as ollama.com's storage is another host.
+            "storage": f"localhost:{storage.server_address[1]}"})
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        servers = (storage, server)
+        for each in servers:
+            threading.Thread(target=each.serve_forever, daemon=True).start()
+        try:
+            yield f"127.0.0.1:{server.server_address[1]}", record
+        finally:
+            for each in servers:
+                each.shutdown()
+                each.server_close()

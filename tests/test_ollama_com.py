@@ -53,6 +53,8 @@ def test_a_release_is_published_verified_pulled_back_and_found_on_a_rerun(
             assert digest == model["registry_digest"] and manifest["layers"]
         assert (repository, frozenset({"pull", "push"})) in record.tokens_given
         assert record.refused == []
+        # Every blob went up in parts through the storage host, and was committed once.
+        assert record.parts_stored and len(record.blobs_committed) == len(set(record.blobs_committed)) >= 3
 
         again = _publish(tmp_path / "again", ready_gguf, front, repository, alice_key)
     assert again.returncode == 0, again.stdout[-3000:]
@@ -86,6 +88,25 @@ def test_a_key_the_registry_does_not_accept_is_one_error_and_nothing_is_pushed(
     shown = "\n".join(line for line in run.stdout.splitlines() if not line.startswith("::add-mask::"))
     assert stranger_key.splitlines()[2] not in shown + run.stderr  # masked, and scrubbed from what is printed
     fault_report.auth_refused()
+
+
+def test_a_part_upload_cut_mid_body_is_sent_again_alone_and_the_release_completes(
+        tmp_path, stack, ready_gguf, alice_key):
+    """The storage host drops the first part upload halfway: Ollama sends that part again (and only that
+    one), and the release is published, verified and pulled back."""
+    repository = "alice/cut-upload"
+    with ollama_com.front(stack.registry, {"alice": alice_key}, ollama_com.Behaviour(cut_part_uploads=1)) as (
+            front, record):
+        run = _publish(tmp_path, ready_gguf, front, repository, alice_key)
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert record.parts_cut == 1
+    assert len(record.parts_stored) == len(set(record.parts_stored)), record.parts_stored  # none sent twice
+    models = json.loads(run.outputs["models"])
+    assert len(record.blobs_committed) == len(set(record.blobs_committed)) >= 3, record.blobs_committed
+    assert all(m["pushed"] and m["pulled"] for m in models), models
+    assert set(registry_tags(stack.registry, repository)) == RELEASE_Q8
+    fault_report.fault_injected()
+    fault_report.run_recovered()
 
 
 @pytest.fixture(scope="module")
