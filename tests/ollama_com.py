@@ -22,8 +22,8 @@ Assumed (reported by users, or as registries with token servers commonly do):
 - private models answer reads without a token with the same challenge (`private`);
 - manifests are served as text/plain, without Docker-Content-Digest and without Content-Length
   (oras-project/oras-go#882, ollama/ollama#6470): each a switch, all on by default, the strictest.
-The storage host can cut part uploads mid-body (`cut_part_uploads`), as big pushes to ollama.com are
-reported to fail mid-way (502s, "max retries exceeded").
+The storage host can fail part uploads mid-body (`cut_part_uploads`: a dropped connection or a 502), as
+big pushes to ollama.com are reported to fail mid-way (502s, "max retries exceeded").
 """
 
 from __future__ import annotations
@@ -59,7 +59,8 @@ class Behaviour:
     manifest_as_text_plain: bool = True
     digest_header: bool = False
     manifest_content_length: bool = False
-    cut_part_uploads: int = 0  # the storage host drops this many part uploads halfway through their body
+    cut_part_uploads: int = 0  # the storage host fails this many part uploads halfway through their body,
+    cut_with: str = "dropped connection"  # by dropping the connection, or answering "502"
 
 
 @dataclasses.dataclass
@@ -261,7 +262,12 @@ class _Storage(http.server.BaseHTTPRequestHandler):
         if cut:
             self.rfile.read(size // 2)
             self.close_connection = True
-            self.connection.shutdown(2)  # no answer: the connection drops mid-body
+            if self.behaviour.cut_with == "502":
+                self.send_response(502)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+            else:
+                self.connection.shutdown(2)  # no answer: the connection drops mid-body
             return
         data = self.rfile.read(size)
         (self.parts / upload / str(int(offset))).write_bytes(data)
