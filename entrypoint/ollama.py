@@ -31,10 +31,16 @@ UNLOAD_TIMEOUT_S = 60.0
 CHUNK = 8 * 1024 * 1024
 
 
+# A part upload Ollama tries again, in its server log (server/upload.go, slog's text format).
+_RESENT_PART = re.compile(r'msg="(\w{12} part \d+ attempt \d+ failed: .*?, retrying in [^"]+)"')
+
+
 class OllamaClient:
-    def __init__(self, base_url: str, models_dir: Path | None = None, timeout: float = 600):
+    def __init__(self, base_url: str, models_dir: Path | None = None, timeout: float = 600,
+                 server_log: Path | None = None):
         self.base_url = base_url.rstrip("/")
         self.models_dir = models_dir  # known only for a server we started: lets us read its manifests
+        self.server_log = server_log  # likewise: what it logs that its API does not say
         self.timeout = timeout
         self.session = requests.Session()
 
@@ -207,6 +213,21 @@ class OllamaClient:
             raise RegistryError(f"Ollama {what} of {model} ended without success (last status: {last}).",
                                 status=None, retriable=True, title=f"{what.capitalize()} failed")
 
+    def log_size(self) -> int:
+        """Where the server's log ends now (0 without one), for resent_parts."""
+        return self.server_log.stat().st_size if self.server_log and self.server_log.exists() else 0
+
+    def resent_parts(self, since: int) -> list[str]:
+        """The part uploads the server tried again since `since` (its log's size then), as its log says them
+        (upload.go logs "<digest> part <n> attempt <try> failed: <why>, retrying in <delay>"). Its push
+        stream does not say: there a retried part looks like a redirected one."""
+        if not self.server_log or not self.server_log.exists():
+            return []
+        with self.server_log.open("rb") as log:
+            log.seek(since)
+            text = log.read().decode(errors="replace")
+        return _RESENT_PART.findall(text)
+
     def list_models(self) -> list[dict[str, Any]]:
         return self._check(self._send("GET", "/api/tags", "list", timeout=30), "list").json().get("models", [])
 
@@ -355,7 +376,7 @@ def serve(log_path: Path, models_dir: Path, home: Path, ollama_key: str = "",
         server = stack.enter_context(running([binary, "serve"], what="The Ollama server", stdout=log_file,
                                              stderr=subprocess.STDOUT,
                                              env=server_environment(bind, models_dir, home)))
-        client = OllamaClient(f"http://{bind}", models_dir=models_dir)
+        client = OllamaClient(f"http://{bind}", models_dir=models_dir, server_log=log_path)
         deadline = time.monotonic() + HEALTH_TIMEOUT_S
         while not client.is_healthy():
             if server.poll() is not None or time.monotonic() > deadline:

@@ -113,10 +113,13 @@ def push(client: OllamaClient, settings: Settings, results: list[TagResult]) -> 
             result.pushed = True
             continue
         github.log(f"pushing {result.name}")
+        log_start = client.log_size()
         # A re-push resumes: blobs the registry already has are skipped. Refusals are not retried, nor is
         # Ollama gone (OllamaUnreachable is never retriable).
         retry.retrying(functools.partial(client.push, result.name, settings.insecure_registry, _progress_logger()),
                        f"pushing {result.name}")
+        for resent in client.resent_parts(log_start):  # Ollama's own retries, one part each, the rest kept
+            github.log(f"  Ollama sent a part again (the parts that arrived are kept): {resent}")
         _verify_pushed(client, settings, result)
         result.pushed = True
 

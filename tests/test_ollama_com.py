@@ -94,13 +94,15 @@ def test_a_key_the_registry_does_not_accept_is_one_error_and_nothing_is_pushed(
 def test_a_part_upload_cut_mid_body_is_sent_again_alone_and_the_release_completes(
         tmp_path, stack, ready_gguf, alice_key, cut_with):
     """The storage host fails the first part upload halfway: Ollama sends that part again (and only that
-    one), and the release is published, verified and pulled back."""
+    one), the log says so, and the release is published, verified and pulled back."""
     repository = f"alice/cut-upload-{cut_with.split()[0]}"
     behaviour = ollama_com.Behaviour(cut_part_uploads=1, cut_with=cut_with)
     with ollama_com.front(stack.registry, {"alice": alice_key}, behaviour) as (front, record):
         run = _publish(tmp_path, ready_gguf, front, repository, alice_key)
     assert run.returncode == 0, run.stdout[-3000:]
     assert record.parts_cut == 1
+    resent = [line for line in run.stdout.splitlines() if "Ollama sent a part again" in line]
+    assert len(resent) == 1 and " part 0 attempt 0 failed: " in resent[0], run.stdout[-3000:]
     assert len(record.parts_stored) == len(set(record.parts_stored)), record.parts_stored  # none sent twice
     models = json.loads(run.outputs["models"])
     assert len(record.blobs_committed) == len(set(record.blobs_committed)) >= 3, record.blobs_committed
