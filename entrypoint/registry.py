@@ -176,7 +176,9 @@ def fetch_manifest(name: ModelName, tag: str, *, insecure: bool, key: str = "",
     if response.status_code in (401, 403):
         fix = (" Check that ollama-key is the key registered with the registry for the namespace in ollama-model "
                "(on ollama.com: Settings > Ollama keys) or, if the model is private, that it belongs to that "
-               "account." if key else " The model may be private: set ollama-key to the key of its owner.")
+               "account." if key else " The model may be private, and without ollama-key the action reads the "
+               "registry anonymously: publish a private model with the action's own server and ollama-key (not "
+               "ollama-host), so that the action can read it as its owner.")
         raise RegistryError(f"The registry refused to show {url} ({response.status_code}).{fix}",
                             status=response.status_code, retriable=False, title="Registry refused",
                             input_name="ollama-key")

@@ -13,7 +13,8 @@ COUNTS: collections.Counter[str] = collections.Counter()
 ORDER = ("bad inputs tried", "faults injected", "runs recovered", "nothing-lost checks passed",
          "hostile repositories refused", "workflow-command injections not obeyed", "full disks named",
          "unpullable pushes caught", "remote-code attempts refused", "limits enforced",
-         "private releases through the ollama.com-like front", "registry auth refusals")
+         "private releases through the ollama.com-like front", "registry auth refusals",
+         "interrupted uploads recovered")
 
 
 def bad_input_refused() -> None:
@@ -58,6 +59,10 @@ def private_release_published() -> None:
 
 def auth_refused() -> None:
     COUNTS["registry auth refusals"] += 1
+
+
+def upload_recovered() -> None:
+    COUNTS["interrupted uploads recovered"] += 1
 
 
 def assert_all_or_nothing(registry: str, repository: str, release_tags: set[str]) -> set[str]:

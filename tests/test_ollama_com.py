@@ -109,7 +109,7 @@ def test_a_part_upload_cut_mid_body_is_sent_again_alone_and_the_release_complete
     assert all(m["pushed"] and m["pulled"] for m in models), models
     assert set(registry_tags(stack.registry, repository)) == RELEASE_Q8
     fault_report.fault_injected()
-    fault_report.run_recovered()
+    fault_report.upload_recovered()
 
 
 @pytest.fixture(scope="module")
