@@ -1,18 +1,22 @@
 """Publishing to a registry that behaves like ollama.com (tests/ollama_com.py: a front over the real
 docker-registry, built from Ollama 0.34.3's client code): private models, the Bearer challenge answered
 with the push key's signature, manifests without Docker-Content-Digest or Content-Length and as text/plain.
-Each release starts from ready GGUF files (model-path): publishing is the subject, not converting."""
+Each release starts from ready GGUF files (model-path): publishing is the subject, not converting. The
+strictest setting is published by the action's image run as the runner runs it; the others by the CLI."""
 
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import requests
 
 from entrypoint import registry
 from tests import fault_report, ollama_com, servers
-from tests.conftest import action_runner, make_ollama_key, registry_tags
+from tests.conftest import (SMOKE_PROMPT, ActionRun, action_runner, make_ollama_key, parse_outputs,
+                            registry_tags)
+from tests.container import Runner
 
 pytestmark = pytest.mark.servers
 RELEASE_Q8 = {"1.0.0", "1.0.0-q8_0", "latest"}
@@ -28,17 +32,29 @@ def _publish(tmp_path, ready_gguf, front: str, repository: str, key: str):
                                     "quantizations": "Q8_0", "insecure-registry": "true", "ollama-key": key})
 
 
-@pytest.mark.parametrize("repository, behaviour", [
-    # The strictest: private, manifests as text/plain without Docker-Content-Digest or Content-Length.
-    ("alice/strict", ollama_com.Behaviour()),
+def _publish_in_the_image(tmp_path, ready_gguf, front: str, repository: str, key: str) -> ActionRun:
+    """The same, by the action's image run as the runner runs it (ready GGUF files in the checkout)."""
+    runner = Runner(tmp_path)
+    shutil.copytree(ready_gguf, runner.workspace / "model")
+    run = runner.run({"model-path": "model", "ollama-model": f"{front}/{repository}", "quantizations": "Q8_0",
+                      "insecure-registry": "true", "ollama-key": key, "smoke-test-prompt": SMOKE_PROMPT})
+    return ActionRun(returncode=run.exit_code, stdout=run.stdout, stderr=run.stderr,
+                     outputs=parse_outputs(run.outputs_text), outputs_text=run.outputs_text, summary=run.summary,
+                     home=run.home, workspace=run.workspace, runner_temp=run.runner_temp)
+
+
+@pytest.mark.parametrize("repository, behaviour, publish", [
+    # The strictest, in the image as users run it: private, manifests as text/plain without
+    # Docker-Content-Digest or Content-Length.
+    ("alice/strict", ollama_com.Behaviour(), _publish_in_the_image),
     ("alice/with-headers", ollama_com.Behaviour(manifest_as_text_plain=False, digest_header=True,
-                                                manifest_content_length=True)),
-    ("alice/public", ollama_com.Behaviour(private=False)),  # anyone reads it; still no optional header
-], ids=["private-no-digest-header", "private-with-digest-header", "public-no-digest-header"])
+                                                manifest_content_length=True), _publish),
+    ("alice/public", ollama_com.Behaviour(private=False), _publish),  # anyone reads it; no optional header
+], ids=["private-no-digest-header-image", "private-with-digest-header", "public-no-digest-header"])
 def test_a_release_is_published_verified_pulled_back_and_found_on_a_rerun(
-        tmp_path, stack, ready_gguf, alice_key, repository, behaviour):
+        tmp_path, stack, ready_gguf, alice_key, repository, behaviour, publish):
     with ollama_com.front(stack.registry, {"alice": alice_key}, behaviour) as (front, record):
-        first = _publish(tmp_path / "first", ready_gguf, front, repository, alice_key)
+        first = publish(tmp_path / "first", ready_gguf, front, repository, alice_key)
         assert first.returncode == 0, first.stdout[-3000:]
         models = json.loads(first.outputs["models"])
         assert {m["tag"] for m in models} == RELEASE_Q8
@@ -56,7 +72,7 @@ def test_a_release_is_published_verified_pulled_back_and_found_on_a_rerun(
         # Every blob went up in parts through the storage host, and was committed once.
         assert record.parts_stored and len(record.blobs_committed) == len(set(record.blobs_committed)) >= 3
 
-        again = _publish(tmp_path / "again", ready_gguf, front, repository, alice_key)
+        again = publish(tmp_path / "again", ready_gguf, front, repository, alice_key)
     assert again.returncode == 0, again.stdout[-3000:]
     skipped = [line for line in again.stdout.splitlines() if "already published with the same layers" in line]
     assert len(skipped) == len(RELEASE_Q8), again.stdout[-3000:]
