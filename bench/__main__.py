@@ -122,7 +122,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--quantizations", default="Q4_K_M, Q5_K_M, Q8_0")
     parser.add_argument("--interval", type=float, default=0.1, help="sampling interval in seconds (default 0.1)")
     parser.add_argument("--checks-off-input", action="append", default=[], metavar="NAME=VALUE",
-                        help="an action input that switches the checks off, e.g. smoke-test=false and "
+                        help="an action input that switches the checks off, e.g. smoke-test=off and "
                              "prompt-parity=off; when given, a third variant 'ours, checks off' runs with them")
     parser.add_argument("--markdown", type=Path, help="write the final table as markdown to this file")
     parser.add_argument("--json", type=Path, help="write every run's figures as JSON to this file")

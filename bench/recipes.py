@@ -354,7 +354,7 @@ def stages_from_log(lines: list[tuple[float, str]], t0: float, t1: float) -> Tim
             timeline.add("create", start, end)
         elif "create" in lowered:
             # The smoke test logs nothing before its first answer: it starts after the line before that.
-            # Checks switched off (smoke-test: false, prompt-parity: off) print neither line.
+            # Checks switched off (smoke-test: off, prompt-parity: off) print neither line.
             answered = first(body, lambda text: "(done_reason:" in text, end + 1)
             smoke = max([start] + [t for t, _ in body if t < answered]) if answered <= end else end
             parity = first(body, lambda text: text.startswith("prompt parity of"), smoke)

@@ -98,6 +98,8 @@ def main() -> int:
             os.environ.pop(key, None)
     try:
         settings = build_settings(values, environ)
+        for deprecation in settings.deprecations:
+            github.warning(deprecation)
         report = pipeline.run(settings)
     except PublishError as exc:
         return _fail(exc.title, exc.shown, more=github.readme_link(exc.anchor))

@@ -35,7 +35,7 @@ INPUTS: dict[str, str] = {
     "template": "auto",
     "system": "",
     "parameters": "",
-    "smoke-test": "true",
+    "smoke-test": "fail",
     "smoke-test-prompt": "What is the capital of France?",
     "prompt-parity": "fail",
     "push": "true",
@@ -45,7 +45,7 @@ INPUTS: dict[str, str] = {
     "insecure-registry": "false",
     "ollama-host": "",
     "output-dir": "ollama-publish-out",
-    "resource-check": "true",
+    "resource-check": "fail",
 }
 SECRET_INPUTS = ("hf-token", "ollama-key")
 
@@ -83,19 +83,20 @@ class Settings:
     template: str
     system: str
     parameters: tuple[tuple[str, str | int | float | bool], ...]
-    smoke_test: bool
+    smoke_test: str  # fail (default), warn or off: CHECK_MODES
     smoke_test_prompt: str
     prompt_parity: str  # fail (default), warn or off
     push: bool
     overwrite: bool  # replace immutable tags that already exist with other content
-    pull_check: str  # after the push an empty Ollama pulls every tag: failing that fails (fail) or warns (warn)
+    pull_check: str  # after the push an empty Ollama pulls every tag: failing that fails, warns, or no pull (off)
     immutable_tags: frozenset[str]  # tags made from a {version} pattern: a published version never changes
     ollama_key: str
     insecure_registry: bool
     ollama_host: str  # empty: start our own server
     output_dir: Path
-    resource_check: bool
+    resource_check: str
     workspace: Path  # $GITHUB_WORKSPACE (in the container, /github/workspace), else the current directory
+    deprecations: tuple[str, ...] = ()  # old input values accepted, each with what to write instead
 
     @property
     def source_label(self) -> str:
@@ -117,6 +118,33 @@ def read_inputs(environ: Mapping[str, str], overrides: Mapping[str, str] | None 
                     break
         values[name] = default if value is None or value == "" else value
     return values
+
+
+# Every check input takes one vocabulary: fail (the run stops), warn (a warning, and the run goes on) or off.
+CHECK_MODES = ("fail", "warn", "off")
+CHECKS = {  # input -> what its check does, for the error message
+    "smoke-test": "each model answers smoke-test-prompt and stops by itself",
+    "prompt-parity": "Ollama's prompts equal those of the checkpoint's own chat template",
+    "pull-check": "an empty Ollama pulls every pushed tag back and gets the same blobs",
+    "resource-check": "the disk and memory the run needs are there, before any download",
+}
+_LEGACY_CHECK_VALUES = {"true": "fail", "false": "off"}  # smoke-test and resource-check were booleans
+
+
+def parse_check(name: str, text: str, deprecations: list[str]) -> str:
+    """A check input's mode. The booleans smoke-test and resource-check took before are accepted, each
+    noted in `deprecations` with the value that replaces it."""
+    mode = text.strip().lower()
+    if mode in _LEGACY_CHECK_VALUES and name in ("smoke-test", "resource-check"):
+        new = _LEGACY_CHECK_VALUES[mode]
+        deprecations.append(f"{name}: {mode} is deprecated and will stop working in the next major version; "
+                            f"write {name}: {new} (the same check, in the vocabulary every check input uses: "
+                            f"{' | '.join(CHECK_MODES)}).")
+        return new
+    if mode not in CHECK_MODES:
+        raise InputError(f"'{text}' is not a mode of {name}, the check that {CHECKS[name]}. Use fail (the default: "
+                         "the run stops), warn (a warning, and the run goes on) or off.", input_name=name)
+    return mode
 
 
 def parse_bool(name: str, text: str) -> bool:
@@ -298,15 +326,9 @@ def build_settings(values: Mapping[str, str], environ: Mapping[str, str]) -> Set
         raise InputError(f"No tag would be created for {', '.join(missing)}; add a pattern with {{quant}}.",
                          input_name="tags")
 
-    parity = values["prompt-parity"].strip().lower()
-    if parity not in ("fail", "warn", "off"):
-        raise InputError(f"'{parity}' is not a prompt-parity mode. Use fail (default: a prompt that differs from "
-                         "the checkpoint's own template stops the release), warn or off.", input_name="prompt-parity")
+    deprecations: list[str] = []
+    checks = {name: parse_check(name, values[name], deprecations) for name in CHECKS}
     push = parse_bool("push", values["push"])
-    pull_check = values["pull-check"].strip().lower()
-    if pull_check not in ("fail", "warn"):
-        raise InputError(f"'{pull_check}' is not a pull-check mode. Use fail (default: a pushed model that an empty "
-                         "Ollama cannot pull fails the run) or warn.", input_name="pull-check")
     insecure = parse_bool("insecure-registry", values["insecure-registry"])
     ollama_host = values["ollama-host"].strip()
     if ollama_host and not _OLLAMA_HOST.match(ollama_host):
@@ -341,11 +363,11 @@ def build_settings(values: Mapping[str, str], environ: Mapping[str, str]) -> Set
         model_name=model_name, quantizations=tuple(quantizations), imatrix_calibration=calibration, imatrix=imatrix,
         output_tensor_type=output_tensor_type, token_embedding_type=token_embedding_type, tags=tags,
         template=template, system=values["system"], parameters=parse_parameters(values["parameters"]),
-        smoke_test=parse_bool("smoke-test", values["smoke-test"]),
-        smoke_test_prompt=values["smoke-test-prompt"].strip(),
-        prompt_parity=parity, push=push, overwrite=parse_bool("overwrite", values["overwrite"]), pull_check=pull_check,
+        smoke_test=checks["smoke-test"], smoke_test_prompt=values["smoke-test-prompt"].strip(),
+        prompt_parity=checks["prompt-parity"], push=push, overwrite=parse_bool("overwrite", values["overwrite"]),
+        pull_check=checks["pull-check"],
         immutable_tags=frozenset(tag for _, tag in expand_tags([p for p in patterns if "{version}" in p],
                                                                tuple(quantizations), version)),
         ollama_key=key, insecure_registry=insecure, ollama_host=ollama_host.rstrip("/"), output_dir=output_dir,
-        resource_check=parse_bool("resource-check", values["resource-check"]), workspace=workspace.resolve(),
+        resource_check=checks["resource-check"], workspace=workspace.resolve(), deprecations=tuple(deprecations),
     )

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from . import chat_jinja, checks, convert, ggufs, github, gguf_header, hub, modelfile, preflight, process
-from .errors import ParityFailed, InputError, LimitExceeded, RepoRefused
+from .errors import InputError, LimitExceeded, NotEnoughResources, ParityFailed, RepoRefused
 from .ollama import OllamaClient
 from .settings import Settings
 
@@ -105,7 +105,7 @@ def _fetch_checkpoint(settings: Settings, scratch: Path, client: OllamaClient
         return _fetch_base(settings, scratch, client, remote, checkpoint.path, sizes)
     chat = _check_descriptions(settings, checkpoint, input_name(settings)) \
         if checkpoint.plan.kind == "transformers" else None
-    if settings.resource_check:
+    if settings.resource_check != "off":
         _check_resources(settings, client, scratch, checkpoint.plan, sizes)
     if remote is not None:
         hub.download(remote, settings.hf_token, destination, remote.weights())
@@ -185,7 +185,7 @@ def _fetch_base(settings: Settings, scratch: Path, client: OllamaClient, remote:
     checkpoint = hub.Checkpoint(path=base_dir, commit=remote.commit if remote else "", plan=repo_plan,
                                 adapter=adapter)
     chat = _check_descriptions(settings, checkpoint, "base-model")
-    if settings.resource_check:
+    if settings.resource_check != "off":
         _check_resources(settings, client, scratch, repo_plan, {**base.sizes, **adapter_sizes})
     if remote:
         hub.download(remote, settings.hf_token, adapter, remote.weights())
@@ -195,6 +195,16 @@ def _fetch_base(settings: Settings, scratch: Path, client: OllamaClient, remote:
 
 def _check_resources(settings: Settings, client: OllamaClient, scratch: Path, repo_plan: hub.Plan,
                      sizes: dict[str, int]) -> None:
+    try:
+        _estimate_resources(settings, client, scratch, repo_plan, sizes)
+    except NotEnoughResources as exc:
+        if settings.resource_check != "warn":
+            raise
+        github.warning(f"{exc.message} (resource-check: warn, so the run goes on)")
+
+
+def _estimate_resources(settings: Settings, client: OllamaClient, scratch: Path, repo_plan: hub.Plan,
+                        sizes: dict[str, int]) -> None:
     folders = {"work": scratch, "outputs": settings.output_dir}
     if client.models_dir is not None:
         folders["ollama"] = client.models_dir

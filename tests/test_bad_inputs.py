@@ -210,3 +210,17 @@ def test_too_little_disk_stops_before_download(stack, small_filesystem):
     assert "downloading model.safetensors" not in run.stdout and not list(small_filesystem.rglob("*.safetensors"))
     assert registry_tags(stack.registry, "bad-inputs/small-disk") == []
     fault_report.bad_input_refused()
+
+
+def test_too_little_disk_with_resource_check_warn_warns_and_goes_on(stack, small_filesystem):
+    """resource-check: warn: the same estimate is a warning, the run downloads, and the disk fills as
+    estimated: one "Disk full" error, nothing pushed."""
+    run = action_runner(small_filesystem)({
+        "hf-repo": HF_REPO, "ollama-model": f"{stack.registry}/bad-inputs/small-disk-warn", "insecure-registry": "true",
+        "quantizations": "Q4_K_M", "resource-check": "warn"}, env={"HF_ENDPOINT": stack.hub_endpoint})
+    warnings = [line for line in run.stdout.splitlines() if line.startswith("::warning")]
+    assert any("Not enough disk" in w and "(resource-check: warn, so the run goes on)" in w for w in warnings), warnings
+    assert "downloading model.safetensors" in run.stdout
+    assert run.returncode == 1 and len(run.errors()) == 1 and "title=Disk full" in run.errors()[0], run.errors()
+    assert registry_tags(stack.registry, "bad-inputs/small-disk-warn") == []
+    fault_report.disk_full_named()

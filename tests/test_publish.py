@@ -61,6 +61,23 @@ def test_failing_smoke_test_pushes_nothing(stack, run_action):
     assert "ollama-publish failed" in run.summary
 
 
+def test_smoke_test_warn_publishes_a_model_that_fails_it_and_says_so(stack, run_action, ready_gguf):
+    """smoke-test: warn: the same failure (num_predict 3 stops every answer early) is a warning, before the
+    push and again after the pull-back, and the release is published."""
+    repository = "test-team/smoke-warns"
+    run = run_action({"model-path": str(ready_gguf), "ollama-model": f"{stack.registry}/{repository}",
+                      "quantizations": "Q8_0", "insecure-registry": "true", "parameters": "num_predict 3",
+                      "smoke-test": "warn"})
+    assert run.returncode == 0, run.stdout[-3000:]
+    warned = [line for line in run.stdout.splitlines() if line.startswith("::warning")
+              and "did not stop by itself" in line and "(smoke-test: warn, so the run goes on)" in line]
+    assert len(warned) == 2, run.stdout[-3000:]  # the created model, and the one pulled back
+    models = json.loads(run.outputs["models"])
+    assert all(m["pushed"] and m["pulled"] and m["answer"] == "smoke test failed (see the warning)"
+               for m in models), models
+    assert sorted(registry_tags(stack.registry, repository)) == ["1.0.0", "1.0.0-q8_0", "latest"]
+
+
 @pytest.mark.parametrize("template", ["llama3", "zephyr-file"])
 def test_wrong_template_fails_prompt_parity_and_pushes_nothing(stack, run_action, template):
     """A ChatML model given another family's template, from the catalog or from a file in the workspace."""

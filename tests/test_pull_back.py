@@ -54,3 +54,14 @@ def test_pull_check_warn_publishes_and_says_it_was_not_pulled(ready_gguf, run_ac
     assert run.summary.count("yes, **not pulled back**") == len(RELEASE_Q8)
     assert sorted(registry_tags(plain_registry, "pull-back/warn")) == RELEASE_Q8
     fault_report.pull_check_failed()
+
+
+def test_pull_check_off_publishes_without_pulling_and_says_so(ready_gguf, run_action, plain_registry):
+    run = _publish(ready_gguf, run_action, plain_registry, "pull-back/off", "off")
+    assert run.returncode == 0, run.stdout[-3000:]
+    warnings = [line for line in run.stdout.splitlines() if line.startswith("::warning")]
+    assert any("pull check skipped (pull-check: off)" in w for w in warnings), warnings
+    assert "pulled by an empty Ollama" not in run.stdout and "could not pull" not in run.stdout
+    models = json.loads(run.outputs["models"])
+    assert models and all(m["pushed"] and not m["pulled"] for m in models), models
+    assert sorted(registry_tags(plain_registry, "pull-back/off")) == RELEASE_Q8

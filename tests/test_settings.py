@@ -141,3 +141,30 @@ def test_importance_matrix_inputs(tmp_path):
     # A repo of ready GGUF files brings its own IQ files: no importance matrix needed.
     assert build(tmp_path, **{"hf-repo": "a/b", "ollama-model": "me/m", "push": "false", "repo-kind": "gguf",
                               "quantizations": "IQ2_XS"}).quantizations == ("IQ2_XS",)
+
+
+@pytest.mark.parametrize("name", list(s.CHECKS))
+def test_every_check_input_takes_fail_warn_or_off(tmp_path, name):
+    field = name.replace("-", "_")
+    assert getattr(build(tmp_path, **{"hf-repo": "a/b", "ollama-model": "h:1/me/m"}), field) == "fail"
+    for mode in s.CHECK_MODES:
+        built = build(tmp_path, **{"hf-repo": "a/b", "ollama-model": "h:1/me/m", name: f" {mode.upper()} "})
+        assert getattr(built, field) == mode and built.deprecations == ()
+    with pytest.raises(InputError) as caught:
+        build(tmp_path, **{"hf-repo": "a/b", "ollama-model": "h:1/me/m", name: "sometimes"})
+    assert caught.value.input_name == name and "Use fail (the default: the run stops), warn" in caught.value.message
+
+
+@pytest.mark.parametrize("name, old, new", [("smoke-test", "true", "fail"), ("smoke-test", "false", "off"),
+                                            ("resource-check", "true", "fail"), ("resource-check", "false", "off")])
+def test_the_old_booleans_still_work_and_name_their_replacement(tmp_path, name, old, new):
+    built = build(tmp_path, **{"hf-repo": "a/b", "ollama-model": "h:1/me/m", name: old})
+    assert getattr(built, name.replace("-", "_")) == new
+    assert len(built.deprecations) == 1 and f"{name}: {old} is deprecated" in built.deprecations[0]
+    assert f"write {name}: {new}" in built.deprecations[0]
+
+
+def test_only_the_checks_that_were_booleans_take_booleans(tmp_path):
+    with pytest.raises(InputError) as caught:
+        build(tmp_path, **{"hf-repo": "a/b", "ollama-model": "h:1/me/m", "pull-check": "false"})
+    assert caught.value.input_name == "pull-check"
