@@ -1,6 +1,8 @@
-"""One release, v1.0.0 with Q4_K_M and Q8_0, published by the action's image run the way GitHub's runner
-runs it (tests/container.py), from the test Hub (olah) to the test registry; watched while it runs. Every
-test here only asserts on its outcome, so they share it: one conversion, one push, one pull-back per run."""
+"""One release, v1.0.0, published by the action's image run the way GitHub's runner runs it
+(tests/container.py), from the test Hub (olah) to the test registry; watched while it runs. Its inputs are
+the shipped example's (examples/release.yml: the model, quantizations and smoke-test prompt), with the
+test Hub, registry and secrets in place of the real ones. Every test here only asserts on its outcome, so
+they share it: one conversion, one push, one pull-back per run."""
 
 from __future__ import annotations
 
@@ -15,18 +17,28 @@ from pathlib import Path
 import docker
 import pytest
 import requests
+import yaml
 
 from entrypoint import checks
 from entrypoint.ollama import file_sha256
 from entrypoint.quantize import tag_suffix
-from tests.conftest import (HF_REPO, RUNNER_SECRETS, SMOKE_PROMPT, make_ollama_key, parity_verdicts,
+from tests.conftest import (HF_REPO, RUNNER_SECRETS, make_ollama_key, parity_verdicts,
                             parse_outputs, registry_manifest, registry_tags)
 from tests.container import ContainerRun, Runner, secrets_left
 
 pytestmark = [pytest.mark.servers, pytest.mark.dev]
 HF_TOKEN = "hf_ReleaseTokenThatMustNeverBeLogged0123456789"
 REPOSITORY = "test-team/smollm2"
-QUANTIZATIONS = ("Q4_K_M", "Q8_0")
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "release.yml"
+
+
+def _example_inputs() -> dict[str, str]:
+    """The `with:` of the example's publish step."""
+    steps = yaml.safe_load(EXAMPLE.read_text())["jobs"]["publish"]["steps"]
+    return {name: str(value) for name, value in next(s for s in steps if s.get("id") == "publish")["with"].items()}
+
+
+QUANTIZATIONS = tuple(q.strip() for q in _example_inputs()["quantizations"].split(","))
 OWNER = (1001, 1001)  # the runner user's uid and gid on GitHub's hosted runners
 OLLAMA_LAYERS = {"application/vnd.ollama.image.model", "application/vnd.ollama.image.template",
                  "application/vnd.ollama.image.params"}
@@ -96,13 +108,21 @@ def release(stack, tmp_path_factory) -> Release:
     key = make_ollama_key(tmp_path_factory.mktemp("release-key"))
     runner = Runner(tmp_path_factory.mktemp("release"), workspace_owner=OWNER)
     witness = _Witness(runner, key)
-    run = runner.run({"hf-repo": HF_REPO, "hf-revision": "v1.0.0", "hf-token": HF_TOKEN, "ollama-key": key,
-                      "ollama-model": f"{stack.registry}/{REPOSITORY}", "quantizations": ", ".join(QUANTIZATIONS),
-                      "insecure-registry": "true", "smoke-test-prompt": SMOKE_PROMPT},
-                     env={"HF_ENDPOINT": stack.hub_endpoint, **RUNNER_SECRETS}, on_line=witness.on_line)
+    # The example's inputs; the test Hub's repo, registry and secrets in place of the real ones.
+    inputs = {**_example_inputs(), "hf-repo": HF_REPO, "hf-revision": "v1.0.0", "hf-token": HF_TOKEN,
+              "ollama-key": key, "ollama-model": f"{stack.registry}/{REPOSITORY}", "insecure-registry": "true"}
+    run = runner.run(inputs, env={"HF_ENDPOINT": stack.hub_endpoint, **RUNNER_SECRETS}, on_line=witness.on_line)
     print(run.stdout[-4000:], run.stderr[-2000:])
     assert run.exit_code == 0, run.stdout[-3000:] + run.stderr[-2000:]
     return Release(run=run, outputs=parse_outputs(run.outputs_text), key=key, witness=witness)
+
+
+def test_the_release_is_the_shipped_examples():
+    """The example publishes the model the test Hub serves as HF_REPO (from its own repository), and asks
+    for more than one quantization, each of which must pass its smoke test below."""
+    example = _example_inputs()
+    assert example["hf-repo"] == "HuggingFaceTB/" + HF_REPO.split("/")[1]
+    assert len(QUANTIZATIONS) > 1 and example["smoke-test-prompt"]
 
 
 def test_every_tag_is_created_pushed_and_pulled_back(release, stack):
