@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import runpy
@@ -10,9 +12,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import requests
 import yaml
 
 from entrypoint.settings import INPUTS, SECRET_INPUTS
+from tests import servers
 
 ROOT = Path(__file__).resolve().parent.parent
 OUTPUTS = {"models", "modelfile", "gguf-paths", "revision"}
@@ -62,7 +66,7 @@ def test_runs_the_chosen_image_with_every_input(action):
     assert action["runs"]["using"] == "composite"
     choose, publish = action["runs"]["steps"]
     assert choose["run"] == 'python3 "$GITHUB_ACTION_PATH/scripts/select-image"'
-    assert set(choose["env"]) == {"ACTION_REF", "ACTION_REPOSITORY"}  # no input, so no secret, reaches it
+    assert "env" not in choose and "${{" not in choose["run"]  # no input, so no secret, reaches it
     assert publish["id"] == "publish" and publish["uses"] == "./" + str(SELECT_IMAGE["GENERATED"].parent)
     assert publish["with"] == {name: f"${{{{ inputs.{name} }}}}" for name in INPUTS}
 
@@ -71,29 +75,55 @@ SELECT_IMAGE = runpy.run_path(str(ROOT / "scripts" / "select-image"))  # the scr
 
 
 @pytest.mark.parametrize("ref, repository, image", [
-    ("v1", "Owner/Ollama-Publish", "docker://ghcr.io/owner/ollama-publish:1"),
-    ("v1.2", "owner/ollama-publish", "docker://ghcr.io/owner/ollama-publish:1.2"),
-    ("v1.2.3", "owner/ollama-publish", "docker://ghcr.io/owner/ollama-publish:1.2.3"),
+    ("v1", "Owner/Ollama-Publish", "ghcr.io/owner/ollama-publish:1"),
+    ("v1.2", "owner/ollama-publish", "ghcr.io/owner/ollama-publish:1.2"),
+    ("v1.2.3", "owner/ollama-publish", "ghcr.io/owner/ollama-publish:1.2.3"),
     ("0123456789abcdef0123456789abcdef01234567", "owner/ollama-publish",
-     "docker://ghcr.io/owner/ollama-publish:sha-0123456789abcdef0123456789abcdef01234567"),
-    ("main", "owner/ollama-publish", str(ROOT / "Dockerfile")),
-    ("v1.2.3-rc1", "owner/ollama-publish", str(ROOT / "Dockerfile")),
-    ("", "", str(ROOT / "Dockerfile")),  # `uses: ./` in this repository
+     "ghcr.io/owner/ollama-publish:sha-0123456789abcdef0123456789abcdef01234567"),
+    ("main", "owner/ollama-publish", ""),
+    ("v1.2.3-rc1", "owner/ollama-publish", ""),
+    ("", "", ""),  # `uses: ./` in this repository
 ])
-def test_released_refs_run_the_prebuilt_image(ref, repository, image):
-    assert SELECT_IMAGE["image"](ref, repository) == image
+def test_released_refs_name_the_prebuilt_image(ref, repository, image):
+    assert SELECT_IMAGE["released_image"](ref, repository) == image
+
+
+@pytest.mark.parametrize("action_path, checked_out", [
+    ("/home/runner/work/_actions/owner/ollama-publish/v1", ("owner/ollama-publish", "v1")),
+    ("/home/runner/work/_actions/owner/ollama-publish/v1.2.3/", ("owner/ollama-publish", "v1.2.3")),
+    # Used by another composite action: github.action_ref would be the outer action's; the path is ours.
+    ("/home/runner/work/_actions/owner/ollama-publish/0123456789abcdef0123456789abcdef01234567",
+     ("owner/ollama-publish", "0123456789abcdef0123456789abcdef01234567")),
+    ("/home/runner/work/model-repo/model-repo", ("", "")),  # uses: ./
+])
+def test_the_ref_is_where_the_runner_checked_the_action_out(action_path, checked_out):
+    assert SELECT_IMAGE["checked_out_as"](action_path) == checked_out
+
+
+def test_a_ref_without_an_image_builds_the_dockerfile_and_says_why():
+    dockerfile = str(ROOT / "Dockerfile")
+    choose = SELECT_IMAGE["choose"]
+    assert choose("v1", "owner/ollama-publish", exists=lambda image: True) == (
+        "docker://ghcr.io/owner/ollama-publish:1", "")
+    image, warning = choose("0123456789abcdef0123456789abcdef01234567", "owner/ollama-publish",
+                            exists=lambda image: False)
+    assert image == dockerfile and "is not a release of owner/ollama-publish" in warning and "@v1" in warning
+    image, warning = choose("v1", "owner/ollama-publish", exists=lambda image: None)  # the registry did not say
+    assert image == "docker://ghcr.io/owner/ollama-publish:1" and "Could not check" in warning
+    assert choose("main", "owner/ollama-publish", exists=lambda image: pytest.fail("asked")) == (dockerfile, "")
 
 
 def test_the_written_action_declares_every_input(tmp_path):
-    env = {**os.environ, "ACTION_REF": "v2.0.1", "ACTION_REPOSITORY": "owner/ollama-publish",
-           "GITHUB_WORKSPACE": str(tmp_path)}
+    """Run as the runner runs it, for a branch (no registry is asked): the Dockerfile, every input, and
+    the README at that ref for the error messages' links."""
+    action_path = tmp_path / "_actions" / "owner" / "ollama-publish" / "main"
+    env = {**os.environ, "GITHUB_ACTION_PATH": str(action_path), "GITHUB_WORKSPACE": str(tmp_path)}
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / "select-image")], env=env, capture_output=True,
                             text=True, check=True)
-    assert "docker://ghcr.io/owner/ollama-publish:2.0.1" in result.stdout
+    assert str(ROOT / "Dockerfile") in result.stdout and "::warning" not in result.stdout
     written = yaml.safe_load((tmp_path / SELECT_IMAGE["GENERATED"]).read_text())
-    # The README at the same ref, for the links in error messages.
-    assert written["runs"] == {"using": "docker", "image": "docker://ghcr.io/owner/ollama-publish:2.0.1", "env": {
-        "OLLAMA_PUBLISH_README": "https://github.com/owner/ollama-publish/blob/v2.0.1/README.md"}}
+    assert written["runs"] == {"using": "docker", "image": str(ROOT / "Dockerfile"), "env": {
+        "OLLAMA_PUBLISH_README": "https://github.com/owner/ollama-publish/blob/main/README.md"}}
     assert list(written["inputs"]) == list(INPUTS)
 
 
@@ -133,3 +163,27 @@ def test_dockerfile_base_images_are_pinned():
         assert ":" in last, f"{image} has no tag"
         tag = last.split(":", 1)[1]
         assert tag and tag != "latest", f"{image} is not pinned"
+
+
+def _push_tiny_image(registry: str, repository: str, tag: str) -> None:
+    """A manifest with a config and no layers, through the registry's own API."""
+    config = b'{"architecture": "amd64", "os": "linux"}'
+    digest = "sha256:" + hashlib.sha256(config).hexdigest()
+    upload = requests.post(f"http://{registry}/v2/{repository}/blobs/uploads/", timeout=10)
+    location = upload.headers["Location"]
+    requests.put(f"{location}&digest={digest}", data=config, timeout=10).raise_for_status()
+    manifest = {"schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+                "config": {"mediaType": "application/vnd.docker.container.image.v1+json", "size": len(config),
+                           "digest": digest}, "layers": []}
+    requests.put(f"http://{registry}/v2/{repository}/manifests/{tag}", data=json.dumps(manifest), timeout=10,
+                 headers={"Content-Type": manifest["mediaType"]}).raise_for_status()
+
+
+@pytest.mark.servers
+def test_whether_the_registry_has_the_image_is_asked_of_the_registry(stack):
+    """Against docker-registry (ghcr.io cannot be reached from here: its anonymous-token step is not run)."""
+    _push_tiny_image(stack.registry, "owner/ollama-publish", "1.2.3")
+    exists = SELECT_IMAGE["image_exists"]
+    assert exists(f"{stack.registry}/owner/ollama-publish:1.2.3", scheme="http") is True
+    assert exists(f"{stack.registry}/owner/ollama-publish:sha-{'0' * 40}", scheme="http") is False
+    assert exists(f"127.0.0.1:{servers.free_port()}/owner/ollama-publish:1", scheme="http", timeout=5) is None
