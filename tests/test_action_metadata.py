@@ -187,3 +187,32 @@ def test_whether_the_registry_has_the_image_is_asked_of_the_registry(stack):
     assert exists(f"{stack.registry}/owner/ollama-publish:1.2.3", scheme="http") is True
     assert exists(f"{stack.registry}/owner/ollama-publish:sha-{'0' * 40}", scheme="http") is False
     assert exists(f"127.0.0.1:{servers.free_port()}/owner/ollama-publish:1", scheme="http", timeout=5) is None
+
+
+# Names that tie a build step to one CPU architecture.
+_ARCH_SPECIFIC = re.compile(r"x86|x64|amd64|arm64|aarch64|armv\d|sapphirerapids|avx|haswell|skylake", re.IGNORECASE)
+
+
+def test_every_architecture_specific_step_of_the_dockerfile_is_guarded():
+    """The image builds on amd64 and arm64 runners: outside comments, every architecture name in the
+    Dockerfile sits in the one `case "$(dpkg --print-architecture)"` that chooses per architecture, and
+    that case knows both (and fails on any other)."""
+    code = "\n".join(line for line in (ROOT / "Dockerfile").read_text().splitlines()
+                     if not line.lstrip().startswith("#"))
+    guards = list(re.finditer(r'case "\$\(dpkg --print-architecture\)" in(.*?)esac', code, re.DOTALL))
+    assert len(guards) == 1
+    outside = code[:guards[0].start()] + code[guards[0].end():]
+    assert _ARCH_SPECIFIC.findall(outside) == []
+    branches = re.findall(r"^\s*([\w*]+)\)", guards[0].group(1), re.MULTILINE)
+    assert branches == ["amd64", "arm64", "*"]
+
+
+def test_releases_and_the_action_job_run_on_both_architectures():
+    release = yaml.safe_load((ROOT / ".github" / "workflows" / "release.yml").read_text())
+    built = {entry["arch"]: entry["runner"] for entry in release["jobs"]["image"]["strategy"]["matrix"]["include"]}
+    assert built == {"amd64": "ubuntu-24.04", "arm64": "ubuntu-24.04-arm"}
+    joined = next(step["run"] for step in release["jobs"]["publish"]["steps"] if "imagetools" in step.get("run", ""))
+    assert all(f"sha-$COMMIT-{arch}" in joined for arch in built)
+    tests = yaml.safe_load((ROOT / ".github" / "workflows" / "test.yml").read_text())
+    assert tests["jobs"]["action"]["strategy"]["matrix"]["runner"] == list(built.values())
+    assert any(step.get("uses") == "./" for step in tests["jobs"]["action"]["steps"])
