@@ -107,6 +107,11 @@ def make_ollama_key(folder: Path) -> str:
     return (folder / "key").read_text()
 
 
+def key_lines(key: str) -> list[str]:
+    """The lines of a private key that are secret (the base64 body; not its BEGIN/END lines)."""
+    return [line for line in key.splitlines() if len(line) > 20 and "-----" not in line]
+
+
 def action_runner(tmp_path: Path):
     """A function that runs `python -m entrypoint` with the inputs given, as a container action step is run."""
 

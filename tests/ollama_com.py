@@ -47,6 +47,8 @@ import requests
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
+from tests import servers
+
 EMPTY_BODY = base64.b64encode(hashlib.sha256(b"").hexdigest().encode()).decode()
 _REPOSITORY_PATH = re.compile(r"^/v2/(?P<namespace>[^/]+)/(?P<model>[^/]+)/(?P<kind>manifests|blobs)/")
 _UPLOAD_PATH = re.compile(r"^/v2/[^/]+/[^/]+/blobs/uploads/(?P<upload>[0-9a-f-]+)$")
@@ -202,30 +204,25 @@ class _Front(http.server.BaseHTTPRequestHandler):
         self.end_headers()
 
     def _relay(self, manifest: bool) -> None:
-        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("content-length", "connection",
-                                                                               "authorization")}
-        answer = requests.request(self.command, self.upstream + self.path, headers=headers, data=body,
-                                  allow_redirects=False, stream=True, timeout=120)
-        dropped = {"transfer-encoding", "connection", "content-encoding"}
-        if manifest and answer.status_code == 200:
-            if not self.behaviour.digest_header:
-                dropped.add("docker-content-digest")
-            if not self.behaviour.manifest_content_length:
-                dropped.add("content-length")
-            if self.behaviour.manifest_as_text_plain:
-                dropped.add("content-type")
-        self.send_response(answer.status_code)
-        for name, value in answer.headers.items():
-            if name.lower() not in dropped:
-                self.send_header(name, value)
-        if manifest and answer.status_code == 200 and self.behaviour.manifest_as_text_plain:
-            self.send_header("Content-Type", "text/plain; charset=utf-8")
-        self.end_headers()
-        if self.command != "HEAD":
-            for block in answer.raw.stream(1 << 20, decode_content=False):
-                self.wfile.write(block)
-        # Without Content-Length the body ends with the connection (HTTP/1.0, this handler's protocol).
+        # Without Content-Length a manifest ends with the connection (HTTP/1.0, this handler's protocol).
+        servers.forward(self, self.upstream, withheld=("authorization",),
+                        answer_headers=self._manifest_headers if manifest else None)
+
+    def _manifest_headers(self, answer: requests.Response) -> list[tuple[str, str]]:
+        """A manifest's headers as the switches say registry.ollama.ai sends them."""
+        if answer.status_code != 200:
+            return list(answer.headers.items())
+        dropped = set()
+        if not self.behaviour.digest_header:
+            dropped.add("docker-content-digest")
+        if not self.behaviour.manifest_content_length:
+            dropped.add("content-length")
+        if self.behaviour.manifest_as_text_plain:
+            dropped.add("content-type")
+        headers = [(name, value) for name, value in answer.headers.items() if name.lower() not in dropped]
+        if self.behaviour.manifest_as_text_plain:
+            headers.append(("Content-Type", "text/plain; charset=utf-8"))
+        return headers
 
     def _answer(self, status: int, body: dict, headers: dict[str, str] | None = None) -> None:
         data = json.dumps(body).encode()

@@ -192,6 +192,26 @@ def _blob_store(root: Path) -> Iterator[str]:
 Answer = int | tuple[int, dict[str, str]]
 
 
+def forward(handler: http.server.BaseHTTPRequestHandler, upstream: str, withheld: tuple[str, ...] = (),
+            answer_headers: Callable[[requests.Response], list[tuple[str, str]]] | None = None) -> None:
+    """Send the request `handler` holds on to `upstream` (http://host:port), keeping its Host header (so a
+    registry's upload Locations point back at the front) but not the `withheld` ones, and stream the answer
+    back, with `answer_headers(answer)` as its headers if given. Redirects are passed on, not followed."""
+    body = handler.rfile.read(int(handler.headers.get("Content-Length") or 0))
+    dropped = ("content-length", "connection", *withheld)
+    headers = {k: v for k, v in handler.headers.items() if k.lower() not in dropped}
+    answer = requests.request(handler.command, upstream + handler.path, headers=headers, data=body,
+                              allow_redirects=False, stream=True, timeout=120)
+    handler.send_response(answer.status_code)
+    for name, value in (answer_headers or (lambda a: list(a.headers.items())))(answer):
+        if name.lower() not in ("transfer-encoding", "connection", "content-encoding"):
+            handler.send_header(name, value)
+    handler.end_headers()
+    if handler.command != "HEAD":
+        for block in answer.raw.stream(1 << 20, decode_content=False):
+            handler.wfile.write(block)
+
+
 class _Relay(http.server.BaseHTTPRequestHandler):
     """Relays every request to `upstream` (keeping the Host header, so a registry's upload Locations point
     back here) unless `intercept(method, path)` returns an Answer to give instead (with an empty body)."""
@@ -208,18 +228,7 @@ class _Relay(http.server.BaseHTTPRequestHandler):
             self.send_header("Content-Length", "0")
             self.end_headers()
             return
-        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("content-length", "connection")}
-        answer = requests.request(self.command, self.upstream + self.path, headers=headers, data=body,
-                                  allow_redirects=False, stream=True, timeout=120)
-        self.send_response(answer.status_code)
-        for name, value in answer.headers.items():
-            if name.lower() not in ("transfer-encoding", "connection", "content-encoding"):
-                self.send_header(name, value)
-        self.end_headers()
-        if self.command != "HEAD":
-            for block in answer.raw.stream(1 << 20, decode_content=False):
-                self.wfile.write(block)
+        forward(self, self.upstream)
 
     do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = _relay
 

@@ -13,7 +13,7 @@ import docker
 import pytest
 
 from tests import fault_report, servers
-from tests.conftest import HF_REPO, SMOKE_PROMPT, make_ollama_key, parse_outputs, registry_tags
+from tests.conftest import HF_REPO, SMOKE_PROMPT, key_lines, make_ollama_key, parse_outputs, registry_tags
 from tests.container import IMAGE, Runner, secrets_left
 
 pytestmark = pytest.mark.servers
@@ -27,7 +27,7 @@ def _inputs(stack, repository: str, **extra: str) -> dict[str, str]:
 
 
 def _secrets(key: str) -> list[str]:
-    return [HF_TOKEN] + [line for line in key.splitlines() if len(line) > 20 and "-----" not in line]
+    return [HF_TOKEN, *key_lines(key)]
 
 
 @pytest.fixture(scope="module")
