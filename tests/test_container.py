@@ -88,17 +88,20 @@ def test_the_image_pulled_from_a_registry_publishes(stack, tmp_path, ready_gguf)
     hosted runner's is at the start of a job), and a release published from it (ready GGUF files in the
     checkout: model-path)."""
     local = docker.DockerClient(base_url=os.environ["DOCKER_HOST"], timeout=1800)
-    remote = f"{stack.registry}/ollama-publish/action:test"
-    local.images.get(IMAGE).tag(remote)
-    try:
-        for line in local.images.push(remote, stream=True, decode=True):
-            assert "error" not in line, line
-    finally:
-        local.images.remove(remote)
     with servers.docker_engine(tmp_path / "engine") as engine:
         fresh = docker.DockerClient(base_url=engine, timeout=1800)
         assert fresh.images.list() == []
-        fresh.images.pull(remote)
+        # A registry of its own, deleted once the image is pulled: the image takes GBs there.
+        with servers.registry(tmp_path / "image-registry") as image_registry:
+            remote = f"{image_registry}/ollama-publish/action:test"
+            local.images.get(IMAGE).tag(remote)
+            try:
+                for line in local.images.push(remote, stream=True, decode=True):
+                    assert "error" not in line, line
+            finally:
+                local.images.remove(remote)
+            fresh.images.pull(remote)
+        shutil.rmtree(tmp_path / "image-registry")
         runner = Runner(tmp_path / "runner", image=remote, docker_host=engine)
         shutil.copytree(ready_gguf, runner.workspace / "model")  # converting is not the subject here
         run = runner.run({"model-path": "model", "ollama-model": f"{stack.registry}/container/pulled",

@@ -41,7 +41,8 @@ ESCAPING_NAME = "../../escaped-from-the-download-folder.txt"
 def _commit_branch(repo: Path, branch: str, change: Callable[[Path], None]) -> None:
     """A branch of the mirrored repo with `change` applied to main's files."""
     git = ["git", "-C", str(repo), "-c", "user.name=tests", "-c", "user.email=tests@localhost"]
-    subprocess.run([*git, "checkout", "-q", "-b", branch, "main"], check=True)
+    # -f: the mirror is committed without a working tree (servers.add_model_repo); this writes main's files.
+    subprocess.run([*git, "checkout", "-q", "-f", "-b", branch, "main"], check=True)
     change(repo)
     subprocess.run([*git, "add", "-A"], check=True)
     subprocess.run([*git, "commit", "-q", "-m", branch], check=True)
