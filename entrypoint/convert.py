@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import contextlib
 import json
 import math
 import os
@@ -161,6 +162,33 @@ def convert(checkpoint: Path, target: Path, outtype: str, model_name: str, seal:
     if not target.is_file():
         raise ToolFailed(f"The converter finished but wrote no {target.name}.", tool="convert_hf_to_gguf.py",
                          exit_code=0, title="Conversion failed")
+
+
+def convert_streamed(checkpoint: Path, targets: dict[str, Path], outtype: str, model_name: str,
+                     seal: process.Seal, options: quantize.Options) -> None:
+    """Write every GGUF of `targets` ({quantization: path}, one folder) in one pass over `checkpoint`
+    (entrypoint/stream.py): each tensor the converter makes in `outtype` is quantized as llama-quantize would
+    quantize it from the converter's file, which is never written."""
+    converter = find_converter()
+    llama_quantize = Path(quantize.find_tool("llama-quantize"))
+    folder = next(iter(targets.values())).parent
+    plan = folder / ".stream-plan.gguf"  # the converter's header, its data a hole: llama-quantize --dry-run reads it
+    flags = quantize.Options(output_tensor_type=options.output_tensor_type,
+                             token_embedding_type=options.token_embedding_type).flags()
+    with contextlib.ExitStack() as finishing:
+        partials = {quant: finishing.enter_context(quantize.written_whole(path)) for quant, path in targets.items()}
+        command = ["entrypoint.stream", "--converter", str(converter), "--llama-quantize", str(llama_quantize),
+                   "--ggml-library", str(llama_quantize.with_name("libggml-base.so")), "--plan", str(plan),
+                   *[f"--output={quant}={path}" for quant, path in partials.items()],
+                   *([f"--imatrix={options.imatrix}"] if options.imatrix else []),
+                   *[f"--quantize-flag={flag}" for flag in flags],
+                   "--", str(checkpoint), "--outtype", outtype, "--model-name", model_name]
+        try:
+            process.run_sealed(command, what=f"convert_hf_to_gguf.py streamed into {', '.join(targets)}",
+                               writes_to=folder, seal=seal,
+                               code_roots=[process.APP_ROOT, converter.parent, llama_quantize.parent])
+        finally:
+            plan.unlink(missing_ok=True)
 
 
 def check_adapter(adapter_config: dict[str, Any], input_name: str) -> None:

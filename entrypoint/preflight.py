@@ -35,20 +35,28 @@ def largest_quantized(checkpoint_bytes: int, quantizations: tuple[str, ...]) -> 
     return largest, quantized_bytes(checkpoint_bytes, largest)
 
 
-def estimate(checkpoint_bytes: int, quantizations: tuple[str, ...], intermediate: str, downloaded: bool,
+def estimate(checkpoint_bytes: int, quantizations: tuple[str, ...], intermediate: str | None, downloaded: bool,
              ollama_copies: bool, merging: bool = False, pull_back: bool = False) -> list[dict[str, int]]:
     """Bytes held at each phase by role: 'work' (scratch), 'outputs' (GGUFs kept) and 'ollama' (its blobs;
-    nothing when the GGUFs are handed to Ollama as hard links, i.e. ollama_copies is False). merging: a
-    LoRA adapter is merged into the intermediate, which is then held twice (base and merged). pull_back:
-    after the push an empty Ollama in scratch pulls the tags, one quantization at a time."""
-    size = {q: quantized_bytes(checkpoint_bytes, q) for q in (*quantizations, intermediate)}
+    nothing when the GGUFs are handed to Ollama as hard links, i.e. ollama_copies is False). intermediate: the
+    type of the GGUF file converted first, None when the weights stream into the outputs in one pass (no such
+    file). merging: a LoRA adapter is merged into the intermediate, which is then held twice (base and merged).
+    pull_back: after the push an empty Ollama in scratch pulls the tags, one quantization at a time."""
+    types = (*quantizations, intermediate) if intermediate else quantizations
+    size = {q: quantized_bytes(checkpoint_bytes, q) for q in types}
     checkpoint = checkpoint_bytes if downloaded else 0
-    quantized = sum(size[q] for q in quantizations if q != intermediate)
     kept = sum(size[q] for q in quantizations)
+    if intermediate is None:
+        writing = [{"work": checkpoint, "outputs": kept}]  # every output written as the checkpoint is read
+    else:
+        quantized = sum(size[q] for q in quantizations if q != intermediate)
+        writing = [
+            {"work": checkpoint + size[intermediate]},  # converting: the checkpoint and the intermediate GGUF
+            *([{"work": 2 * size[intermediate]}] if merging else []),  # merging: base and merged intermediate
+            {"work": size[intermediate], "outputs": quantized},  # quantizing: the intermediate and the results
+        ]
     return [
-        {"work": checkpoint + size[intermediate]},  # converting: the checkpoint and the intermediate GGUF
-        *([{"work": 2 * size[intermediate]}] if merging else []),  # merging: base and merged intermediate
-        {"work": size[intermediate], "outputs": quantized},  # quantizing: the intermediate and the results
+        *writing,
         {"outputs": kept, "ollama": kept if ollama_copies else 0},  # creating: each GGUF and Ollama's blob
         *([{"outputs": kept, "ollama": kept if ollama_copies else 0,  # pulling back the largest
             "work": max(size[q] for q in quantizations)}] if pull_back else []),

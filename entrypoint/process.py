@@ -118,19 +118,22 @@ def sealed_command(command: Sequence[str], *, how: str, report: Path | None, mem
     return [*launcher, "--", *command]
 
 
-def run_sealed(command: Sequence[str], *, what: str, writes_to: Path, seal: Seal, python: bool = False) -> None:
+def run_sealed(command: Sequence[str], *, what: str, writes_to: Path, seal: Seal, python: bool = False,
+               code_roots: Sequence[Path] = ()) -> None:
     """Run a tool that reads the repository's files, sealed (sealed.py): offline, with an allow-listed
     environment, HOME in a folder of its own under `writes_to` (removed after), writing only beneath
     `writes_to`, and the seal's memory limit. `python`: command[0] is a Python script, run by this
-    interpreter.
+    interpreter; `code_roots`: command[0] is a Python module under the first, and its code and libraries
+    may come from these folders only.
 
     Raises RemoteCodeRefused when the seal stopped it, LimitExceeded past its memory (a Python tool says
     so), ToolRaised when a Python tool raised, else DiskFull or ToolFailed when it failed."""
     home = Path(tempfile.mkdtemp(prefix=".sealed-", dir=writes_to))
     report = home / "stopped.json"
     try:
-        sealed = sealed_command(command, how="python-script" if python else "exec", report=report,
-                                memory_bytes=seal.memory_bytes, writable=[writes_to])
+        how = "python-module" if code_roots else "python-script" if python else "exec"
+        sealed = sealed_command(command, how=how, report=report, memory_bytes=seal.memory_bytes,
+                                code_roots=code_roots, writable=[writes_to])
         code, tail = _run_logged(sealed, what, shown=command, env=sealed_environment(home))
         stopped = _read_report(report)
     finally:

@@ -221,7 +221,9 @@ def _estimate_resources(settings: Settings, client: OllamaClient, scratch: Path,
     else:
         size = sum(sizes.values())
         merging = repo_plan.kind == "lora"
-        phases = preflight.estimate(size, settings.quantizations, ggufs.intermediate_type(settings, merging),
+        streamed = not ggufs.why_not_streamed(settings, merging)
+        phases = preflight.estimate(size, settings.quantizations,
+                                    None if streamed else ggufs.intermediate_type(settings, merging),
                                     downloaded=downloaded, ollama_copies=not linked, merging=merging,
                                     pull_back=settings.push)
         largest, model_bytes = preflight.largest_quantized(size, settings.quantizations)

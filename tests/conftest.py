@@ -34,6 +34,24 @@ RUNNER_SECRETS = {"ACTIONS_RUNTIME_TOKEN": "runtime-token-secret", "ACTIONS_ID_T
 os.environ["LLAMA_ARG_THREADS"] = "1"
 
 
+# The folders of session fixtures (stack, ready_gguf): they outlive the test file that first asks for them.
+SESSION_FOLDERS = ("stack", "ready-gguf")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _free_disk_after_each_file(request, tmp_path_factory) -> Iterator[None]:
+    """Delete a test file's folders (its fixtures' and its tests') once the file is done, unless one of its
+    tests failed: a run makes GBs of models, registries and Ollama stores, and CI's disk is shared. (The
+    first fixture a file sets up, so the last torn down: its servers have stopped by then.)"""
+    base = tmp_path_factory.getbasetemp()
+    before, failed = set(base.iterdir()), request.session.testsfailed
+    yield
+    if request.session.testsfailed == failed:
+        for folder in set(base.iterdir()) - before:
+            if folder.name.rstrip("0123456789") not in SESSION_FOLDERS:
+                shutil.rmtree(folder, ignore_errors=True)
+
+
 @dataclasses.dataclass
 class Stack:
     hub_endpoint: str

@@ -18,6 +18,16 @@ def test_peak_phases_for_a_16_bit_8b_checkpoint():
     assert creating["ollama"] == creating["outputs"] == quantizing["outputs"]
 
 
+def test_streamed_the_checkpoint_and_the_outputs_are_all_the_disk_holds():
+    phases = preflight.estimate(16 * GB, ("Q4_K_M", "Q8_0"), None, downloaded=True, ollama_copies=False,
+                                pull_back=True)
+    writing, creating, pulling = phases
+    q4, q8 = int(8e9 * 4.9 / 8 * 1.25), int(8e9 * 8.5 / 8 * 1.25)
+    assert writing == {"work": 16 * GB, "outputs": q4 + q8}  # no 16-bit GGUF at any point
+    assert creating == {"outputs": q4 + q8, "ollama": 0}
+    assert pulling["work"] == q8  # the largest, pulled back once
+
+
 def test_a_local_checkpoint_is_not_counted_and_a_direct_conversion_keeps_its_output():
     phases = preflight.estimate(2 * GB, ("Q8_0",), "Q8_0", downloaded=False, ollama_copies=False)
     converting, quantizing, creating = phases
