@@ -165,10 +165,11 @@ def convert(checkpoint: Path, target: Path, outtype: str, model_name: str, seal:
 
 
 def convert_streamed(checkpoint: Path, targets: dict[str, Path], outtype: str, model_name: str,
-                     seal: process.Seal, options: quantize.Options) -> None:
+                     seal: process.Seal, options: quantize.Options, feed_folder: Path | None = None) -> None:
     """Write every GGUF of `targets` ({quantization: path}, one folder) in one pass over `checkpoint`
     (entrypoint/stream.py): each tensor the converter makes in `outtype` is quantized as llama-quantize would
-    quantize it from the converter's file, which is never written."""
+    quantize it from the converter's file, which is never written. `feed_folder`: the weights' bytes arrive
+    while they are read (feed.py)."""
     converter = find_converter()
     llama_quantize = Path(quantize.find_tool("llama-quantize"))
     folder = next(iter(targets.values())).parent
@@ -182,6 +183,7 @@ def convert_streamed(checkpoint: Path, targets: dict[str, Path], outtype: str, m
                    *[f"--output={quant}={path}" for quant, path in partials.items()],
                    *([f"--imatrix={options.imatrix}"] if options.imatrix else []),
                    *[f"--quantize-flag={flag}" for flag in flags],
+                   *([f"--feed={feed_folder}"] if feed_folder else []),
                    "--", str(checkpoint), "--outtype", outtype, "--model-name", model_name]
         try:
             process.run_sealed(command, what=f"convert_hf_to_gguf.py streamed into {', '.join(targets)}",

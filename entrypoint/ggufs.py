@@ -5,11 +5,14 @@ consumed is deleted at once."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
-from . import convert, github, hub, process, quantize
+from . import convert, feed, github, hub, process, quantize
+from .errors import PublishError
 from .settings import Settings
 
 
@@ -76,12 +79,33 @@ def build(settings: Settings, checkpoint: hub.Checkpoint, scratch: Path, project
         github.log("converting and quantizing in one pass: each tensor is quantized into every output as the "
                    "converter makes it, and no 16-bit GGUF is written")
         ggufs = {q: path(settings, q) for q in settings.quantizations}
-        convert.convert_streamed(checkpoint.path, ggufs, quantize.CONVERTER_TYPES[source_type(settings)],
-                                 model_label, seal, _options(settings, settings.imatrix))
+        with _weights_arriving(settings, checkpoint, scratch) as feed_folder:
+            convert.convert_streamed(checkpoint.path, ggufs, quantize.CONVERTER_TYPES[source_type(settings)],
+                                     model_label, seal, _options(settings, settings.imatrix), feed_folder)
         _delete_download(settings, checkpoint)
     for quant in settings.quantizations:
         github.log(f"{ggufs[quant].name}: {ggufs[quant].stat().st_size / 1e6:.1f} MB")
     return ggufs
+
+
+@contextlib.contextmanager
+def _weights_arriving(settings: Settings, checkpoint: hub.Checkpoint, scratch: Path) -> Iterator[Path | None]:
+    """The folder of the download that feeds the conversion when the weights stream from the Hub (feed.py),
+    else None. When the download fails, its error is the run's (the conversion only saw it stop)."""
+    remote = checkpoint.streamed_from
+    if remote is None:
+        yield None
+        return
+    sizes = {name: remote.sizes[name] for name in remote.weights()}
+    window = feed.largest_tensor_bytes(checkpoint.path, sizes) + feed.WINDOW_MARGIN_BYTES
+    with feed.Feed(hub.endpoint(), remote.repo, remote.commit, settings.hf_token, checkpoint.path,
+                   scratch / "feed", sizes, window) as download:
+        try:
+            yield download.folder
+        except PublishError as exc:
+            if download.error is not None:
+                raise download.error from exc
+            raise
 
 
 def _options(settings: Settings, imatrix: Path | None) -> quantize.Options:

@@ -77,6 +77,9 @@ class Checkpoint:
     commit: str  # resolved commit sha, or "" for a local folder
     plan: Plan
     adapter: Path | None = None  # a LoRA adapter to merge into this checkpoint (then `path` is its base)
+    # Set when the weights files hold their headers only: their bytes stream from this remote while they
+    # are converted (feed.py).
+    streamed_from: RemoteCheckpoint | None = None
 
 
 def needed(files: list[str], patterns: tuple[str, ...] = NEEDED_FILES) -> list[str]:
@@ -256,8 +259,12 @@ def _existing(path: Path) -> Path:
     return next(p for p in (path, *path.parents) if p.exists())
 
 
+def endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+
+
 def _api(token: str) -> HfApi:
-    return HfApi(endpoint=os.environ.get("HF_ENDPOINT", "https://huggingface.co"), token=token or False)
+    return HfApi(endpoint=endpoint(), token=token or False)
 
 
 def inspect(repo: str, revision: str, token: str, repo_kind: str, quantizations: tuple[str, ...],

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from . import chat_jinja, checks, convert, ggufs, github, gguf_header, hub, modelfile, preflight, process
+from . import chat_jinja, checks, convert, feed, ggufs, github, gguf_header, hub, modelfile, preflight, process
 from .errors import InputError, LimitExceeded, NotEnoughResources, ParityFailed, RepoRefused
 from .ollama import OllamaClient
 from .settings import Settings
@@ -105,11 +105,25 @@ def _fetch_checkpoint(settings: Settings, scratch: Path, client: OllamaClient
         return _fetch_base(settings, scratch, client, remote, checkpoint.path, sizes)
     chat = _check_descriptions(settings, checkpoint, input_name(settings)) \
         if checkpoint.plan.kind == "transformers" else None
+    streaming = remote is not None and streams_weights(settings, checkpoint)
     if settings.resource_check != "off":
-        _check_resources(settings, client, scratch, checkpoint.plan, sizes)
-    if remote is not None:
+        _check_resources(settings, client, scratch, checkpoint.plan, sizes, weights_streamed=streaming)
+    if remote is not None and streaming:
+        feed.headers(hub.endpoint(), remote.repo, remote.commit, settings.hf_token, destination,
+                     {name: remote.sizes[name] for name in remote.weights()})
+        checkpoint = dataclasses.replace(checkpoint, streamed_from=remote)
+    elif remote is not None:
         hub.download(remote, settings.hf_token, destination, remote.weights())
     return checkpoint, chat
+
+
+def streams_weights(settings: Settings, checkpoint: hub.Checkpoint) -> bool:
+    """Whether the weights can stream from the Hub while they are converted (feed.py): a chat model's
+    safetensors going through the one pass. (A vision model's projector and an embedding model's extra
+    modules are converted from whole files.)"""
+    return checkpoint.plan.kind == "transformers" and not ggufs.why_not_streamed(settings, merging=False) and \
+        _task(checkpoint) == "chat" and all(f.endswith(".safetensors") for f in checkpoint.plan.files
+                                            if f.endswith(hub.WEIGHT_SUFFIXES))
 
 
 @contextlib.contextmanager
@@ -194,9 +208,9 @@ def _fetch_base(settings: Settings, scratch: Path, client: OllamaClient, remote:
 
 
 def _check_resources(settings: Settings, client: OllamaClient, scratch: Path, repo_plan: hub.Plan,
-                     sizes: dict[str, int]) -> None:
+                     sizes: dict[str, int], weights_streamed: bool = False) -> None:
     try:
-        _estimate_resources(settings, client, scratch, repo_plan, sizes)
+        _estimate_resources(settings, client, scratch, repo_plan, sizes, weights_streamed)
     except NotEnoughResources as exc:
         if settings.resource_check != "warn":
             raise
@@ -204,13 +218,14 @@ def _check_resources(settings: Settings, client: OllamaClient, scratch: Path, re
 
 
 def _estimate_resources(settings: Settings, client: OllamaClient, scratch: Path, repo_plan: hub.Plan,
-                        sizes: dict[str, int]) -> None:
+                        sizes: dict[str, int], weights_streamed: bool) -> None:
     folders = {"work": scratch, "outputs": settings.output_dir}
     if client.models_dir is not None:
         folders["ollama"] = client.models_dir
     # Our own server gets the GGUFs as hard links (OllamaClient.upload_blob) when it can.
     linked = client.models_dir is not None and preflight.same_filesystem(client.models_dir, settings.output_dir)
-    downloaded = not settings.model_path or repo_plan.kind == "lora"  # a LoRA's base always comes from the Hub
+    # A LoRA's base always comes from the Hub; weights streamed from it are never on disk whole.
+    downloaded = (not settings.model_path or repo_plan.kind == "lora") and not weights_streamed
     if repo_plan.kind == "gguf":
         gguf_sizes = {q: sum(sizes[f] for f in parts) for q, parts in repo_plan.ggufs.items()}
         split = sum(size for q, size in gguf_sizes.items() if len(repo_plan.ggufs[q]) > 1)

@@ -11,7 +11,9 @@ Exact by construction rather than by imitation:
 
 Runs sealed, as a module (quantize.stream starts it):
     python -m entrypoint.stream --converter convert_hf_to_gguf.py --llama-quantize PATH --plan PATH
-        --output Q4_K_M=PATH [--output ...] [--imatrix F] [--quantize-flag=...] -- CONVERTER_ARGUMENTS
+        --output Q4_K_M=PATH [--output ...] [--imatrix F] [--quantize-flag=...] [--feed DIR] -- CONVERTER_ARGUMENTS
+With --feed, the weights files hold their headers only, and their bytes arrive while they are read
+(feed.py: FeedReader waits for them, and gives them back to the disk once used).
 """
 
 from __future__ import annotations
@@ -230,6 +232,56 @@ def tensor_bytes(tensor: Any, nbytes: int) -> memoryview:
         return memoryview(mmap.mmap(buffer.fileno(), nbytes, prot=mmap.PROT_READ))
 
 
+class FeedReader:
+    """The converter's side of feed.Feed, in place of gguf's LocalTensor.mmap_bytes: waits until a tensor's
+    bytes have arrived, copies them out, and punches them out of the file once the tensor that read them is
+    written (give_back). A range read again after that would be zeros: that fails loudly instead."""
+
+    FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.read_since: list[tuple[str, int, int]] = []
+        self.given_back: dict[str, list[tuple[int, int]]] = {}
+        self.libc = ctypes.CDLL(None, use_errno=True)
+        self.libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+    def read(self, tensor: Any) -> np.ndarray:
+        path, offset, size = str(tensor.data_range.filename), tensor.data_range.offset, tensor.data_range.size
+        name = Path(path).name
+        if any(offset < end and start < offset + size for start, end in self.given_back.get(path, [])):
+            raise RuntimeError(f"the converter read bytes {offset:,}-{offset + size:,} of {name} a second time, "
+                               "after they were given back to the disk; publish this model from model-path")
+        if offset + size > os.path.getsize(path):
+            raise RuntimeError(f"{name} is shorter than its header says (a tensor ends past its end)")
+        waiting = self.folder / "waiting"
+        while self._arrived(name) < offset + size:
+            if (self.folder / "failed").exists():
+                raise RuntimeError("the download of the weights failed (the action's log says why)")
+            waiting.write_text(f"{name} {offset + size}")
+            time.sleep(0.02)
+        waiting.unlink(missing_ok=True)
+        self.read_since.append((path, offset, size))
+        return np.fromfile(path, dtype=np.uint8, count=size, offset=offset)
+
+    def _arrived(self, name: str) -> int:
+        try:
+            return int((self.folder / f"{name}.arrived").read_text() or 0)
+        except FileNotFoundError:
+            return 0
+
+    def give_back(self) -> None:
+        for path, offset, size in self.read_since:
+            fd = os.open(path, os.O_WRONLY)
+            try:
+                if self.libc.fallocate(fd, self.FALLOC_FL_PUNCH_HOLE | self.FALLOC_FL_KEEP_SIZE, offset, size):
+                    raise OSError(ctypes.get_errno(), f"could not give back the bytes of {path}")
+            finally:
+                os.close(fd)
+            self.given_back.setdefault(path, []).append((offset, offset + size))
+        self.read_since.clear()
+
+
 class Progress:
     """A line at most every PROGRESS_EVERY_S seconds: bytes done, rate and time left."""
 
@@ -248,7 +300,7 @@ class Progress:
                   f"{rate / 1e6:.0f} MB/s, about {left / 60:.0f} min left", flush=True)
 
 
-def stream(source: Any, args: argparse.Namespace, gguf: Any, ggml: Ggml) -> None:
+def stream(source: Any, args: argparse.Namespace, gguf: Any, ggml: Ggml, feed: FeedReader | None) -> None:
     """In place of the converter's GGUFWriter.write_tensors_to_file: the plan, then every output at once."""
     if len(source.fout) != 1:
         raise RuntimeError("the streamed conversion writes one file per quantization; the converter was asked to split")
@@ -283,6 +335,8 @@ def stream(source: Any, args: argparse.Namespace, gguf: Any, ggml: Ggml) -> None
             for output in outputs:
                 output.write(name, tuple(info.shape), int(info.dtype), data, pool)
             info.tensor = None  # the converter's lazy tensor, and what it holds, can go
+            if feed is not None:
+                feed.give_back()
             progress.add(info.nbytes)
     for output in outputs:
         output.close()
@@ -313,6 +367,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--output", action="append", type=_output, required=True, help="TYPE=PATH")
     parser.add_argument("--imatrix", default="")
     parser.add_argument("--quantize-flag", action="append", default=[], help="another llama-quantize flag")
+    parser.add_argument("--feed", default="", help="the folder of a feed.Feed that downloads the weights")
     parser.add_argument("converter_arguments", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     converter_arguments = args.converter_arguments[1:] if args.converter_arguments[:1] == ["--"] else \
@@ -322,13 +377,18 @@ def main(argv: list[str]) -> None:
     import gguf
 
     ggml = Ggml(Path(args.ggml_library))
+    feed = FeedReader(Path(args.feed)) if args.feed else None
+    if feed is not None:
+        import gguf.utility
+
+        gguf.utility.LocalTensor.mmap_bytes = lambda tensor: feed.read(tensor)  # type: ignore[method-assign,assignment]
     write_to_file = gguf.GGUFWriter.write_tensors_to_file
 
     def write_tensors_to_file(writer: Any, *, progress: bool = False) -> None:
         """The model's GGUF streams; any other file the converter writes (an embedding model's task
         adapters) is written as the converter writes it."""
         if writer.path is not None and Path(writer.path).resolve() == Path(args.plan).resolve():
-            stream(writer, args, gguf, ggml)
+            stream(writer, args, gguf, ggml, feed)
         else:
             write_to_file(writer, progress=progress)
 

@@ -129,7 +129,8 @@ def test_bad_input(case, stack, bad_repos, run_action):
     assert len(run.errors()) == 1, run.stdout
     assert input_name in run.errors()[0] and phrase in run.errors()[0], run.errors()[0]
     # Failed before any weights were downloaded (a repository's other files may have been, to check them).
-    assert "downloading model" not in run.stdout and "3. Convert" not in run.stdout
+    assert "downloading model" not in run.stdout and "stream from the Hub" not in run.stdout
+    assert "3. Convert" not in run.stdout
     assert registry_tags(stack.registry, "bad-inputs/smollm2") == []
     shown = [line for line in run.stdout.splitlines() if not line.startswith("::add-mask::")]
     assert TOKEN not in "\n".join(shown) + run.stderr + run.summary + run.outputs_text
@@ -194,8 +195,9 @@ def test_cancelled_run_cleans_up_and_pushes_nothing(stack, run_action, tmp_path,
 
 @pytest.fixture
 def small_filesystem(tmp_path):
-    """A 400 MB tmpfs: less than converting SmolLM2 needs (its 269 MB checkpoint plus the 16-bit GGUF)."""
-    with servers.tmpfs(tmp_path / "small", 400) as mount:
+    """A 120 MB tmpfs: less than publishing SmolLM2 at Q4_K_M needs even when its weights stream from the Hub
+    (the 105 MB output, then its copy pulled back)."""
+    with servers.tmpfs(tmp_path / "small", 120) as mount:
         yield mount
 
 
@@ -207,20 +209,21 @@ def test_too_little_disk_stops_before_download(stack, small_filesystem):
     assert len(run.errors()) == 1
     error = run.errors()[0]
     assert "Not enough disk" in error and "GB free" in error and "resource-check" in error
-    assert "downloading model.safetensors" not in run.stdout and not list(small_filesystem.rglob("*.safetensors"))
+    assert "downloading model.safetensors" not in run.stdout and "stream from the Hub" not in run.stdout
+    assert not list(small_filesystem.rglob("*.safetensors"))
     assert registry_tags(stack.registry, "bad-inputs/small-disk") == []
     fault_report.bad_input_refused()
 
 
 def test_too_little_disk_with_resource_check_warn_warns_and_goes_on(stack, small_filesystem):
-    """resource-check: warn: the same estimate is a warning, the run downloads, and the disk fills as
+    """resource-check: warn: the same estimate is a warning, the run goes on, and the disk fills as
     estimated: one "Disk full" error, nothing pushed."""
     run = action_runner(small_filesystem)({
         "hf-repo": HF_REPO, "ollama-model": f"{stack.registry}/bad-inputs/small-disk-warn", "insecure-registry": "true",
         "quantizations": "Q4_K_M", "resource-check": "warn"}, env={"HF_ENDPOINT": stack.hub_endpoint})
     warnings = [line for line in run.stdout.splitlines() if line.startswith("::warning")]
     assert any("Not enough disk" in w and "(resource-check: warn, so the run goes on)" in w for w in warnings), warnings
-    assert "downloading model.safetensors" in run.stdout
+    assert "stream from the Hub while they are converted" in run.stdout
     assert run.returncode == 1 and len(run.errors()) == 1 and "title=Disk full" in run.errors()[0], run.errors()
     assert registry_tags(stack.registry, "bad-inputs/small-disk-warn") == []
     fault_report.disk_full_named()

@@ -49,17 +49,35 @@ def test_the_recipe_runs_out_of_space_where_the_action_publishes(stack, tmp_path
           "space, the action published")
 
 
+def test_a_checkpoint_larger_than_the_free_disk_is_published_streaming_from_the_hub(stack, tmp_path):
+    """The weights stream from the Hub while they are converted (entrypoint/feed.py): on a filesystem smaller
+    than the checkpoint, the release is published, pulled back and answers. The test Hub (olah) ignores
+    ranges, so the file comes in one front-to-back stream; what the conversion has read is given back."""
+    cap_mb = 240
+    assert cap_mb < checkpoint_mb()
+    release = {"1.0.0-q4_K_M", "1.0.0", "latest"}
+    with servers.tmpfs(tmp_path / "smaller-than-the-checkpoint", cap_mb) as disk:
+        run = action_runner(disk)({
+            "hf-repo": HF_REPO, "ollama-model": f"{stack.registry}/capped/streamed", "insecure-registry": "true",
+            "quantizations": "Q4_K_M"}, env={"HF_ENDPOINT": stack.hub_endpoint})
+        assert run.returncode == 0, run.stdout[-3000:]
+    assert "stream from the Hub while they are converted" in run.stdout
+    assert fault_report.assert_all_or_nothing(stack.registry, "capped/streamed", release) == release
+    print(f"capped filesystem: {cap_mb} MB = {cap_mb / checkpoint_mb():.2f} x the checkpoint; the action published")
+
+
 def test_a_disk_that_fills_during_the_download_is_named_and_not_retried(stack, tmp_path):
-    """With the preflight off (resource-check: false), the checkpoint's download itself fills the disk: the
+    """With the preflight off (resource-check: false), the disk fills while the weights stream from the Hub
+    into the conversion (the download or the conversion's output finds it full, whichever writes first): the
     run says so, with the path and the space left, does not retry, and pushes nothing."""
-    with servers.tmpfs(tmp_path / "small", 150) as disk:  # the checkpoint alone is 269 MB
+    with servers.tmpfs(tmp_path / "small", 100) as disk:  # the Q8_0 output alone is 145 MB
         run = action_runner(disk)({
             "hf-repo": HF_REPO, "ollama-model": f"{stack.registry}/capped/full", "insecure-registry": "true",
             "quantizations": "Q8_0", "resource-check": "false"}, env={"HF_ENDPOINT": stack.hub_endpoint})
     assert run.returncode == 1, run.stdout[-3000:]
     errors = run.errors()
     assert len(errors) == 1 and "title=Disk full" in errors[0], errors
-    assert "downloading" in errors[0] and str(disk) in errors[0]
+    assert ("downloading" in errors[0] or "streamed into Q8_0" in errors[0]) and str(disk) in errors[0]
     free = re.search(r"has ([0-9.]+) GB free", errors[0])
     assert free and float(free.group(1)) < 0.02, errors[0]  # full indeed, when it said so
     assert "retrying" not in run.stdout

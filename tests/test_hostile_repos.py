@@ -114,7 +114,8 @@ def _refused(stack, run_action, revision: str, endpoint: str = "") -> str:
     assert not list(run.workspace.parent.rglob(Path(ESCAPING_NAME).name))
     _assert_nothing_left(run)
     if "template" in revision:  # a template is checked on the repository's other files, before any weights
-        assert "downloading model.safetensors" not in run.stdout and "convert_hf_to_gguf" not in run.stdout
+        assert "downloading model.safetensors" not in run.stdout and "stream from the Hub" not in run.stdout
+        assert "convert_hf_to_gguf" not in run.stdout
     fault_report.hostile_repo_refused()
     return errors[0]
 

@@ -87,7 +87,8 @@ def _assert_refused(stack, errors: list[str], stdout: str, elapsed: float, repos
     assert "title=Repository code refused" in error and "crashed" not in error
     assert "tokenizer_config.json: auto_map" in error and "HybridDNATokenizer" in error
     assert elapsed < REFUSAL_GUARD_S, f"refused only after {elapsed:.0f} s"
-    assert "downloading model.safetensors" not in stdout  # refused on its other files, before any weights
+    # refused on its other files, before any weights
+    assert "downloading model.safetensors" not in stdout and "stream from the Hub" not in stdout
     assert "convert_hf_to_gguf.py" not in stdout
     assert registry_tags(stack.registry, repository) == []
     assert not list(tripped.iterdir()), "a tripwire module ran"
