@@ -30,7 +30,7 @@ from huggingface_hub import hf_hub_url
 from huggingface_hub.utils import build_hf_headers
 
 from . import github, registry, retry
-from .errors import DiskFull, HubError, PublishError, RepoRefused
+from .errors import DiskFull, HubError, LocalWriteFailed, PublishError, RepoRefused
 
 CHUNK_BYTES = 2**20
 # How far the download may run ahead of what the conversion has given back: the largest tensor, which must
@@ -149,11 +149,17 @@ class Feed:
         try:
             for name in sorted(self.sizes):  # the converter reads model-00001-of-..., then -00002-, ...
                 retry.retrying(functools.partial(self._download, name), f"downloading {self.repo}'s {name}")
+        except Stopped:
+            return
         except PublishError as exc:
             self.error = exc
-            (self.folder / "failed").write_text(exc.message, encoding="utf-8")
-        except Stopped:
-            pass
+        except OSError as exc:  # writing the weights (a full disk is a PublishError already)
+            self.error = LocalWriteFailed(f"Could not write the weights into {self.checkpoint}: {exc}",
+                                          path=self.checkpoint, title="Download failed")
+        except Exception as exc:  # any end of this thread must say so, or the conversion waits for ever
+            self.error = HubError(f"The download of {self.repo}'s weights stopped: {exc!r}", status=None,
+                                  retriable=False)
+        (self.folder / "failed").write_text(self.error.message if self.error else "", encoding="utf-8")
 
     def _download(self, name: str) -> None:
         path, size = self.checkpoint / name, self.sizes[name]
@@ -168,6 +174,9 @@ class Feed:
                         chunk, skip = chunk[dropped:], skip - dropped
                     if not chunk:
                         continue
+                    if position + len(chunk) > size:
+                        raise RepoRefused(f"{self.repo}'s {name} is longer than the {size:,} bytes the Hub listed.",
+                                          title="Malformed weights")
                     self._wait_for_room(name, position)
                     with _disk_errors(path):
                         os.pwrite(fd, chunk, position)

@@ -9,11 +9,12 @@ Exact by construction rather than by imitation:
 - the bytes come from ggml_quantize_chunk, the kernel llama-quantize calls, in the library it links, on the
   float32 rows it would read back from the 16-bit file.
 
-Runs sealed, as a module (quantize.stream starts it):
-    python -m entrypoint.stream --converter convert_hf_to_gguf.py --llama-quantize PATH --plan PATH
-        --output Q4_K_M=PATH [--output ...] [--imatrix F] [--quantize-flag=...] [--feed DIR] -- CONVERTER_ARGUMENTS
+Runs sealed, as a module (convert.convert_streamed starts it):
+    python -m entrypoint.stream --converter convert_hf_to_gguf.py --llama-quantize PATH --ggml-library PATH
+        --plan PATH --output Q4_K_M=PATH [--output ...] [--imatrix F] [--quantize-flag=...] [--feed DIR]
+        -- CONVERTER_ARGUMENTS
 With --feed, the weights files hold their headers only, and their bytes arrive while they are read
-(feed.py: FeedReader waits for them, and gives them back to the disk once used).
+(feed.py; FeedReader waits for them, and gives them back to the disk once used).
 """
 
 from __future__ import annotations
@@ -53,7 +54,12 @@ class Ggml:
         lib.ggml_row_size.restype = ctypes.c_size_t
         lib.ggml_validate_row_data.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]
         lib.ggml_validate_row_data.restype = ctypes.c_bool
+        lib.ggml_quantize_requires_imatrix.argtypes = [ctypes.c_int]
+        lib.ggml_quantize_requires_imatrix.restype = ctypes.c_bool
         self.lib = lib
+
+    def requires_imatrix(self, type_: int) -> bool:
+        return bool(self.lib.ggml_quantize_requires_imatrix(type_))
 
     def row_size(self, type_: int, n_per_row: int) -> int:
         return int(self.lib.ggml_row_size(type_, n_per_row))
@@ -162,6 +168,9 @@ class Output:
         rows_per_expert = int(shape[-2]) if len(shape) > 1 else 1
         experts = int(np.prod(shape[:-2], dtype=np.int64)) if len(shape) > 2 else 1
         weights = self._imatrix_for(name, n_per_row, experts)
+        if weights is None and self.ggml.requires_imatrix(target):
+            raise RuntimeError(f"{name} is to be {self.quantization}'s type {target}, which needs an importance "
+                               "matrix, and there is none for it (llama-quantize refuses this too)")
         row_bytes_in = len(data) // (rows_per_expert * experts)
         row_bytes_out = self.ggml.row_size(target, n_per_row)
         slab_rows = max(1, min(rows_per_expert, SLAB_BYTES // (4 * n_per_row)))
