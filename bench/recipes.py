@@ -263,8 +263,10 @@ def ours(setup: Setup, hf_repo: str, repository: str, run_dir: Path, log: Path, 
         "GITHUB_OUTPUT": str(log.with_suffix(".outputs")), "GITHUB_STEP_SUMMARY": str(log.with_suffix(".summary.md")),
         "OLLAMA_HOST": f"127.0.0.1:{servers.free_port()}", "PYTHONPATH": str(setup.action_root),
     })
+    # The tests' smoke-test question: SmolLM2 at Q4_K_M loops on the default one on Ollama 0.34 (tests/conftest.py).
     values = {"hf-repo": hf_repo, "hf-revision": REVISION, "ollama-model": f"{setup.registry}/{repository}",
-              "quantizations": ", ".join(setup.quantizations), "insecure-registry": "true", **(inputs or {})}
+              "quantizations": ", ".join(setup.quantizations), "insecure-registry": "true",
+              "smoke-test-prompt": "What is the capital of Germany?", **(inputs or {})}
     env.update({f"INPUT_{k.upper()}": v for k, v in values.items()})
     lines: list[tuple[float, str]] = []
     sampler = Sampler(run_dir, setup.exclude, setup.interval)

@@ -164,24 +164,25 @@ class Feed:
     def _download(self, name: str) -> None:
         path, size = self.checkpoint / name, self.sizes[name]
         position = self._arrived(name)
+        if position == size:  # an earlier attempt brought it all, then failed
+            return
         with _get(self.endpoint, self.repo, self.commit, self.token, name, position) as (response, start):
             skip = position - start  # a server that ignores ranges sends the file from its start again
             fd = os.open(path, os.O_WRONLY)
+            pending = bytearray()  # servers send small chunks: write, and say so, a megabyte at a time
             try:
                 for chunk in response.iter_content(CHUNK_BYTES):
                     if skip:
                         dropped = min(skip, len(chunk))
                         chunk, skip = chunk[dropped:], skip - dropped
-                    if not chunk:
-                        continue
-                    if position + len(chunk) > size:
+                    pending += chunk
+                    if position + len(pending) > size:
                         raise RepoRefused(f"{self.repo}'s {name} is longer than the {size:,} bytes the Hub listed.",
                                           title="Malformed weights")
-                    self._wait_for_room(name, position)
-                    with _disk_errors(path):
-                        os.pwrite(fd, chunk, position)
-                    position += len(chunk)
-                    self._report(name, position, len(chunk))
+                    if len(pending) >= CHUNK_BYTES:
+                        position = self._write(fd, path, name, position, pending)
+                if pending:
+                    position = self._write(fd, path, name, position, pending)
             except requests.RequestException as exc:
                 raise HubError(f"The download of {self.repo}'s {name} broke off at byte {position:,}: {exc}",
                                status=None, retriable=True, title="Hub unreachable") from exc
@@ -190,6 +191,16 @@ class Feed:
         if position != size:
             raise HubError(f"{self.repo}'s {name} ended at byte {position:,} of {size:,}.", status=None,
                            retriable=True)
+
+    def _write(self, fd: int, path: Path, name: str, position: int, data: bytearray) -> int:
+        """Write `data` at `position` once there is room, say how far the file has come, and empty `data`."""
+        self._wait_for_room(name, position)
+        with _disk_errors(path):
+            _write_all(fd, memoryview(data), position)
+        position += len(data)
+        self._report(name, position, len(data))
+        data.clear()
+        return position
 
     def _arrived(self, name: str) -> int:
         try:
@@ -227,6 +238,12 @@ class Feed:
         except (FileNotFoundError, ValueError):
             return False
         return (waited_name, int(end)) > (name, position)
+
+
+def _write_all(fd: int, data: memoryview, offset: int) -> None:
+    while data:
+        done = os.pwrite(fd, data, offset)
+        data, offset = data[done:], offset + done
 
 
 class Stopped(Exception):
