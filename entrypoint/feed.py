@@ -47,7 +47,7 @@ def headers(endpoint: str, repo: str, commit: str, token: str, destination: Path
         def fetch(name: str = name, size: int = size) -> None:
             with _get(endpoint, repo, commit, token, name, 0) as (response, _):
                 head = b""
-                for chunk in response.iter_content(CHUNK_BYTES):  # a server that ignores ranges: stop early
+                for chunk in response.iter_content(CHUNK_BYTES):  # read up to the header's end, then hang up
                     head += chunk
                     length = int.from_bytes(head[:8], "little") if len(head) >= 8 else 0
                     if length > HEADER_MAX_BYTES or 8 + length > size:
