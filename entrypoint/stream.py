@@ -36,7 +36,6 @@ import numpy as np
 
 PROGRESS_EVERY_S = 30
 SLAB_BYTES = 64 * 2**20  # float32 rows converted and quantized at a time: memory stays flat at any size
-CHUNK_ELEMENTS = 32 * 512  # rows handed to a thread at a time, as llama-quantize sizes its chunks
 # One line of `llama-quantize --dry-run` per tensor: its name, its type, and the new type when it changes.
 PLAN_LINE = re.compile(r"^\[\s*\d+/\s*\d+\]\s+(?P<name>\S+)\s+- \[[^\]]*\], type =\s*(?P<type>\w+), size = [^(]*"
                        r"(?:\((?P<new>\w+)\))?\s*$")
@@ -154,39 +153,36 @@ class Output:
         rows = int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1
         return rows * self.ggml.row_size(type_, n_per_row)
 
-    def write(self, name: str, shape: tuple[int, ...], source_type: int, data: memoryview,
-              pool: concurrent.futures.Executor) -> None:
-        target, offset = self.types[name], self.data_start + self.offsets[name]
-        if target == source_type:
-            _write_all(self.fd, data, offset)
-            return
-        to_float32 = FLOAT32_FROM.get(source_type)
-        if to_float32 is None:
-            raise RuntimeError(f"{name} is already quantized (type {source_type}); llama-quantize would refuse to "
-                               "quantize it again")
-        n_per_row = int(shape[-1])
-        rows_per_expert = int(shape[-2]) if len(shape) > 1 else 1
-        experts = int(np.prod(shape[:-2], dtype=np.int64)) if len(shape) > 2 else 1
+    def copies(self, name: str, source_type: int) -> bool:
+        """Whether `name` keeps the type the converter gave it here (its bytes are copied as they are)."""
+        return self.types[name] == source_type
+
+    def copy(self, name: str, data: memoryview) -> None:
+        _write_all(self.fd, data, self.data_start + self.offsets[name])
+
+    def weights_for(self, name: str, n_per_row: int, experts: int) -> np.ndarray | None:
+        """The importance matrix's weights for `name` (None without), refusing as llama-quantize does a type
+        that cannot be made without them."""
         weights = self._imatrix_for(name, n_per_row, experts)
-        if weights is None and self.ggml.requires_imatrix(target):
-            raise RuntimeError(f"{name} is to be {self.quantization}'s type {target}, which needs an importance "
-                               "matrix, and there is none for it (llama-quantize refuses this too)")
-        row_bytes_in = len(data) // (rows_per_expert * experts)
-        row_bytes_out = self.ggml.row_size(target, n_per_row)
-        slab_rows = max(1, min(rows_per_expert, SLAB_BYTES // (4 * n_per_row)))
-        chunk_rows = max(1, CHUNK_ELEMENTS // n_per_row)
-        for expert in range(experts):
-            expert_weights = None if weights is None else weights[expert * n_per_row:(expert + 1) * n_per_row]
-            for first in range(0, rows_per_expert, slab_rows):
-                row = expert * rows_per_expert + first
-                count = min(slab_rows, rows_per_expert - first)
-                rows = to_float32(data[row * row_bytes_in:(row + count) * row_bytes_in]).reshape(count, n_per_row)
-                out = np.empty((count, row_bytes_out), dtype=np.uint8)
-                jobs = [pool.submit(self.ggml.quantize, target, rows[at:at + chunk_rows], out[at:at + chunk_rows],
-                                    n_per_row, expert_weights) for at in range(0, count, chunk_rows)]
-                written = sum(job.result() for job in jobs)
-                assert written == out.nbytes, (name, written, out.nbytes)
-                _write_all(self.fd, memoryview(out.data).cast("B"), offset + row * row_bytes_out)
+        if weights is None and self.ggml.requires_imatrix(self.types[name]):
+            raise RuntimeError(f"{name} is to be {self.quantization}'s type {self.types[name]}, which needs an "
+                               "importance matrix, and there is none for it (llama-quantize refuses this too)")
+        return weights
+
+    def quantize_rows(self, name: str, rows: np.ndarray, first_row: int, weights: np.ndarray | None,
+                      pool: concurrent.futures.Executor, workers: int) -> None:
+        """Quantize float32 `rows` (rows first_row... of `name`, of one expert: `weights` are its) and write
+        them at their place, in one job per worker (rows are independent: any split gives the same bytes)."""
+        target, n_per_row = self.types[name], rows.shape[1]
+        row_bytes = self.ggml.row_size(target, n_per_row)
+        out = np.empty((rows.shape[0], row_bytes), dtype=np.uint8)
+        step = max(1, -(-rows.shape[0] // workers))
+        jobs = [pool.submit(self.ggml.quantize, target, rows[at:at + step], out[at:at + step], n_per_row, weights)
+                for at in range(0, rows.shape[0], step)]
+        written = sum(job.result() for job in jobs)
+        assert written == out.nbytes, (name, written, out.nbytes)
+        _write_all(self.fd, memoryview(out.data).cast("B"),
+                   self.data_start + self.offsets[name] + first_row * row_bytes)
 
     def _imatrix_for(self, name: str, n_per_row: int, experts: int) -> np.ndarray | None:
         """llama-quantize's choice: the tensor's weights when their size fits; a mismatch fails, but for the
@@ -341,8 +337,7 @@ def stream(source: Any, args: argparse.Namespace, gguf: Any, ggml: Ggml, feed: F
     with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
         for name, info in infos.items():
             data = tensor_bytes(info.tensor, info.nbytes)
-            for output in outputs:
-                output.write(name, tuple(info.shape), int(info.dtype), data, pool)
+            write_tensor(outputs, name, tuple(info.shape), int(info.dtype), data, pool)
             info.tensor = None  # the converter's lazy tensor, and what it holds, can go
             if feed is not None:
                 feed.give_back()
@@ -350,6 +345,41 @@ def stream(source: Any, args: argparse.Namespace, gguf: Any, ggml: Ggml, feed: F
     for output in outputs:
         output.close()
     source.state = gguf.gguf_writer.WriterState.WEIGHTS
+
+
+def write_tensor(outputs: list[Output], name: str, shape: tuple[int, ...], source_type: int, data: memoryview,
+                 pool: concurrent.futures.Executor) -> None:
+    """One tensor into every output: copied where its type stays, else converted to float32 once, a slab of
+    rows at a time, and quantized into each output from the same slab."""
+    quantizing = []
+    for output in outputs:
+        if output.copies(name, source_type):
+            output.copy(name, data)
+        else:
+            quantizing.append(output)
+    if not quantizing:
+        return
+    to_float32 = FLOAT32_FROM.get(source_type)
+    if to_float32 is None:
+        raise RuntimeError(f"{name} is already quantized (type {source_type}); llama-quantize would refuse to "
+                           "quantize it again")
+    n_per_row = int(shape[-1])
+    rows_per_expert = int(shape[-2]) if len(shape) > 1 else 1
+    experts = int(np.prod(shape[:-2], dtype=np.int64)) if len(shape) > 2 else 1
+    weights = {output: output.weights_for(name, n_per_row, experts) for output in quantizing}
+    row_bytes = len(data) // (rows_per_expert * experts)
+    slab_rows = max(1, min(rows_per_expert, SLAB_BYTES // (4 * n_per_row)))
+    workers = os.cpu_count() or 1
+    for expert in range(experts):
+        for first in range(0, rows_per_expert, slab_rows):
+            row = expert * rows_per_expert + first
+            count = min(slab_rows, rows_per_expert - first)
+            rows = to_float32(data[row * row_bytes:(row + count) * row_bytes]).reshape(count, n_per_row)
+            for output in quantizing:
+                expert_weights = weights[output]
+                if expert_weights is not None:
+                    expert_weights = expert_weights[expert * n_per_row:(expert + 1) * n_per_row]
+                output.quantize_rows(name, rows, row, expert_weights, pool, workers)
 
 
 def dry_run(args: argparse.Namespace, quantization: str) -> str:
