@@ -174,15 +174,13 @@ def convert_streamed(checkpoint: Path, targets: dict[str, Path], outtype: str, m
     llama_quantize = Path(quantize.find_tool("llama-quantize"))
     folder = next(iter(targets.values())).parent
     plan = folder / ".stream-plan.gguf"  # the converter's header, its data a hole: llama-quantize --dry-run reads it
-    flags = quantize.Options(output_tensor_type=options.output_tensor_type,
-                             token_embedding_type=options.token_embedding_type).flags()
     with contextlib.ExitStack() as finishing:
         partials = {quant: finishing.enter_context(quantize.written_whole(path)) for quant, path in targets.items()}
         command = ["entrypoint.stream", "--converter", str(converter), "--llama-quantize", str(llama_quantize),
                    "--ggml-library", str(llama_quantize.with_name("libggml-base.so")), "--plan", str(plan),
                    *[f"--output={quant}={path}" for quant, path in partials.items()],
                    *([f"--imatrix={options.imatrix}"] if options.imatrix else []),
-                   *[f"--quantize-flag={flag}" for flag in flags],
+                   *[f"--quantize-flag={flag}" for flag in options.flags()],
                    *([f"--feed={feed_folder}"] if feed_folder else []),
                    "--", str(checkpoint), "--outtype", outtype, "--model-name", model_name]
         try:

@@ -29,7 +29,7 @@ import requests
 from huggingface_hub import hf_hub_url
 from huggingface_hub.utils import build_hf_headers
 
-from . import github, registry, retry
+from . import github, registry, retry, stream
 from .errors import DiskFull, HubError, LocalWriteFailed, PublishError, RepoRefused
 
 CHUNK_BYTES = 2**20
@@ -163,7 +163,7 @@ class Feed:
 
     def _download(self, name: str) -> None:
         path, size = self.checkpoint / name, self.sizes[name]
-        position = self._arrived(name)
+        position = stream.arrived(self.folder, name)
         if position == size:  # an earlier attempt brought it all, then failed
             return
         with _get(self.endpoint, self.repo, self.commit, self.token, name, position) as (response, start):
@@ -196,17 +196,11 @@ class Feed:
         """Write `data` at `position` once there is room, say how far the file has come, and empty `data`."""
         self._wait_for_room(name, position)
         with _disk_errors(path):
-            _write_all(fd, memoryview(data), position)
+            stream.write_all(fd, memoryview(data), position)
         position += len(data)
         self._report(name, position, len(data))
         data.clear()
         return position
-
-    def _arrived(self, name: str) -> int:
-        try:
-            return int((self.folder / f"{name}.arrived").read_text())
-        except FileNotFoundError:
-            return 0
 
     def _report(self, name: str, position: int, added: int) -> None:
         partial = self.folder / f"{name}.arrived.partial"
@@ -238,12 +232,6 @@ class Feed:
         except (FileNotFoundError, ValueError):
             return False
         return (waited_name, int(end)) > (name, position)
-
-
-def _write_all(fd: int, data: memoryview, offset: int) -> None:
-    while data:
-        done = os.pwrite(fd, data, offset)
-        data, offset = data[done:], offset + done
 
 
 class Stopped(Exception):

@@ -158,7 +158,7 @@ class Output:
         return self.types[name] == source_type
 
     def copy(self, name: str, data: memoryview) -> None:
-        _write_all(self.fd, data, self.data_start + self.offsets[name])
+        write_all(self.fd, data, self.data_start + self.offsets[name])
 
     def weights_for(self, name: str, n_per_row: int, experts: int) -> np.ndarray | None:
         """The importance matrix's weights for `name` (None without), refusing as llama-quantize does a type
@@ -181,7 +181,7 @@ class Output:
                 for at in range(0, rows.shape[0], step)]
         written = sum(job.result() for job in jobs)
         assert written == out.nbytes, (name, written, out.nbytes)
-        _write_all(self.fd, memoryview(out.data).cast("B"),
+        write_all(self.fd, memoryview(out.data).cast("B"),
                    self.data_start + self.offsets[name] + first_row * row_bytes)
 
     def _imatrix_for(self, name: str, n_per_row: int, experts: int) -> np.ndarray | None:
@@ -202,10 +202,19 @@ class Output:
         os.close(self.fd)
 
 
-def _write_all(fd: int, data: memoryview, offset: int) -> None:
+def write_all(fd: int, data: memoryview, offset: int) -> None:
+    """All of `data` into `fd` at `offset` (pwrite may write less than it is given)."""
     while data:
         done = os.pwrite(fd, data, offset)
         data, offset = data[done:], offset + done
+
+
+def arrived(folder: Path, name: str) -> int:
+    """How many bytes of the weights file `name` a feed.Feed writing into `folder` has brought (0: none yet)."""
+    try:
+        return int((folder / f"{name}.arrived").read_text() or 0)
+    except FileNotFoundError:
+        return 0
 
 
 def _f16(raw: memoryview) -> np.ndarray:
@@ -260,7 +269,7 @@ class FeedReader:
         if offset + size > os.path.getsize(path):
             raise RuntimeError(f"{name} is shorter than its header says (a tensor ends past its end)")
         waiting = self.folder / "waiting"
-        while self._arrived(name) < offset + size:
+        while arrived(self.folder, name) < offset + size:
             if (self.folder / "failed").exists():
                 raise RuntimeError("the download of the weights failed (the action's log says why)")
             waiting.write_text(f"{name} {offset + size}")
@@ -268,12 +277,6 @@ class FeedReader:
         waiting.unlink(missing_ok=True)
         self.read_since.append((path, offset, size))
         return np.fromfile(path, dtype=np.uint8, count=size, offset=offset)
-
-    def _arrived(self, name: str) -> int:
-        try:
-            return int((self.folder / f"{name}.arrived").read_text() or 0)
-        except FileNotFoundError:
-            return 0
 
     def give_back(self) -> None:
         for path, offset, size in self.read_since:
@@ -383,9 +386,7 @@ def write_tensor(outputs: list[Output], name: str, shape: tuple[int, ...], sourc
 
 
 def dry_run(args: argparse.Namespace, quantization: str) -> str:
-    flags = ["--imatrix", args.imatrix] if args.imatrix else []
-    flags += args.quantize_flag
-    done = subprocess.run([args.llama_quantize, "--dry-run", *flags, args.plan, quantization],
+    done = subprocess.run([args.llama_quantize, "--dry-run", *args.quantize_flag, args.plan, quantization],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
     if done.returncode != 0:
         raise RuntimeError(f"llama-quantize --dry-run {quantization} failed: {done.stdout[-2000:]}")
@@ -404,8 +405,8 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--ggml-library", required=True)
     parser.add_argument("--plan", required=True, help="the converter's header, data left as a hole")
     parser.add_argument("--output", action="append", type=_output, required=True, help="TYPE=PATH")
-    parser.add_argument("--imatrix", default="")
-    parser.add_argument("--quantize-flag", action="append", default=[], help="another llama-quantize flag")
+    parser.add_argument("--imatrix", default="", help="the importance matrix to load (given to the dry run as a flag)")
+    parser.add_argument("--quantize-flag", action="append", default=[], help="a llama-quantize flag, for the dry run")
     parser.add_argument("--feed", default="", help="the folder of a feed.Feed that downloads the weights")
     parser.add_argument("converter_arguments", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from entrypoint import retry
+from entrypoint import retry, stream
 from tests import fault_report, servers
 from tests.conftest import HF_REPO, action_runner
 
@@ -69,7 +69,8 @@ def test_hub_stopped_mid_download_then_restarted(tmp_path, stack):
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and "stopped" not in state:
             # How far each weights file has come (entrypoint/feed.py).
-            if any(_arrived(p) > 16 * 2**20 for p in outputs.glob(".ollama-publish-*/feed/*.arrived")):
+            if any(stream.arrived(p.parent, p.stem) > 16 * 2**20
+                   for p in outputs.glob(".ollama-publish-*/feed/*.arrived")):
                 hub.stop(crash_marker=str(root / "olah.toml"))
                 state["stopped"] = True
                 fault_report.fault_injected()
@@ -97,13 +98,6 @@ def test_hub_stopped_mid_download_then_restarted(tmp_path, stack):
     assert run.returncode == 0, run.stdout[-3000:]
     fault_report.run_recovered()
     assert fault_report.assert_all_or_nothing(stack.registry, repository, RELEASE_Q8) == RELEASE_Q8
-
-
-def _arrived(path: Path) -> int:
-    try:
-        return int(path.read_text() or 0)
-    except FileNotFoundError:  # the run's scratch folder is gone
-        return 0
 
 
 def _ollama_server_pids(bind: str) -> list[int]:
