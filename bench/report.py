@@ -126,7 +126,8 @@ def disk_model(res: Results, model: str, quantizations: list[str]) -> list[str]:
 
     baseline keeps everything: S + F + ΣQ + ΣQ (Hub cache, 16-bit GGUF, quantized GGUFs, Ollama's copies).
     ours, in one pass with the weights streamed from the Hub: converting and quantizing hold ΣQ and a window
-    of about one tensor, creating ΣQ (Ollama gets hard links, not copies), pulling back ΣQ + the largest Q."""
+    of about one tensor, creating and pulling back ΣQ (Ollama, and the empty Ollama of the pull-back, get the
+    weights as hard links, not copies)."""
     base = res.select(model, "baseline")
     mine = res.select(model, "ours")
     if not base or not mine or not base[0].files or not mine[0].files:
@@ -135,9 +136,8 @@ def disk_model(res: Results, model: str, quantizations: list[str]) -> list[str]:
     F = median([r.files["F16"] for r in base])
     q_base = sum(median([r.files[q] for r in base]) for q in quantizations)
     q_ours = sum(median([r.files[q] for r in mine]) for q in quantizations)
-    q_largest = max(median([r.files[q] for r in mine]) for q in quantizations)
     phases = {"convert": q_ours, "create": q_ours}
-    predicted_ours = q_ours + q_largest
+    predicted_ours = q_ours
     predicted_base = S + F + 2 * q_base
     measured = {v: res.med(model, v, lambda r: r.peak_disk) for v in ("baseline", "ours")}
     stage = {k: res.stage(model, "ours", k, "peak_disk") for k in phases}
@@ -147,13 +147,13 @@ def disk_model(res: Results, model: str, quantizations: list[str]) -> list[str]:
         return f"| {label} | {predicted / MB:,.0f} MB | {got / MB:,.0f} MB | {off:+.1f}% |"
 
     return [f"S = {S / MB:,.0f} MB (checkpoint in the Hub cache), F = {F / MB:,.0f} MB (16-bit GGUF), "
-            f"ΣQ = {q_ours / MB:,.0f} MB ({' + '.join(quantizations)}), largest Q = {q_largest / MB:,.0f} MB.", "",
+            f"ΣQ = {q_ours / MB:,.0f} MB ({' + '.join(quantizations)}).", "",
             "| | model predicts | measured peak (median) | measured − predicted |", "|---|---:|---:|---:|",
             row("baseline: S + F + 2ΣQ", predicted_base, measured["baseline"]),
             row("ours, converting and quantizing: ΣQ (and a window of one tensor)", phases["convert"],
                 stage["convert"]),
             row("ours, creating: ΣQ (hard links)", phases["create"], stage["create"]),
-            row("ours: ΣQ + largest Q (pulling it back)", predicted_ours, measured["ours"])]
+            row("ours, the whole run: ΣQ (the pull-back links the weights)", predicted_ours, measured["ours"])]
 
 
 def growth_table(res: Results, small: str, big: str, params: dict[str, int], variants: list[str]) -> list[str]:

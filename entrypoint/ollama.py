@@ -93,9 +93,9 @@ class OllamaClient:
     def _hand_over(self, path: Path, digest: str) -> bool:
         """Give our own server the file without copying it: a hard link where it keeps blobs, when that
         is on the same filesystem. Saves the disk of a second copy of every GGUF."""
-        if self.models_dir is None:
+        blob = self.blob_file(digest)
+        if blob is None:
             return False
-        blob = self.models_dir / "blobs" / digest.replace(":", "-")
         try:
             blob.parent.mkdir(parents=True, exist_ok=True)
             os.link(path, blob)
@@ -238,6 +238,10 @@ class OllamaClient:
                 return "sha256:" + entry["digest"], int(entry["size"])
         raise OllamaError(f"Ollama does not list {model} after creating it.", title="Ollama create failed")
 
+
+    def blob_file(self, digest: str) -> Path | None:
+        """Where our own server keeps a blob (None for a server we did not start)."""
+        return None if self.models_dir is None else self.models_dir / "blobs" / digest.replace(":", "-")
 
     def local_manifest(self, host: str, namespace: str, model: str, tag: str) -> bytes | None:
         """The manifest file Ollama stored for a model (no API returns it), or None for a server we did not

@@ -81,7 +81,7 @@ def run(settings: Settings) -> Report:
                             github.warning("pull check skipped (pull-check: off): nothing proves users can pull "
                                            "what was pushed")
                         else:
-                            publish.pull_back(settings, scratch, models.results, smoke)
+                            publish.pull_back(settings, scratch, models.results, client, smoke)
             return Report(results=models.results, modelfile=modelfile_path, commit=src.checkpoint.commit,
                           ollama_version=client.version(), path_taken=src.path_taken,
                           extra_ggufs=(projector,) if projector else (),

@@ -41,7 +41,8 @@ def estimate(checkpoint_bytes: int, quantizations: tuple[str, ...], intermediate
     nothing when the GGUFs are handed to Ollama as hard links, i.e. ollama_copies is False). intermediate: the
     type of the GGUF file converted first, None when the weights stream into the outputs in one pass (no such
     file). merging: a LoRA adapter is merged into the intermediate, which is then held twice (base and merged).
-    pull_back: after the push an empty Ollama in scratch pulls the tags, one quantization at a time."""
+    pull_back: after the push an empty Ollama in scratch downloads the tags' weights, one quantization at a
+    time (only when it cannot take them from our Ollama as hard links)."""
     types = (*quantizations, intermediate) if intermediate else quantizations
     size = {q: quantized_bytes(checkpoint_bytes, q) for q in types}
     checkpoint = checkpoint_bytes if downloaded else 0

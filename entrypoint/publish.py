@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import os
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,6 +26,8 @@ from .settings import Settings
 # differently from what Ollama sent.
 UNVERIFIED_FIX = ("Make sure nothing else pushes to this model while the release runs, then re-run; if it "
                   "happens again, the registry rewrites manifests and users would not get what was checked.")
+# The layers that hold weights: the pull-back takes them from our Ollama rather than downloading them again.
+WEIGHT_MEDIA_TYPES = ("application/vnd.ollama.image.model", "application/vnd.ollama.image.projector")
 
 
 @dataclasses.dataclass
@@ -37,6 +40,7 @@ class TagResult:
     size: int = 0
     registry_digest: str = ""  # the manifest digest in the registry, once pushed
     layers: tuple[str, ...] = ()  # the config and layer digests the registry holds for the tag, once pushed
+    weights: tuple[tuple[str, int], ...] = ()  # of those, the weights' layers (model, projector): digest, size
     answer: str = ""
     pushed: bool = False
     pulled: bool = False  # an empty Ollama pulled the tag back, with the same layers (and answered)
@@ -62,6 +66,13 @@ def _blobs(manifest: dict[str, Any]) -> tuple[str, ...]:
     return (manifest.get("config", {}).get("digest", ""), *_layers(manifest))
 
 
+def _remember(result: TagResult, digest: str, manifest: dict[str, Any]) -> None:
+    """What the registry holds for the tag, as the pull-back checks it."""
+    result.registry_digest, result.layers = digest, _blobs(manifest)
+    result.weights = tuple((layer["digest"], int(layer.get("size", 0))) for layer in manifest.get("layers", [])
+                           if layer.get("mediaType") in WEIGHT_MEDIA_TYPES)
+
+
 def _already_published(client: OllamaClient, settings: Settings, results: list[TagResult]) -> set[str]:
     """Check every tag in the registry before pushing any. Returns the tags that already hold exactly
     these layers (a re-run skips them). A version tag holding other content is refused: published
@@ -75,7 +86,7 @@ def _already_published(client: OllamaClient, settings: Settings, results: list[T
         local = client.local_manifest(name.host, name.namespace, name.model, result.tag)
         if local is not None and _layers(json.loads(local)) == _layers(found[1]):
             identical.add(result.tag)
-            result.registry_digest, result.layers = found[0], _blobs(found[1])
+            _remember(result, *found)
             github.log(f"{result.name} is already published with the same layers; not pushing it again")
         elif result.tag in settings.immutable_tags and not settings.overwrite:
             raise AlreadyPublished(f"{result.name} is already published with different content, and published "
@@ -133,9 +144,9 @@ def _verify_pushed(client: OllamaClient, settings: Settings, result: TagResult) 
     found = _manifest(settings, result.tag)
     if found is None:
         raise PushNotVerified(f"After pushing {result.name} the registry has no such tag. {UNVERIFIED_FIX}")
-    result.registry_digest, remote = found
+    _remember(result, *found)
+    remote = found[1]
     remote_layers = _layers(remote)
-    result.layers = _blobs(remote)
     local = client.local_manifest(name.host, name.namespace, name.model, result.tag)
     if local is not None:
         expected = "sha256:" + hashlib.sha256(local.removesuffix(b"\n")).hexdigest()
@@ -148,11 +159,13 @@ def _verify_pushed(client: OllamaClient, settings: Settings, result: TagResult) 
     github.log(f"  verified in the registry: manifest {result.registry_digest}, {len(remote_layers)} layers")
 
 
-def pull_back(settings: Settings, scratch: Path, results: list[TagResult],
-               smoke: Callable[[OllamaClient, str], str]) -> None:
+def pull_back(settings: Settings, scratch: Path, results: list[TagResult], ours: OllamaClient,
+              smoke: Callable[[OllamaClient, str], str]) -> None:
     """The proof a user's `ollama pull` works: a second Ollama with nothing of its own (models, blobs, HOME)
     pulls every pushed tag, must hold exactly the blobs the registry verified, and answers the smoke test
-    once per quantization. One quantization at a time, deleted once checked, so the disk holds one copy."""
+    once per quantization. It downloads the manifests, configs and small layers (template, parameters,
+    license: what makes the weights a working model); the weights it takes from our Ollama when the registry
+    proves it holds them (_take_weights). One quantization at a time, deleted once checked."""
     root = scratch / "pull-back"
     name = settings.model_name
     try:
@@ -162,6 +175,7 @@ def pull_back(settings: Settings, scratch: Path, results: list[TagResult],
             for result in results:
                 by_quantization.setdefault(result.quantization, []).append(result)
             for tagged in by_quantization.values():
+                taken = _take_weights(settings, ours, empty, tagged[0])
                 for result in tagged:
                     retry.retrying(functools.partial(empty.pull, result.name, settings.insecure_registry,
                                                      _progress_logger()), f"pulling {result.name}")
@@ -173,6 +187,10 @@ def pull_back(settings: Settings, scratch: Path, results: list[TagResult],
                 account = "pulled" if settings.smoke_test == "off" else checks.warn_instead(
                     settings.smoke_test, functools.partial(smoke, empty, tagged[0].name))
                 github.log(f"{tagged[0].quantization}: pulled by an empty Ollama, same blobs; {account}")
+                if taken:
+                    github.log(f"  its weights ({taken / 1e9:.2f} GB) were not downloaded again: the registry holds "
+                               "them under the same digests and sizes, and it takes a blob only once its bytes "
+                               "hash to the digest; the empty Ollama got them as hard links to this run's")
                 for result in tagged:
                     empty.delete(result.name)
                     result.pulled = True
@@ -186,3 +204,28 @@ def pull_back(settings: Settings, scratch: Path, results: list[TagResult],
         github.warning(message)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _take_weights(settings: Settings, ours: OllamaClient, empty: OllamaClient, result: TagResult) -> int:
+    """Give the empty Ollama the tag's weights as hard links to our Ollama's blobs, each one only when the
+    registry holds it with the same digest and size. Ollama's pull skips a blob it already has, so the
+    gigabytes are not downloaded a second time to prove what the digests already prove. A blob the registry
+    does not confirm, or that cannot be linked (a server of the user's, another filesystem), is downloaded
+    as a user would. Returns the bytes taken."""
+    taken = 0
+    for digest, size in result.weights:
+        blob, target = ours.blob_file(digest), empty.blob_file(digest)
+        if blob is None or target is None or not blob.is_file() or blob.stat().st_size != size:
+            continue
+        held = retry.retrying(functools.partial(registry.blob_size, settings.model_name, digest,
+                                                insecure=settings.insecure_registry, key=settings.ollama_key),
+                              f"checking {digest[:19]}… in the registry")
+        if held != size:
+            continue
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.link(blob, target)
+        except OSError:
+            continue
+        taken += size
+    return taken

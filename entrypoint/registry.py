@@ -165,12 +165,7 @@ def fetch_manifest(name: ModelName, tag: str, *, insecure: bool, key: str = "",
     is read whatever its Content-Type (ollama.com is reported to send text/plain). With `key`, a Bearer
     challenge is answered as Ollama answers it."""
     url = f"{registry_base_url(name, insecure)}/v2/{name.namespace}/{name.model}/manifests/{tag}"
-    headers = {"Accept": MANIFEST_MEDIA_TYPE}
-    response = _get(url, headers, timeout)
-    challenge = response.headers.get("WWW-Authenticate", "")
-    if response.status_code == 401 and key and challenge.startswith("Bearer "):
-        headers["Authorization"] = "Bearer " + _token(challenge, url, key, timeout)
-        response = _get(url, headers, timeout)
+    response = _authorized("GET", url, {"Accept": MANIFEST_MEDIA_TYPE}, key, timeout)
     if response.status_code == 404:
         return None
     if response.status_code in (401, 403):
@@ -200,9 +195,29 @@ def fetch_manifest(name: ModelName, tag: str, *, insecure: bool, key: str = "",
     return digest, manifest
 
 
-def _get(url: str, headers: dict[str, str], timeout: float) -> requests.Response:
+def blob_size(name: ModelName, digest: str, *, insecure: bool, key: str = "", timeout: float = 30) -> int | None:
+    """The size the registry gives for a blob it holds (HEAD, following a redirect to where it serves blobs
+    as a pull does), or None when it does not hold it or does not say. A registry takes a blob only once its
+    bytes hash to the digest (the OCI distribution spec), so a blob it holds is the one pushed."""
+    url = f"{registry_base_url(name, insecure)}/v2/{name.namespace}/{name.model}/blobs/{digest}"
+    response = _authorized("HEAD", url, {}, key, timeout)
+    length = response.headers.get("Content-Length", "")
+    return int(length) if response.status_code == 200 and length.isdigit() else None
+
+
+def _authorized(method: str, url: str, headers: dict[str, str], key: str, timeout: float) -> requests.Response:
+    """The answer to a request, answering a Bearer challenge as Ollama does when there is a key."""
+    response = _send(method, url, headers, timeout)
+    challenge = response.headers.get("WWW-Authenticate", "")
+    if response.status_code == 401 and key and challenge.startswith("Bearer "):
+        authorization = "Bearer " + _token(challenge, url, key, timeout)
+        response = _send(method, url, {**headers, "Authorization": authorization}, timeout)
+    return response
+
+
+def _send(method: str, url: str, headers: dict[str, str], timeout: float) -> requests.Response:
     try:
-        return requests.get(url, headers=headers, timeout=timeout)
+        return requests.request(method, url, headers=headers, timeout=timeout)
     except requests.RequestException as exc:
         raise RegistryError(f"Could not reach the registry at {url}: {exc}", status=None,
                             retriable=_may_answer_later(exc), title="Registry unreachable") from exc
@@ -223,7 +238,7 @@ def _token(challenge: str, url: str, key: str, timeout: float) -> str:
     token_url = realm._replace(query=urllib.parse.urlencode(query)).geturl()
     empty_body = base64.b64encode(hashlib.sha256(b"").hexdigest().encode()).decode()
     signature = sign(key, f"GET,{token_url},{empty_body}".encode())
-    response = _get(token_url, {"Authorization": signature}, timeout)
+    response = _send("GET", token_url, {"Authorization": signature}, timeout)
     if response.status_code >= 400:
         raise RegistryError(f"The registry's token server refused ollama-key ({response.status_code}: "
                             f"{response.text[:200].strip()}). Register the key's public part with the registry (on "

@@ -224,6 +224,8 @@ def _estimate_resources(settings: Settings, client: OllamaClient, scratch: Path,
         folders["ollama"] = client.models_dir
     # Our own server gets the GGUFs as hard links (OllamaClient.upload_blob) when it can.
     linked = client.models_dir is not None and preflight.same_filesystem(client.models_dir, settings.output_dir)
+    # The pull-back downloads the weights again only when it cannot link them (publish._take_weights).
+    pulls_weights = settings.push and not linked
     # A LoRA's base always comes from the Hub; weights streamed from it are never on disk whole.
     downloaded = (not settings.model_path or repo_plan.kind == "lora") and not weights_streamed
     if repo_plan.kind == "gguf":
@@ -232,7 +234,7 @@ def _estimate_resources(settings: Settings, client: OllamaClient, scratch: Path,
         largest = max(gguf_sizes, key=gguf_sizes.__getitem__)
         model_bytes = gguf_sizes[largest]
         phases = preflight.estimate_gguf(sum(gguf_sizes.values()), downloaded, ollama_copies=not linked,
-                                         split_bytes=split, pulled_bytes=model_bytes if settings.push else 0)
+                                         split_bytes=split, pulled_bytes=model_bytes if pulls_weights else 0)
     else:
         size = sum(sizes.values())
         merging = repo_plan.kind == "lora"
@@ -240,7 +242,7 @@ def _estimate_resources(settings: Settings, client: OllamaClient, scratch: Path,
         phases = preflight.estimate(size, settings.quantizations,
                                     None if streamed else ggufs.intermediate_type(settings, merging),
                                     downloaded=downloaded, ollama_copies=not linked, merging=merging,
-                                    pull_back=settings.push)
+                                    pull_back=pulls_weights)
         largest, model_bytes = preflight.largest_quantized(size, settings.quantizations)
     preflight.check_disk(phases, folders)
     preflight.check_memory(model_bytes, largest)

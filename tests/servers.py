@@ -4,6 +4,7 @@ The binaries come from scripts/bootstrap (its env file sets the *_BIN/CLI variab
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import datetime
 import http.server
@@ -135,6 +136,11 @@ def _self_signed_certificate(certificate: Path, key: Path) -> None:
                                           serialization.NoEncryption()))
 
 
+# Bytes each blob store has sent, by file path (a registry's blob path holds its digest): what a test
+# proves was, or was not, downloaded. Per test process, as the stack is.
+SERVED_BYTES: collections.Counter[str] = collections.Counter()
+
+
 class _StaticFiles(http.server.BaseHTTPRequestHandler):
     """GET (with a byte range, as Ollama downloads blobs in parts) and HEAD of the files under `root`."""
     root: Path
@@ -169,6 +175,7 @@ class _StaticFiles(http.server.BaseHTTPRequestHandler):
                 while left > 0 and (block := f.read(min(left, 1 << 20))):
                     self.wfile.write(block)
                     left -= len(block)
+                    SERVED_BYTES[str(path)] += len(block)
 
     def log_message(self, format: str, *args: object) -> None:  # quiet: the test output is the action's
         pass

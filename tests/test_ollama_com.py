@@ -59,6 +59,9 @@ def test_a_release_is_published_verified_pulled_back_and_found_on_a_rerun(
         models = json.loads(first.outputs["models"])
         assert {m["tag"] for m in models} == RELEASE_Q8
         assert all(m["pushed"] and m["pulled"] for m in models), models
+        # The pull-back asked the front (as the owner, when private) whether it holds the weights, and did
+        # not download them again.
+        assert first.stdout.count("were not downloaded again") == 1, first.stdout[-3000:]
         # Private: nobody reads it without the owner's token; the owner's key reads what was pushed.
         url = f"http://{front}/v2/{repository}/manifests/1.0.0"
         anonymous = requests.get(url, headers={"Accept": registry.MANIFEST_MEDIA_TYPE}, timeout=10)

@@ -25,7 +25,7 @@ def test_streamed_the_checkpoint_and_the_outputs_are_all_the_disk_holds():
     q4, q8 = int(8e9 * 4.9 / 8 * 1.25), int(8e9 * 8.5 / 8 * 1.25)
     assert writing == {"work": 16 * GB, "outputs": q4 + q8}  # no 16-bit GGUF at any point
     assert creating == {"outputs": q4 + q8, "ollama": 0}
-    assert pulling["work"] == q8  # the largest, pulled back once
+    assert pulling["work"] == q8  # the largest, pulled back once (when it cannot be linked)
 
 
 def test_a_local_checkpoint_is_not_counted_and_a_direct_conversion_keeps_its_output():

@@ -24,6 +24,7 @@ from entrypoint.ollama import file_sha256
 from entrypoint.quantize import tag_suffix
 from tests.conftest import (HF_REPO, RUNNER_SECRETS, key_lines, make_ollama_key, parity_verdicts,
                             parse_outputs, registry_manifest, registry_tags)
+from tests import servers
 from tests.container import ContainerRun, Runner, secrets_left
 
 pytestmark = [pytest.mark.servers, pytest.mark.dev]
@@ -97,6 +98,7 @@ class Release:
     outputs: dict[str, str]
     key: str
     witness: _Witness
+    downloaded: dict[str, int]  # bytes the registry's blob store sent during the run, by blob digest (hex)
 
     @property
     def models(self) -> list[dict]:
@@ -111,10 +113,14 @@ def release(stack, tmp_path_factory) -> Release:
     # The example's inputs; the test Hub's repo, registry and secrets in place of the real ones.
     inputs = {**_example_inputs(), "hf-repo": HF_REPO, "hf-revision": "v1.0.0", "hf-token": HF_TOKEN,
               "ollama-key": key, "ollama-model": f"{stack.registry}/{REPOSITORY}", "insecure-registry": "true"}
+    served_before = servers.SERVED_BYTES.copy()
     run = runner.run(inputs, env={"HF_ENDPOINT": stack.hub_endpoint, **RUNNER_SECRETS}, on_line=witness.on_line)
+    served = servers.SERVED_BYTES - served_before
     print(run.stdout[-4000:], run.stderr[-2000:])
     assert run.exit_code == 0, run.stdout[-3000:] + run.stderr[-2000:]
-    return Release(run=run, outputs=parse_outputs(run.outputs_text), key=key, witness=witness)
+    # The registry's blob paths end in .../sha256/<2 hex>/<hex>/data.
+    downloaded = {Path(path).parent.name: count for path, count in served.items()}
+    return Release(run=run, outputs=parse_outputs(run.outputs_text), key=key, witness=witness, downloaded=downloaded)
 
 
 def test_the_release_is_the_shipped_examples():
@@ -136,6 +142,22 @@ def test_every_tag_is_created_pushed_and_pulled_back(release, stack):
     pulled = [line.split(":")[0] for line in release.run.stdout.splitlines()
               if "pulled by an empty Ollama, same blobs; " in line]
     assert sorted(pulled) == sorted(QUANTIZATIONS)
+
+
+def test_the_pull_back_downloads_all_but_the_weights_the_registry_proves(release, stack):
+    """The empty Ollama downloads each tag's config and small layers through the registry's redirect, as a
+    user's would, and takes the weights (proven by the registry's digest and size) from our Ollama."""
+    weights, small = set(), set()
+    for model in release.models:
+        manifest = registry_manifest(stack.registry, REPOSITORY, model["tag"])[1]
+        small.add(manifest["config"]["digest"])
+        for layer in manifest["layers"]:
+            (weights if layer["mediaType"] == "application/vnd.ollama.image.model" else small).add(layer["digest"])
+    assert len(weights) == len(QUANTIZATIONS) and len(small) > len(QUANTIZATIONS)
+    downloaded = {"sha256:" + digest for digest, count in release.downloaded.items() if count}
+    assert small <= downloaded and not weights & downloaded, (small, weights, release.downloaded)
+    not_again = [line for line in release.run.stdout.splitlines() if "were not downloaded again" in line]
+    assert len(not_again) == len(QUANTIZATIONS), not_again
 
 
 def test_each_quantization_answers_and_stops(release):
