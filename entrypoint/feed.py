@@ -38,7 +38,6 @@ CHUNK_BYTES = 2**20
 WINDOW_MARGIN_BYTES = 32 * 2**20
 HEADER_MAX_BYTES = 100_000_000  # safetensors' own limit on a header
 TIMEOUT_S = 60
-PROGRESS_EVERY_S = 30
 
 
 def headers(endpoint: str, repo: str, commit: str, token: str, destination: Path, sizes: dict[str, int]) -> None:
@@ -208,11 +207,12 @@ class Feed:
         os.replace(partial, self.folder / f"{name}.arrived")
         self.done += added
         now = time.monotonic()
-        if now - self.last_log >= PROGRESS_EVERY_S:
+        if now - self.last_log >= github.PROGRESS_EVERY_S:
             self.last_log = now
             rate = self.done / (now - self.start)
             github.log(f"weights downloaded: {self.done / 1e9:.2f} of {self.total / 1e9:.2f} GB, "
-                       f"{rate / 1e6:.0f} MB/s, {self._resident() / 1e9:.2f} GB on disk")
+                       f"{rate / 1e6:.0f} MB/s, about {(self.total - self.done) / rate / 60:.0f} min left, "
+                       f"{self._resident() / 1e9:.2f} GB on disk")
 
     def _resident(self) -> int:
         return sum(os.stat(self.checkpoint / name).st_blocks * 512 for name in self.sizes)

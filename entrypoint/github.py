@@ -14,6 +14,7 @@ import contextlib
 import os
 import secrets
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -45,6 +46,8 @@ def _escape_property(text: str) -> str:
     return _escape_data(text).replace(":", "%3A").replace(",", "%2C")
 
 
+# A long transfer logs a line at most this often: often enough to see it move, not a flood at 70B.
+PROGRESS_EVERY_S = 30
 _NOT_A_COMMAND = "\u200b"  # zero-width space: not whitespace to the runner's TrimStart, invisible in the log
 
 
@@ -132,3 +135,33 @@ def write_summary(markdown: str) -> None:
         return
     with open(path, "a", encoding="utf-8") as f:
         f.write(text + "\n")
+
+
+class Progress:
+    """A long transfer's progress: a line at most every PROGRESS_EVERY_S seconds with the bytes done, the
+    rate and the time left, and one when it ends."""
+
+    def __init__(self, what: str, total: int):
+        self.what, self.total = what, total
+        self.start = self.last = time.monotonic()
+        self.ended = False
+
+    def update(self, done: int) -> None:
+        now = time.monotonic()
+        if self.ended or (done < self.total and now - self.last < PROGRESS_EVERY_S):
+            return
+        self.last, self.ended = now, done >= self.total
+        rate = done / max(now - self.start, 1e-3)
+        if self.ended:
+            log(f"{self.what}: {_size(self.total)} done" + (f", {rate / 1e6:.0f} MB/s" if now - self.start >= 1 else ""))
+        else:
+            left = (self.total - done) / rate if rate else float("inf")
+            log(f"{self.what}: {_size(done)} of {_size(self.total)}, {rate / 1e6:.0f} MB/s, about {_duration(left)} left")
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 10**9 else f"{nbytes / 1e6:.1f} MB"
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"

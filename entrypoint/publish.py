@@ -104,15 +104,20 @@ def _manifest(settings: Settings, tag: str) -> tuple[str, dict] | None:
 
 
 def _progress_logger() -> Callable[[dict[str, Any]], None]:
-    """Logs a push's or pull's status lines, each blob's progress in steps of 25%."""
-    reported: dict[str, int] = {}
+    """Logs a push's or pull's status lines once each, and each blob's transfer as github.Progress does."""
+    statuses: set[str] = set()
+    blobs: dict[str, github.Progress] = {}
 
     def progress(line: dict[str, Any]) -> None:
         status, total = line.get("status", ""), line.get("total") or 0
-        step = int(100 * (line.get("completed") or 0) / total) // 25 * 25 if total else -1
-        if reported.get(status) != step:
-            reported[status] = step
-            github.log(f"  {status}" + (f" {step}%" if step >= 0 else ""))
+        if not total:
+            if status not in statuses:
+                statuses.add(status)
+                github.log(f"  {status}")
+            return
+        if status not in blobs:
+            blobs[status] = github.Progress(f"  {status}", total)
+        blobs[status].update(line.get("completed") or 0)
 
     return progress
 

@@ -59,3 +59,18 @@ def test_the_actions_own_commands_still_work(capsys):
 def test_the_runners_rules_as_read_here():
     commands = runner_commands.obeyed("x\n  ::add-mask::a\n::stop-commands::T\n::error::hidden\n::T::\nb ##[group]c\n")
     assert [(c.name, c.data) for c in commands] == [("add-mask", "a"), ("stop-commands", "T"), ("group", "c")]
+
+
+def test_progress_logs_every_30_seconds_with_rate_and_time_left_and_once_at_the_end(capsys, monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr(github.time, "monotonic", lambda: clock[0])
+    progress = github.Progress("pushing abc", 5 * 10**9)
+    for second in range(1, 101):  # 50 MB/s for 100 s: a line at 30, 60 and 90 s, and none in between
+        clock[0] += 1
+        progress.update(second * 50 * 10**6)
+    progress.update(5 * 10**9)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == ["pushing abc: 1.50 GB of 5.00 GB, 50 MB/s, about 70 s left",
+                     "pushing abc: 3.00 GB of 5.00 GB, 50 MB/s, about 40 s left",
+                     "pushing abc: 4.50 GB of 5.00 GB, 50 MB/s, about 10 s left",
+                     "pushing abc: 5.00 GB done, 50 MB/s"], lines
