@@ -152,11 +152,12 @@ class Progress:
             return
         self.last, self.ended = now, done >= self.total
         rate = done / max(now - self.start, 1e-3)
+        speed = f", {rate / 1e6:.0f} MB/s" if now - self.start >= 1 else ""
         if self.ended:
-            log(f"{self.what}: {_size(self.total)} done" + (f", {rate / 1e6:.0f} MB/s" if now - self.start >= 1 else ""))
+            log(f"{self.what}: {_size(self.total)} done{speed}")
         else:
             left = (self.total - done) / rate if rate else float("inf")
-            log(f"{self.what}: {_size(done)} of {_size(self.total)}, {rate / 1e6:.0f} MB/s, about {_duration(left)} left")
+            log(f"{self.what}: {_size(done)} of {_size(self.total)}{speed}, about {_duration(left)} left")
 
 
 def _size(nbytes: int) -> str:
