@@ -25,7 +25,6 @@ import json
 import math
 import shutil
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 SHARD_BYTES = 5 * 10**9  # the Hub's shard size (transformers' save_pretrained default is 5GB)
@@ -59,10 +58,11 @@ def tensor_shapes(shape: Shape, vocab: int) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, d)}
     for i in range(shape.layers):
         p = f"model.layers.{i}."
+        i = shape.intermediate
         shapes |= {p + "self_attn.q_proj.weight": (q, d), p + "self_attn.k_proj.weight": (kv, d),
                    p + "self_attn.v_proj.weight": (kv, d), p + "self_attn.o_proj.weight": (d, q),
-                   p + "mlp.gate_proj.weight": (shape.intermediate, d), p + "mlp.up_proj.weight": (shape.intermediate, d),
-                   p + "mlp.down_proj.weight": (d, shape.intermediate), p + "input_layernorm.weight": (d,),
+                   p + "mlp.gate_proj.weight": (i, d), p + "mlp.up_proj.weight": (i, d),
+                   p + "mlp.down_proj.weight": (d, i), p + "input_layernorm.weight": (d,),
                    p + "post_attention_layernorm.weight": (d,)}
     shapes["model.norm.weight"] = (d,)
     if not shape.tied:
@@ -101,7 +101,8 @@ class Builder:
 
     def _random(self, name: str, dims: tuple[int, ...], std: float):
         torch = self.torch
-        generator = torch.Generator().manual_seed(self.seed * 2**32 + int(hashlib.sha256(name.encode()).hexdigest()[:8], 16))
+        tensor_seed = int(hashlib.sha256(name.encode()).hexdigest()[:8], 16)  # each tensor alone reproducible
+        generator = torch.Generator().manual_seed(self.seed * 2**32 + tensor_seed)
         return torch.randn(dims, generator=generator, dtype=torch.float32).mul_(std).to(torch.bfloat16)
 
     def tensor(self, name: str, dims: tuple[int, ...]):

@@ -58,8 +58,9 @@ class Runner:
     checkout as the runner's user does on a hosted runner (its files are the runner user's)."""
 
     def __init__(self, root: Path, workspace_owner: tuple[int, int] = (1001, 1001), image: str = IMAGE,
-                 docker_host: str | None = None):
+                 docker_host: str | None = None, memory_limit: int | None = None):
         self.root, self.image = root, image
+        self.memory_limit = memory_limit  # bytes, as a hosted runner's RAM bounds the job (no swap)
         self.workspace = root / "work" / "repo" / "repo"
         self.runner_temp = root / "work" / "_temp"
         self.home = self.runner_temp / "_github_home"
@@ -110,7 +111,8 @@ class Runner:
         }
         container = self.client.containers.run(
             self.image, detach=True, name=f"ollama-publish-test-{step[:12]}", labels={"ollama-publish-test": step},
-            working_dir="/github/workspace", environment=environment, volumes=volumes, network_mode="host")
+            working_dir="/github/workspace", environment=environment, volumes=volumes, network_mode="host",
+            **({"mem_limit": self.memory_limit, "memswap_limit": self.memory_limit} if self.memory_limit else {}))
         stderr: list[bytes] = []
         reader = threading.Thread(target=lambda: stderr.extend(container.logs(stream=True, follow=True, stdout=False,
                                                                               stderr=True)), daemon=True)
