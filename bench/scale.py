@@ -82,6 +82,7 @@ def capped_filesystem(path: Path, free_bytes: int) -> Iterator[Path]:
         yield path
     finally:
         subprocess.run(["umount", str(path)], check=True)
+        path.rmdir()
         image.unlink()
 
 
@@ -286,6 +287,12 @@ def table(shape: str, size: int, parameters: int, runs: list[Figures], free_byte
     return "\n".join(out)
 
 
+def _save(root: Path, shape: str, figures: Figures) -> None:
+    """Each run's figures, as soon as it ends: a later failure keeps them."""
+    with (root / "figures.jsonl").open("a") as saved:
+        saved.write(json.dumps({"shape": shape, **dataclasses.asdict(figures)}) + "\n")
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="bench/run-scale", description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default="3b,8b", help="of bench/shapes.py (default 3b,8b)")
@@ -317,6 +324,7 @@ def main(argv: list[str]) -> int:
                         runs[-1].registry_stored = _allocated(root / "registry-recipe" / "data")
                     shutil.rmtree(root / "registry-recipe")
                     shutil.rmtree(root / f"{shape}-recipe", ignore_errors=True)
+                    _save(root, shape, runs[-1])
                 else:
                     print(f"bench.scale: {shape}: no room for the recipe by hand (about {need / GB:.0f} GB)",
                           flush=True)
@@ -329,6 +337,7 @@ def main(argv: list[str]) -> int:
                                            box_bytes, memory, hub_sent))
                     runs[-1].registry_stored = _allocated(root / "registry-action" / "data")
                 shutil.rmtree(root / "registry-action")
+                _save(root, shape, runs[-1])
             text = table(shape, facts["bytes"], facts["parameters"], runs, free_bytes, memory)
             print("\n" + text + "\n", flush=True)
             texts.append(text)
