@@ -161,7 +161,9 @@ class Progress:
 
 
 def _size(nbytes: int) -> str:
-    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 10**9 else f"{nbytes / 1e6:.1f} MB"
+    if nbytes >= 10**9:
+        return f"{nbytes / 1e9:.2f} GB"
+    return f"{nbytes / 1e6:.1f} MB" if nbytes >= 10**5 else f"{nbytes:,} bytes"
 
 
 def _duration(seconds: float) -> str:

@@ -74,3 +74,8 @@ def test_progress_logs_every_30_seconds_with_rate_and_time_left_and_once_at_the_
                      "pushing abc: 3.00 GB of 5.00 GB, 50 MB/s, about 40 s left",
                      "pushing abc: 4.50 GB of 5.00 GB, 50 MB/s, about 10 s left",
                      "pushing abc: 5.00 GB done, 50 MB/s"], lines
+
+
+def test_progress_of_a_small_blob_is_one_line_in_bytes(capsys):
+    github.Progress("pushing f6f0c6f73b46", 1_192).update(1_192)
+    assert capsys.readouterr().out == "pushing f6f0c6f73b46: 1,192 bytes done\n"
