@@ -131,30 +131,42 @@ def _allocated(path: Path) -> int:
 
 
 class ContainerSampler(threading.Thread):
-    """Every `interval` seconds: bytes used on the box's filesystem and the summed RSS of the container's
-    processes (its first process and every descendant: Ollama, the tools, the model runners)."""
+    """Every `interval` seconds: bytes used on the box's filesystem, and the summed RSS and PSS of the
+    container's processes (its first process and every descendant: Ollama, the tools, the model runners).
+    RSS counts a file two processes map twice (two Ollamas' runners loading the same hard-linked model);
+    PSS shares it out, so its sum is the memory the processes hold together."""
 
     def __init__(self, box: Path, interval: float = 0.5):
         super().__init__(daemon=True)
         self.box, self.interval = box, interval
         self.pid = 0
         self.baseline_used = self._used()
-        self.peak_disk = self.peak_rss = 0
+        self.samples: list[tuple[float, int, int, int]] = []  # time, disk, RSS, PSS
         self.stopping = threading.Event()
 
     def _used(self) -> int:
         stat = os.statvfs(self.box)
         return (stat.f_blocks - stat.f_bfree) * stat.f_frsize
 
-    def _rss(self) -> int:
+    def _memory(self) -> tuple[int, int]:
         table = process_table()
-        return sum(table[pid][1] for pid in (self.pid, *tree(self.pid, table, frozenset())) if pid in table)
+        rss = pss = 0
+        for pid in (self.pid, *tree(self.pid, table, frozenset())):
+            with contextlib.suppress(OSError, StopIteration, KeyError):
+                rollup = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
+                pss += next(int(line.split()[1]) * 1024 for line in rollup if line.startswith("Pss:"))
+                rss += table[pid][1]
+        return rss, pss
 
     def run(self) -> None:
         while not self.stopping.wait(self.interval):
             with contextlib.suppress(OSError):
-                self.peak_disk = max(self.peak_disk, self._used() - self.baseline_used)
-                self.peak_rss = max(self.peak_rss, self._rss())
+                self.samples.append((time.monotonic(), self._used() - self.baseline_used, *self._memory()))
+
+    def peaks(self, start: float = 0.0, end: float = float("inf")) -> tuple[int, int, int]:
+        """The peak disk, RSS and PSS sampled between start and end."""
+        inside = [s for s in self.samples if start <= s[0] <= end] or [(0.0, 0, 0, 0)]
+        return max(s[1] for s in inside), max(s[2] for s in inside), max(s[3] for s in inside)
 
     def stop(self) -> None:
         self.stopping.set()
@@ -174,6 +186,20 @@ class Figures:
     registry_sent: int
     outputs: dict[str, int]  # bytes of each quantization's GGUF
     note: str = ""
+    peak_pss: int = 0  # the action's only (see ContainerSampler)
+    stage_peaks: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)  # group: peak disk, PSS
+
+
+def groups(lines: list[tuple[float, str]]) -> list[tuple[str, float, float]]:
+    """The action's log groups: (title, start, end)."""
+    found, title, start = [], None, 0.0
+    for t, text in lines:
+        if text.startswith("::group::"):
+            title, start = text.removeprefix("::group::"), t
+        elif text.startswith("::endgroup::") and title is not None:
+            found.append((title, start, t))
+            title = None
+    return found
 
 
 def action_stages(lines: list[tuple[float, str]], t0: float, t1: float) -> tuple[dict[str, float], float]:
@@ -182,17 +208,12 @@ def action_stages(lines: list[tuple[float, str]], t0: float, t1: float) -> tuple
     timeline = recipes.stages_from_log(lines, t0, t1)
     split = {name: end - start for name, start, end, _ in timeline.intervals}
     stages: dict[str, float] = {}
-    title = None
-    for t, text in lines:
-        if text.startswith("::group::"):
-            title, start = text.removeprefix("::group::"), t
-        elif text.startswith("::endgroup::") and title is not None:
-            if title.startswith("5."):
-                stages |= {"5. create": split.get("create", 0.0), "5. prompt parity": split.get("prompt parity", 0.0),
-                           "5. smoke test": split.get("smoke test", 0.0)}
-            else:
-                stages[title] = t - start
-            title = None
+    for title, start, end in groups(lines):
+        if title.startswith("5."):
+            stages |= {"5. create": split.get("create", 0.0), "5. prompt parity": split.get("prompt parity", 0.0),
+                       "5. smoke test": split.get("smoke test", 0.0)}
+        else:
+            stages[title] = end - start
     checks = sum(v for k, v in stages.items() if k.startswith(("5. prompt", "5. smoke", "7.")))
     return stages, checks
 
@@ -232,9 +253,12 @@ def run_action(variant: str, image: str, repo_id: str, hub_endpoint: str, regist
         models = json.loads(next((line.split("=", 1)[1] for line in run.outputs_text.splitlines()
                                   if line.startswith("models=")), "[]"))
         stages, checks = action_stages(lines, t0, t1)
-        return Figures(variant, t1 - t0, stages, checks, sampler.peak_disk, sampler.peak_rss,
+        peak_disk, peak_rss, peak_pss = sampler.peaks()
+        stage_peaks = {title: sampler.peaks(start, end)[::2] for title, start, end in groups(lines)}
+        return Figures(variant, t1 - t0, stages, checks, peak_disk, peak_rss,
                        hub_sent[0] - hub0, 0, sum(servers.SERVED_BYTES.values()) - served0,
-                       {m["quantization"]: m["size"] for m in models}, note=failed)
+                       {m["quantization"]: m["size"] for m in models}, note=failed, peak_pss=peak_pss,
+                       stage_peaks=stage_peaks)
 
 
 def run_recipe(repo_id: str, hub_endpoint: str, registry: str, shape: str, quantizations: tuple[str, ...],
@@ -271,7 +295,9 @@ def table(shape: str, size: int, parameters: int, runs: list[Figures], free_byte
     row("outputs ΣQ", [f"{sum(r.outputs.values()) / GB:.2f} GB" for r in runs])
     row("peak disk / (ΣQ + largest Q)", [f"{r.peak_disk / (sum(r.outputs.values()) + max(r.outputs.values())):.2f}"
                                          if r.outputs else "–" for r in runs])
-    row("peak RSS", [f"{r.peak_rss / GB:.2f} GB" for r in runs])
+    row("peak RSS (summed over processes)", [f"{r.peak_rss / GB:.2f} GB" for r in runs])
+    row("peak PSS (the action's processes together)", [f"{r.peak_pss / GB:.2f} GB" if r.peak_pss else "–"
+                                                       for r in runs])
     row("the checks' share", [f"{r.checks / r.total:.1%}" if r.variant == "action" else "–" for r in runs])
     row("bytes from the Hub", [f"{r.hub_bytes / GB:.2f} GB = {r.hub_bytes / size:.2f} S" for r in runs])
     row("bytes the registry stored (pushed)", [f"{r.registry_stored / GB:.2f} GB" for r in runs])
@@ -279,6 +305,11 @@ def table(shape: str, size: int, parameters: int, runs: list[Figures], free_byte
     out += ["", "Stages (seconds):", ""]
     for r in runs:
         out.append(f"- {r.variant}: " + ", ".join(f"{k} {v:,.0f}" for k, v in r.stages.items() if v >= 0.5))
+    for r in runs:
+        if r.stage_peaks:
+            peaks = (f"{title.split(' ', 1)[0]} {disk / GB:.2f} / {pss / GB:.2f}"
+                     for title, (disk, pss) in r.stage_peaks.items())
+            out += ["", f"{r.variant}, peak disk / PSS by stage (GB): " + ", ".join(peaks)]
     out += ["", f"The action ran in its image with {memory / 2**30:.0f} GiB of memory and {free_bytes / GB:.0f} GB "
             "of free disk; the recipe on the host's disk."]
     if any(r.variant == "before" for r in runs):

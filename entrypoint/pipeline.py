@@ -71,7 +71,7 @@ def run(settings: Settings) -> Report:
                 if chosen is not None and chosen.spec != spec:
                     modelfile_path = _write_modelfile(settings, chosen.spec, files, projector)
                 smoke = _smoke(settings, src.task, offered, embedding_size)
-                _smoke_test(settings, models.results, lambda name: smoke(client, name))
+                _smoke_test(settings, models.results, lambda name: smoke(client, name), client.unload)
             if settings.push:
                 with publish.push_key(settings, _server_home(scratch)):  # on disk only for the push and pull-back
                     with github.group("6. Push"):
@@ -229,9 +229,12 @@ def _smoke(settings: Settings, task: str, offered: tuple[str, ...], embedding_si
     return chat
 
 
-def _smoke_test(settings: Settings, results: list[TagResult], test: Callable[[str], str]) -> None:
+def _smoke_test(settings: Settings, results: list[TagResult], test: Callable[[str], str],
+                unload: Callable[[str], None]) -> None:
     """Once per quantization (the tags of one quantization are the same model): `test(name)` raises or
-    returns the account shown in the summary. With smoke-test: warn a failure is a warning instead."""
+    returns the account shown in the summary. With smoke-test: warn a failure is a warning instead. Each
+    model is unloaded once answered, so the run holds one model in memory at a time (an 8B's Q8_0 and Q4_K_M
+    together would not fit a runner's 16 GB)."""
     if settings.smoke_test == "off":
         github.warning("smoke test skipped (smoke-test: off): nothing proves the models work")
         return
@@ -239,4 +242,5 @@ def _smoke_test(settings: Settings, results: list[TagResult], test: Callable[[st
     for result in results:
         if result.digest not in answers:
             answers[result.digest] = checks.warn_instead(settings.smoke_test, functools.partial(test, result.name))
+            unload(result.name)
         result.answer = answers[result.digest]

@@ -191,6 +191,7 @@ def pull_back(settings: Settings, scratch: Path, results: list[TagResult], ours:
                                               f"{list(result.layers)}, the ones pushed.")
                 account = "pulled" if settings.smoke_test == "off" else checks.warn_instead(
                     settings.smoke_test, functools.partial(smoke, empty, tagged[0].name))
+                empty.unload(tagged[0].name)  # one model in memory at a time
                 github.log(f"{tagged[0].quantization}: pulled by an empty Ollama, same blobs; {account}")
                 if taken:
                     github.log(f"  its weights ({taken / 1e9:.2f} GB) were not downloaded again: the registry holds "
