@@ -238,7 +238,6 @@ class OllamaClient:
                 return "sha256:" + entry["digest"], int(entry["size"])
         raise OllamaError(f"Ollama does not list {model} after creating it.", title="Ollama create failed")
 
-
     def blob_file(self, digest: str) -> Path | None:
         """Where our own server keeps a blob (None for a server we did not start)."""
         return None if self.models_dir is None else self.models_dir / "blobs" / digest.replace(":", "-")
