@@ -59,8 +59,11 @@ def headers(endpoint: str, repo: str, commit: str, token: str, destination: Path
             _write_sparse(destination / name, size, head[:8 + length])
 
         retry.retrying(fetch, f"reading the header of {repo}'s {name}")
-    github.log(f"the weights ({sum(sizes.values()) / 1e9:.2f} GB) stream from the Hub while they are converted: "
-               "only their headers are on disk now")
+
+
+def window_bytes(checkpoint: Path, sizes: dict[str, int]) -> int:
+    """How far the download may run ahead of the conversion: the largest tensor, plus a margin."""
+    return largest_tensor_bytes(checkpoint, sizes) + WINDOW_MARGIN_BYTES
 
 
 def largest_tensor_bytes(checkpoint: Path, sizes: dict[str, int]) -> int:

@@ -97,7 +97,7 @@ def _weights_arriving(settings: Settings, checkpoint: hub.Checkpoint, scratch: P
         yield None
         return
     sizes = {name: remote.sizes[name] for name in remote.weights()}
-    window = feed.largest_tensor_bytes(checkpoint.path, sizes) + feed.WINDOW_MARGIN_BYTES
+    window = feed.window_bytes(checkpoint.path, sizes)
     with feed.Feed(hub.endpoint(), remote.repo, remote.commit, settings.hf_token, checkpoint.path,
                    scratch / "feed", sizes, window) as download:
         try:

@@ -36,19 +36,21 @@ def largest_quantized(checkpoint_bytes: int, quantizations: tuple[str, ...]) -> 
 
 
 def estimate(checkpoint_bytes: int, quantizations: tuple[str, ...], intermediate: str | None, downloaded: bool,
-             ollama_copies: bool, merging: bool = False, pull_back: bool = False) -> list[dict[str, int]]:
+             ollama_copies: bool, merging: bool = False, pull_back: bool = False,
+             window: int = 0) -> list[dict[str, int]]:
     """Bytes held at each phase by role: 'work' (scratch), 'outputs' (GGUFs kept) and 'ollama' (its blobs;
     nothing when the GGUFs are handed to Ollama as hard links, i.e. ollama_copies is False). intermediate: the
     type of the GGUF file converted first, None when the weights stream into the outputs in one pass (no such
     file). merging: a LoRA adapter is merged into the intermediate, which is then held twice (base and merged).
     pull_back: after the push an empty Ollama in scratch downloads the tags' weights, one quantization at a
-    time (only when it cannot take them from our Ollama as hard links)."""
+    time (only when it cannot take them from our Ollama as hard links). window: the bytes of weights streamed
+    from the Hub that are on disk at once, in one pass (feed.window_bytes)."""
     types = (*quantizations, intermediate) if intermediate else quantizations
     size = {q: quantized_bytes(checkpoint_bytes, q) for q in types}
     checkpoint = checkpoint_bytes if downloaded else 0
     kept = sum(size[q] for q in quantizations)
     if intermediate is None:
-        writing = [{"work": checkpoint, "outputs": kept}]  # every output written as the checkpoint is read
+        writing = [{"work": checkpoint + window, "outputs": kept}]  # every output written as the weights are read
     else:
         quantized = sum(size[q] for q in quantizations if q != intermediate)
         writing = [

@@ -106,11 +106,17 @@ def _fetch_checkpoint(settings: Settings, scratch: Path, client: OllamaClient
     chat = _check_descriptions(settings, checkpoint, input_name(settings)) \
         if checkpoint.plan.kind == "transformers" else None
     streaming = remote is not None and streams_weights(settings, checkpoint)
+    window = 0
+    if remote is not None and streaming:  # the headers (kilobytes) tell the largest tensor: the download's window
+        weights = {name: remote.sizes[name] for name in remote.weights()}
+        feed.headers(hub.endpoint(), remote.repo, remote.commit, settings.hf_token, destination, weights)
+        window = feed.window_bytes(destination, weights)
     if settings.resource_check != "off":
-        _check_resources(settings, client, scratch, checkpoint.plan, sizes, weights_streamed=streaming)
+        _check_resources(settings, client, scratch, checkpoint.plan, sizes, weights_streamed=streaming,
+                         window=window)
     if remote is not None and streaming:
-        feed.headers(hub.endpoint(), remote.repo, remote.commit, settings.hf_token, destination,
-                     {name: remote.sizes[name] for name in remote.weights()})
+        github.log(f"the weights ({sum(weights.values()) / 1e9:.2f} GB) stream from the Hub while they are "
+                   "converted: only their headers are on disk now")
         checkpoint = dataclasses.replace(checkpoint, streamed_from=remote)
     elif remote is not None:
         hub.download(remote, settings.hf_token, destination, remote.weights())
@@ -208,9 +214,9 @@ def _fetch_base(settings: Settings, scratch: Path, client: OllamaClient, remote:
 
 
 def _check_resources(settings: Settings, client: OllamaClient, scratch: Path, repo_plan: hub.Plan,
-                     sizes: dict[str, int], weights_streamed: bool = False) -> None:
+                     sizes: dict[str, int], weights_streamed: bool = False, window: int = 0) -> None:
     try:
-        _estimate_resources(settings, client, scratch, repo_plan, sizes, weights_streamed)
+        _estimate_resources(settings, client, scratch, repo_plan, sizes, weights_streamed, window)
     except NotEnoughResources as exc:
         if settings.resource_check != "warn":
             raise
@@ -218,7 +224,7 @@ def _check_resources(settings: Settings, client: OllamaClient, scratch: Path, re
 
 
 def _estimate_resources(settings: Settings, client: OllamaClient, scratch: Path, repo_plan: hub.Plan,
-                        sizes: dict[str, int], weights_streamed: bool) -> None:
+                        sizes: dict[str, int], weights_streamed: bool, window: int) -> None:
     folders = {"work": scratch, "outputs": settings.output_dir}
     if client.models_dir is not None:
         folders["ollama"] = client.models_dir
@@ -242,7 +248,7 @@ def _estimate_resources(settings: Settings, client: OllamaClient, scratch: Path,
         phases = preflight.estimate(size, settings.quantizations,
                                     None if streamed else ggufs.intermediate_type(settings, merging),
                                     downloaded=downloaded, ollama_copies=not linked, merging=merging,
-                                    pull_back=pulls_weights)
+                                    pull_back=pulls_weights, window=window)
         largest, model_bytes = preflight.largest_quantized(size, settings.quantizations)
     preflight.check_disk(phases, folders)
     preflight.check_memory(model_bytes, largest)

@@ -26,6 +26,10 @@ def test_streamed_the_checkpoint_and_the_outputs_are_all_the_disk_holds():
     assert writing == {"work": 16 * GB, "outputs": q4 + q8}  # no 16-bit GGUF at any point
     assert creating == {"outputs": q4 + q8, "ollama": 0}
     assert pulling["work"] == q8  # the largest, pulled back once (when it cannot be linked)
+    # The download's window (the largest tensor and a margin) is on disk beside the outputs.
+    with_window = preflight.estimate(16 * GB, ("Q4_K_M", "Q8_0"), None, downloaded=False, ollama_copies=False,
+                                     window=GB)
+    assert with_window[0] == {"work": GB, "outputs": q4 + q8}
 
 
 def test_a_local_checkpoint_is_not_counted_and_a_direct_conversion_keeps_its_output():
