@@ -117,17 +117,8 @@ def counting_front(upstream: str) -> Iterator[tuple[str, list[int]]]:
         def log_message(self, format: str, *args: object) -> None:
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Front)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", sent
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-def _allocated(path: Path) -> int:
-    return sum(p.stat().st_blocks * 512 for p in path.rglob("*") if p.is_file())
+    with servers.loopback(Front) as port:
+        yield f"http://127.0.0.1:{port}", sent
 
 
 class ContainerSampler(threading.Thread):
@@ -352,7 +343,7 @@ def main(argv: list[str]) -> int:
                 if shutil.disk_usage(root).free > need * 1.1:
                     with servers.registry(root / "registry-recipe") as registry:
                         runs.append(run_recipe(repo_id, endpoint, registry, shape, quantizations, root, hub_sent))
-                        runs[-1].registry_stored = _allocated(root / "registry-recipe" / "data")
+                        runs[-1].registry_stored = recipes.allocated(root / "registry-recipe" / "data")
                     shutil.rmtree(root / "registry-recipe")
                     shutil.rmtree(root / f"{shape}-recipe", ignore_errors=True)
                     _save(root, shape, runs[-1])
@@ -366,7 +357,7 @@ def main(argv: list[str]) -> int:
                 with servers.registry(root / "registry-action") as registry:
                     runs.append(run_action(variant, image, repo_id, endpoint, registry, shape, quantizations, root,
                                            box_bytes, memory, hub_sent))
-                    runs[-1].registry_stored = _allocated(root / "registry-action" / "data")
+                    runs[-1].registry_stored = recipes.allocated(root / "registry-action" / "data")
                 shutil.rmtree(root / "registry-action")
                 _save(root, shape, runs[-1])
             text = table(shape, facts["bytes"], facts["parameters"], runs, free_bytes, memory)

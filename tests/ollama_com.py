@@ -292,20 +292,12 @@ def front(upstream: str, accounts: dict[str, str], behaviour: Behaviour | None =
     the private key (OpenSSH text) registered for it. Yields ('host:port', what it saw)."""
     record, behaviour = Record(), behaviour or Behaviour()
     with tempfile.TemporaryDirectory(prefix="ollama-com-parts-") as parts:
-        storage = http.server.ThreadingHTTPServer(("127.0.0.1", 0), type("Storage", (_Storage,), {
-            "behaviour": behaviour, "record": record, "parts": Path(parts), "lock": threading.Lock()}))
-        handler = type("OllamaComFront", (_Front,), {
-            "upstream": f"http://{upstream}", "keys": {public_key_body(k): ns for ns, k in accounts.items()},
-            "behaviour": behaviour, "record": record, "grants": {}, "parts": Path(parts),
-            # Another host name for the same loopback, as ollama.com's storage is another host.
-            "storage": f"localhost:{storage.server_address[1]}"})
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        servers = (storage, server)
-        for each in servers:
-            threading.Thread(target=each.serve_forever, daemon=True).start()
-        try:
-            yield f"127.0.0.1:{server.server_address[1]}", record
-        finally:
-            for each in servers:
-                each.shutdown()
-                each.server_close()
+        with servers.loopback(type("Storage", (_Storage,), {
+                "behaviour": behaviour, "record": record, "parts": Path(parts), "lock": threading.Lock()})) as storage:
+            handler = type("OllamaComFront", (_Front,), {
+                "upstream": f"http://{upstream}", "keys": {public_key_body(k): ns for ns, k in accounts.items()},
+                "behaviour": behaviour, "record": record, "grants": {}, "parts": Path(parts),
+                # Another host name for the same loopback, as ollama.com's storage is another host.
+                "storage": f"localhost:{storage}"})
+            with servers.loopback(handler) as port:
+                yield f"127.0.0.1:{port}", record

@@ -182,17 +182,22 @@ class _StaticFiles(http.server.BaseHTTPRequestHandler):
 
 
 @contextlib.contextmanager
-def _blob_store(root: Path) -> Iterator[str]:
-    """A static file server of `root` on loopback, named localhost. Yields its base URL."""
-    handler = type("BlobStore", (_StaticFiles,), {"root": root.resolve()})
+def loopback(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[int]:
+    """`handler` served on a free loopback port, in threads, for the block. Yields the port."""
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        yield f"http://localhost:{server.server_address[1]}/"
+        yield server.server_address[1]
     finally:
         server.shutdown()
         server.server_close()
+
+
+@contextlib.contextmanager
+def _blob_store(root: Path) -> Iterator[str]:
+    """A static file server of `root` on loopback, named localhost. Yields its base URL."""
+    with loopback(type("BlobStore", (_StaticFiles,), {"root": root.resolve()})) as port:
+        yield f"http://localhost:{port}/"
 
 
 # What a relay's intercept answers instead of the upstream: a status, or a status and headers.
@@ -246,14 +251,8 @@ class _Relay(http.server.BaseHTTPRequestHandler):
 @contextlib.contextmanager
 def relay(upstream: str, intercept: Callable[[str, str], Answer | None]) -> Iterator[str]:
     """A front of a server (http://host:port) that may answer some requests itself. Yields 'host:port'."""
-    handler = type("Relay", (_Relay,), {"upstream": upstream, "intercept": staticmethod(intercept)})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with loopback(type("Relay", (_Relay,), {"upstream": upstream, "intercept": staticmethod(intercept)})) as port:
+        yield f"127.0.0.1:{port}"
 
 
 def add_model_repo(mirrors: Path, repo_id: str, checkpoint: Path, tags: tuple[str, ...] = ()) -> Path:

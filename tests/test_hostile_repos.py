@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import subprocess
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -205,14 +204,8 @@ class _RelayToHub(http.server.BaseHTTPRequestHandler):
 @contextlib.contextmanager
 def _hub_that_changes_its_listing(upstream: str) -> Iterator[tuple[str, list[str]]]:
     listings: list[str] = []
-    handler = type("HostileHub", (_RelayToHub,), {"upstream": upstream, "listings": listings})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", listings
-    finally:
-        server.shutdown()
-        server.server_close()
+    with servers.loopback(type("HostileHub", (_RelayToHub,), {"upstream": upstream, "listings": listings})) as port:
+        yield f"http://127.0.0.1:{port}", listings
 
 
 def test_a_hub_whose_second_listing_leaves_the_repo_is_refused(stack, run_action, hostile_repo):
